@@ -1,0 +1,38 @@
+"""Installs modit_jax.
+
+Pins are versions known to work together on Python 3.11 on this project's machines
+(CPU, x86-64). `pip install -e '.[test]'` installs everything the tests need.
+"""
+import setuptools
+
+setuptools.setup(
+    name="modit_jax",
+    version="0.1.0",
+    description=("MO-DiT+HPPO: a diffusion-transformer generative retriever for "
+                 "pattern-preserving attribute retrieval, in JAX/Flax."),
+    packages=setuptools.find_packages(include=["modit_jax", "modit_jax.*"]),
+    python_requires=">=3.11,<3.12",
+    install_requires=[
+        # The chosen stack.
+        "jax[cpu]==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "scann==1.4.2",
+        "ml-collections==1.1.0",
+        "absl-py==2.5.1",
+        "numpy==2.4.6",
+        # scipy: the Wilcoxon signed-rank test and its exact/normal p-values are
+        # subtle to get right by hand; scipy.stats is the reference implementation.
+        "scipy==1.17.1",
+        # tensorboardX: writes TensorBoard-readable event files without pulling in
+        # TensorFlow (clu's metric writers need TensorFlow for summaries).
+        "tensorboardX==2.6.5",
+        # matplotlib: the report's plots (Agg backend, no display needed).
+        "matplotlib==3.11.2",
+    ],
+    extras_require={
+        "test": ["pytest==9.0.3"],
+    },
+)
