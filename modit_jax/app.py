@@ -1,0 +1,26 @@
+"""Shared start-up for every binary: absl flags, logging, user-error handling."""
+
+import sys
+from typing import Callable, Sequence
+
+from absl import app
+from absl import logging
+
+from modit_jax import errors
+
+
+def run(main: Callable[[Sequence[str]], None]) -> None:
+  """Runs an absl `main`, turning a `UserError` into one clear line and exit code 2."""
+
+  def guarded_main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+      sys.stderr.write(f"error: unexpected positional arguments: {' '.join(argv[1:])}\n")
+      sys.exit(2)
+    try:
+      main(argv)
+    except errors.UserError as e:
+      logging.flush()
+      sys.stderr.write(f"error: {e}\n")
+      sys.exit(2)
+
+  app.run(guarded_main)
