@@ -1,0 +1,277 @@
+"""Tests for modit_jax.retrieval: exactness, exclusion, ScaNN recall, save/move/load, refusals."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from modit_jax import errors
+from modit_jax import retrieval
+
+N, D, CLUSTERS, Q = 3000, 16, 60, 200
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+  return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+  """Clustered unit embeddings [N, D], and queries drawn near items."""
+  rng = np.random.default_rng(0)
+  centres = _unit(rng.normal(size=(CLUSTERS, D)))
+  items = _unit(centres[rng.integers(0, CLUSTERS, N)] + 0.25 * rng.normal(size=(N, D)))
+  queries = _unit(items[rng.choice(N, Q, replace=False)] + 0.05 * rng.normal(size=(Q, D)))
+  return items, queries
+
+
+@pytest.fixture(scope="module")
+def exact(data) -> retrieval.Index:
+  return retrieval.build_index(data[0], "exact")
+
+
+@pytest.fixture(scope="module")
+def scann_index(data) -> retrieval.Index:
+  return retrieval.build_index(data[0], "scann")
+
+
+def _numpy_top_k(items, queries, k, exclude=None):
+  scores = queries.astype(np.float64) @ items.T.astype(np.float64)
+  if exclude is not None:
+    for row, ids in enumerate(exclude):
+      scores[row, ids[ids >= 0]] = -np.inf
+  return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def _dots(items, queries, ids):
+  return np.einsum("qd,qkd->qk", queries, items[ids])
+
+
+def _seed_exclusion(true_ids: np.ndarray) -> np.ndarray:
+  """Excludes each query's true top 5, with -1 padding and a repeated id."""
+  pad = -np.ones((true_ids.shape[0], 2), np.int64)
+  return np.concatenate([true_ids[:, :5], pad, true_ids[:, :1]], axis=1)
+
+
+def test_exact_is_the_true_top_k(data, exact):
+  items, queries = data
+  ids, scores = exact.search(queries, 10)
+  assert ids.dtype == np.int32 and scores.dtype == np.float32
+  assert ids.shape == scores.shape == (Q, 10)
+  np.testing.assert_array_equal(ids, _numpy_top_k(items, queries, 10))
+  np.testing.assert_allclose(scores, _dots(items, queries, ids), rtol=1e-5, atol=1e-6)
+  assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_exact_k_equals_num_items_sorts_everything(data, exact):
+  items, queries = data
+  ids, scores = exact.search(queries[:3], N)
+  np.testing.assert_array_equal(np.sort(ids, axis=1), np.tile(np.arange(N), (3, 1)))
+  assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_exact_small_blocks_give_the_same_answer(data, exact, monkeypatch):
+  # A scratch budget of a few query rows forces many blocks, in both threading modes.
+  items, queries = data
+  want = exact.search(queries, 7)
+  monkeypatch.setattr(retrieval, "_SCRATCH_BYTES", 3 * retrieval._SCRATCH_PER_SCORE * N)
+  for parallel in (False, True):
+    got = exact.search(queries, 7, parallel=parallel)
+    np.testing.assert_array_equal(got[0], want[0])
+    # BLAS may round a dot product differently with another block shape.
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+
+
+def test_exact_exclusion(data, exact):
+  items, queries = data
+  exclude = _seed_exclusion(_numpy_top_k(items, queries, 5))
+  ids, scores = exact.search(queries, 10, exclude=exclude)
+  assert ids.shape == (Q, 10)
+  assert not (ids[:, :, None] == exclude[:, None, :]).any()
+  np.testing.assert_array_equal(ids, _numpy_top_k(items, queries, 10, exclude))
+  np.testing.assert_allclose(scores, _dots(items, queries, ids), rtol=1e-5, atol=1e-6)
+
+
+def test_scann_recall_against_exact(exact, scann_index, data):
+  _, queries = data
+  assert scann_index.params["algorithm"] == "tree_ah"
+  true_ids, _ = exact.search(queries, 10)
+  ids, scores = scann_index.search(queries, 10)
+  recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, true_ids)])
+  assert recall >= 0.9, recall
+  # Re-ranking is exact, so the scores are the dot products, best first.
+  np.testing.assert_allclose(scores, _dots(data[0], queries, ids), rtol=1e-5, atol=1e-6)
+  assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_scann_exclusion(data, exact, scann_index):
+  items, queries = data
+  exclude = _seed_exclusion(exact.search(queries, 5)[0])
+  ids, scores = scann_index.search(queries, 10, exclude=exclude)
+  assert ids.shape == scores.shape == (Q, 10)
+  assert not (ids[:, :, None] == exclude[:, None, :]).any()
+  assert all(len(set(row)) == 10 for row in ids)
+  assert np.isfinite(scores).all()
+
+
+def test_scann_widens_the_search_when_leaves_run_short(data):
+  # One searched leaf of ~55 items cannot supply k + E = 90 candidates, so ScaNN pads its
+  # answer; the index must search more leaves instead of returning padding.
+  items, queries = data
+  index = retrieval.build_index(items, leaves_to_search=1, reorder=10)
+  exclude = np.stack([np.random.default_rng(q).choice(N, 40, replace=False)
+                      for q in range(Q)])
+  ids, scores = index.search(queries, 50, exclude=exclude)
+  assert ids.shape == (Q, 50)
+  assert not (ids[:, :, None] == exclude[:, None, :]).any()
+  assert all(len(set(row)) == 50 for row in ids)
+  np.testing.assert_allclose(scores, _dots(items, queries, ids), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["exact", "scann"])
+def test_parallel_and_single_threaded_agree(data, exact, scann_index, kind):
+  index = exact if kind == "exact" else scann_index
+  _, queries = data
+  exclude = _seed_exclusion(exact.search(queries, 5)[0])
+  single = index.search(queries, 20, exclude=exclude, parallel=False)
+  parallel = index.search(queries, 20, exclude=exclude, parallel=True)
+  np.testing.assert_array_equal(single[0], parallel[0])
+  np.testing.assert_allclose(single[1], parallel[1], rtol=1e-6)
+
+
+def test_small_catalog_scann_is_brute_force_and_exact(data):
+  items, queries = data
+  small = items[:500]
+  index = retrieval.build_index(small)
+  assert index.params == {"algorithm": "brute_force"}
+  exclude = _numpy_top_k(small, queries, 3)
+  ids, _ = index.search(queries, 10, exclude=exclude)
+  np.testing.assert_array_equal(ids, _numpy_top_k(small, queries, 10, exclude))
+
+
+@pytest.mark.parametrize("kind,num_items", [("exact", N), ("scann", N), ("scann", 500)])
+def test_save_move_load(data, tmp_path, kind, num_items):
+  items, queries = data
+  index = retrieval.build_index(items[:num_items], kind)
+  exclude = _numpy_top_k(items[:num_items], queries, 3)
+  want = index.search(queries, 10, exclude=exclude)
+  index.save(tmp_path / "built")
+  moved = tmp_path / "elsewhere" / "moved"
+  shutil.move(tmp_path / "built", moved)
+  loaded = retrieval.load_index(moved)
+  assert type(loaded) is type(index)
+  assert (loaded.num_items, loaded.dim, loaded.params) == (num_items, D, index.params)
+  got = loaded.search(queries, 10, exclude=exclude)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_scann_assets_are_saved_with_relative_paths(data, scann_index, tmp_path):
+  scann_index.save(tmp_path)
+  text = (tmp_path / "scann_assets.pbtxt").read_text()
+  assert "asset_path" in text and str(tmp_path) not in text
+
+
+def test_loading_from_a_relative_path(data, scann_index, tmp_path, monkeypatch):
+  scann_index.save(tmp_path / "idx")
+  monkeypatch.chdir(tmp_path)
+  loaded = retrieval.load_index("idx")
+  _, queries = data
+  np.testing.assert_array_equal(loaded.search(queries, 5)[0], scann_index.search(queries, 5)[0])
+
+
+def test_damaged_index_directories_are_user_errors(data, scann_index, exact, tmp_path):
+  scann_index.save(tmp_path / "scann")
+  os.remove(tmp_path / "scann" / "serialized_partitioner.pb")
+  with pytest.raises(errors.UserError, match="cannot load the ScaNN index"):
+    retrieval.load_index(tmp_path / "scann")
+  exact.save(tmp_path / "exact")
+  os.remove(tmp_path / "exact" / "embeddings.npy")
+  with pytest.raises(errors.UserError, match="missing embeddings.npy"):
+    retrieval.load_index(tmp_path / "exact")
+  (tmp_path / "exact" / "index.json").write_text('{"format": "something-else"}')
+  with pytest.raises(errors.UserError, match="expected format"):
+    retrieval.load_index(tmp_path / "exact")
+
+
+def test_empty_query_batch(exact, scann_index):
+  for index in (exact, scann_index):
+    ids, scores = index.search(np.zeros((0, D), np.float32), 4)
+    assert ids.shape == scores.shape == (0, 4)
+
+
+@pytest.mark.parametrize("case", [
+    "wrong_dim", "k_zero", "k_too_big", "one_d", "int_queries", "nan_query",
+    "exclude_shape", "exclude_out_of_range", "exclude_float", "exclude_leaves_too_few",
+])
+@pytest.mark.parametrize("kind", ["exact", "scann"])
+def test_bad_search_input_is_a_user_error(data, exact, scann_index, kind, case):
+  index = exact if kind == "exact" else scann_index
+  _, queries = data
+  q, k, exclude = queries[:4], 5, None
+  if case == "wrong_dim":
+    q = queries[:4, :D - 1]
+  elif case == "k_zero":
+    k = 0
+  elif case == "k_too_big":
+    k = N + 1
+  elif case == "one_d":
+    q = queries[0]
+  elif case == "int_queries":
+    q = np.ones((4, D), np.int32)
+  elif case == "nan_query":
+    q = queries[:4].copy()
+    q[2, 3] = np.nan
+  elif case == "exclude_shape":
+    exclude = np.zeros((3, 2), np.int32)
+  elif case == "exclude_out_of_range":
+    exclude = np.full((4, 2), N, np.int32)
+  elif case == "exclude_float":
+    exclude = np.zeros((4, 2), np.float32)
+  elif case == "exclude_leaves_too_few":
+    k, exclude = N - 1, np.tile(np.array([[0, 1, 1, -1]]), (4, 1))
+  with pytest.raises(errors.UserError):
+    index.search(q, k, exclude=exclude)
+
+
+def test_excluding_repeats_counts_distinct_ids(exact, data):
+  _, queries = data
+  ids, _ = exact.search(queries[:2], N - 1, exclude=np.array([[7, 7, -1], [-1, -1, -1]]))
+  assert 7 not in ids[0] and ids.shape == (2, N - 1)
+
+
+def test_bad_build_input_is_a_user_error(data, tmp_path):
+  items, _ = data
+  with pytest.raises(errors.UserError, match="unknown index kind"):
+    retrieval.build_index(items, "annoy")
+  with pytest.raises(errors.UserError, match="unknown ScaNN parameter"):
+    retrieval.build_index(items, num_leafs=10)
+  with pytest.raises(errors.UserError):
+    retrieval.build_index(items, "exact", num_leaves=10)
+  with pytest.raises(errors.UserError):
+    retrieval.build_index(items[0], "exact")
+  bad = items.copy()
+  bad[5, 0] = np.inf
+  with pytest.raises(errors.UserError, match="row 5"):
+    retrieval.build_index(bad, "exact")
+  with pytest.raises(errors.UserError, match="not an index directory"):
+    retrieval.load_index(tmp_path)
+
+
+def test_scann_params_scale_with_the_catalog():
+  assert retrieval.scann_params(1000) == {"algorithm": "brute_force"}
+  small, large = retrieval.scann_params(100_000), retrieval.scann_params(10_000_000)
+  assert small["num_leaves"] == 316 and large["num_leaves"] == 3162
+  assert 1 <= small["leaves_to_search"] <= small["num_leaves"]
+  assert large["training_sample_size"] == 250_000
+
+
+def test_exact_ties_go_to_the_smaller_id():
+  # Four copies of each of five vectors: the k-th score is shared by several items.
+  base = _unit(np.random.default_rng(1).normal(size=(5, D)))
+  items = np.tile(base, (4, 1))
+  queries = _unit(np.random.default_rng(2).normal(size=(6, D)))
+  ids, _ = retrieval.ExactIndex(items).search(queries, 7, exclude=np.full((6, 1), 5))
+  np.testing.assert_array_equal(
+      ids, _numpy_top_k(items, queries, 7, np.full((6, 1), 5)))
