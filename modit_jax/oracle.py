@@ -1,0 +1,70 @@
+"""The online metric oracle: the one door through which training may see hidden labels.
+
+DESIGN.md section 2: training never reads `patterns` or unobserved attribute labels, except
+through this oracle, which stands for live-traffic feedback. Given training queries and
+candidate query embeddings, it searches an index of **train items only** and returns Joint@K
+and Purity@K. It copies the truth of train items at construction and nothing else, and it
+refuses queries whose seeds are not train items, so held-out items and patterns cannot reach
+training through it. Baselines tune their one knob with it too (on train queries).
+"""
+
+from typing import Sequence
+
+import numpy as np
+
+from modit_jax import catalog as catalog_lib
+from modit_jax import errors
+from modit_jax import metrics
+from modit_jax import retrieval
+
+
+class OnlineOracle:
+  """Scores candidate query embeddings of training queries, over train items only."""
+
+  def __init__(self, catalog: catalog_lib.Catalog, k: int = 20, index_kind: str = "scann"):
+    self.k = int(k)
+    self.train_items = catalog.train_items()
+    if len(self.train_items) <= k + catalog.seed_size:
+      raise errors.UserError(
+          f"the online oracle needs more than {k + catalog.seed_size} train items, "
+          f"the catalog has {len(self.train_items)}")
+    # Local (train-only) views of the truth: the only hidden labels training can reach.
+    self._patterns = np.asarray(catalog.patterns[self.train_items])
+    self._attributes = np.asarray(catalog.attributes[self.train_items])
+    self._counts = metrics.pattern_attribute_counts(self._patterns, self._attributes)
+    self._local = np.full(catalog.num_items, -1, np.int64)
+    self._local[self.train_items] = np.arange(len(self.train_items))
+    self._index = retrieval.build_index(
+        np.asarray(catalog.embeddings[self.train_items]), index_kind)
+
+  def _local_seeds(self, seeds: np.ndarray) -> np.ndarray:
+    local = self._local[np.asarray(seeds)]
+    if np.any(local < 0):
+      bad = int(np.asarray(seeds)[local < 0][0])
+      raise errors.UserError(
+          f"the online oracle refuses item {bad}: it is not a train item (held-out items "
+          f"never reach training)")
+    return local
+
+  def search(self, query_embeddings: np.ndarray, seeds: np.ndarray, k: int) -> np.ndarray:
+    """Global ids int64 [Q, k] of the k best train items per query, seeds excluded."""
+    local, _ = self._index.search(query_embeddings, k, exclude=self._local_seeds(seeds))
+    return self.train_items[local]
+
+  def score_ids(self, retrieved: np.ndarray, queries: catalog_lib.Queries,
+                ks: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """Joint@K and Purity@K (float64 [Q]) of global train-item ids retrieved per query."""
+    ks = (self.k,) if ks is None else tuple(ks)
+    local = self._local[np.asarray(retrieved)]
+    if np.any(local < 0):
+      raise errors.UserError("the online oracle scores train items only; got a held-out id")
+    scores = metrics.retrieval_metrics(
+        local, self._local_seeds(queries.seeds), queries.pattern, queries.domain,
+        self._patterns, self._attributes, ks=ks, counts=self._counts)
+    return {key: value for key, value in scores.items()
+            if key.startswith(("joint@", "purity@"))}
+
+  def score(self, query_embeddings: np.ndarray,
+            queries: catalog_lib.Queries) -> dict[str, np.ndarray]:
+    """Joint@k and Purity@k (float64 [Q]) of one candidate query embedding per query."""
+    return self.score_ids(self.search(query_embeddings, queries.seeds, self.k), queries)
