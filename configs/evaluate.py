@@ -1,0 +1,30 @@
+r"""Evaluation of methods on a catalog's 8 cells (DESIGN.md section 6).
+
+Launch:
+  python -m modit_jax.evaluate --config=configs/evaluate.py \
+      --dataset=out/default/dataset --workdir=out/default/eval
+Pick methods with e.g. `--config.methods=seed_centroid,global_attribute`.
+Variant `configs/evaluate.py:tiny` (tests): exact search, fewer resamples, a quick predictor.
+"""
+
+import ml_collections
+
+from modit_jax import evaluation
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the evaluation config; `arg` in {None, 'default', 'tiny'}."""
+  c = evaluation.default_config()
+  if arg in (None, "", "default"):
+    pass
+  elif arg == "tiny":
+    c.index_kind = "exact"
+    c.oracle_index_kind = "exact"
+    c.shift_grid = (0.0, 0.1, 0.2, 0.4, 0.8)
+    c.rerank_pool_grid = (50, 100)
+    c.metric_predictor.num_steps = 500
+    c.metric_predictor.hidden = (64,)
+    c.num_resamples = 1000
+  else:
+    raise ValueError(f"unknown evaluate config variant {arg!r}; use tiny or default")
+  return c
