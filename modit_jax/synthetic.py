@@ -234,11 +234,35 @@ def iter_chunks(config: ml_collections.ConfigDict, axes: WorldAxes) -> Iterator[
                  for s in catalog_lib.SPLITS})
 
 
+class _RowWriter:
+  """Writes a `.npy` file row block by row block with plain file writes.
+
+  Plain writes rather than a writable memmap: dirty memmap pages stay resident until the
+  kernel flushes them, which made the 10M-item world's footprint grow with the file.
+  """
+
+  def __init__(self, path: str, dtype: type, shape: tuple[int, ...]):
+    self._dtype = np.dtype(dtype)
+    self._row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self._dtype.itemsize
+    self._file = open(path, "wb")
+    np.lib.format.write_array_header_1_0(
+        self._file, {"descr": np.lib.format.dtype_to_descr(self._dtype), "fortran_order": False,
+                     "shape": shape})
+    self._offset = self._file.tell()
+    self._file.truncate(self._offset + shape[0] * self._row_bytes)
+
+  def write(self, row: int, block: np.ndarray) -> None:
+    self._file.seek(self._offset + row * self._row_bytes)
+    self._file.write(np.ascontiguousarray(block, self._dtype).tobytes())
+
+  def close(self) -> None:
+    self._file.close()
+
+
 def write_world(config: ml_collections.ConfigDict, out_dir: str | os.PathLike) -> None:
   """Generates the world and writes it as a `modit-catalog/1` directory, chunk by chunk.
 
-  Large arrays are written through `.npy` memory maps so that at most one chunk of items is
-  in memory; the small per-query arrays are gathered and shuffled at the end.
+  Item arrays are written chunk by chunk so that at most one chunk of items is in memory; the small per-query arrays are gathered and shuffled at the end.
   """
   axes = make_axes(config)
   os.makedirs(out_dir, exist_ok=True)
@@ -246,16 +270,15 @@ def write_world(config: ml_collections.ConfigDict, out_dir: str | os.PathLike) -
   num_patterns = config.num_topics * config.patterns_per_topic
   num_items = num_patterns * config.items_per_pattern
   path = lambda name: os.path.join(os.fspath(out_dir), name)
-  open_npy = lambda name, dtype, shape: np.lib.format.open_memmap(
-      path(name), mode="w+", dtype=dtype, shape=shape)
   arrays = {
-      "embeddings.npy": open_npy("embeddings.npy", np.float32, (num_items, d)),
-      "patterns.npy": open_npy("patterns.npy", np.int32, (num_items,)),
-      "attributes.npy": open_npy("attributes.npy", np.bool_, (num_items, num_domains)),
-      "observed.npy": open_npy("observed.npy", np.bool_, (num_items, num_domains)),
-      "item_split.npy": open_npy("item_split.npy", np.int8, (num_items,)),
+      "embeddings.npy": _RowWriter(path("embeddings.npy"), np.float32, (num_items, d)),
+      "patterns.npy": _RowWriter(path("patterns.npy"), np.int32, (num_items,)),
+      "attributes.npy": _RowWriter(path("attributes.npy"), np.bool_, (num_items, num_domains)),
+      "observed.npy": _RowWriter(path("observed.npy"), np.bool_, (num_items, num_domains)),
+      "item_split.npy": _RowWriter(path("item_split.npy"), np.int8, (num_items,)),
   }
-  directions = open_npy("attribute_directions.npy", np.float32, (num_domains, num_patterns, d))
+  # [M, P, d] is small next to the items (41 MB at 10M items): gathered in memory.
+  directions = np.empty((num_domains, num_patterns, d), np.float32)
   sequences, queries = [], {s: [] for s in catalog_lib.SPLITS}
   fields = {"embeddings.npy": "embeddings", "patterns.npy": "patterns",
             "attributes.npy": "attributes", "observed.npy": "observed",
@@ -264,16 +287,17 @@ def write_world(config: ml_collections.ConfigDict, out_dir: str | os.PathLike) -
   for i, chunk in enumerate(iter_chunks(config, axes)):
     n = len(chunk.patterns)
     for name, field in fields.items():
-      arrays[name][item:item + n] = getattr(chunk, field)
+      arrays[name].write(item, getattr(chunk, field))
     directions[:, pattern:pattern + chunk.directions.shape[1]] = chunk.directions
     item, pattern = item + n, pattern + chunk.directions.shape[1]
     sequences.append(chunk.sequences)
     for s in catalog_lib.SPLITS:
       queries[s].append(chunk.queries[s])
     logging.info("generated %d / %d items (chunk %d)", item, num_items, i + 1)
-  for a in list(arrays.values()) + [directions]:
-    a.flush()
-  del arrays, directions
+  for writer in arrays.values():
+    writer.close()
+  np.save(path(catalog_lib.ATTRIBUTE_DIRECTIONS), directions)
+  del directions
 
   order_rng = np.random.default_rng([config.seed, 2])
   sequences = np.concatenate(sequences)
