@@ -1,0 +1,225 @@
+"""The diffusion transformer (DiT) that denoises a query embedding (DESIGN.md section 5).
+
+The sequence is `[noisy query token; context item tokens; domain token]`; the diffusion time
+conditions every block through adaLN-Zero, and the prediction is read at the query token. All
+adaLN modulations and the output projection start at zero, so a freshly initialised model outputs
+exactly zero for every input (the policy starts equal to its reference once both share params).
+
+The module is pure `flax.linen`: params are a plain pytree, used as
+`model.apply({'params': params}, x_t, t, context, context_mask, domain)`.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# The sinusoidal time embedding sees t * _TIME_SCALE, so t in [0, 1] spans the usual DDPM range of
+# frequencies (integer steps up to 1000).
+_TIME_SCALE = 1000.0
+_MAX_PERIOD = 10000.0
+# Masked attention logits; large enough that exp underflows to exactly 0 after max-subtraction.
+_MASK_VALUE = -1e30
+
+_dense_init = nn.initializers.xavier_uniform()
+_zeros = nn.initializers.zeros
+
+
+def timestep_embedding(t: jnp.ndarray, dim: int) -> jnp.ndarray:
+  """Sinusoidal embedding [B, dim] of diffusion times t [B] in [0, 1]."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(_MAX_PERIOD) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = (t.astype(jnp.float32) * _TIME_SCALE)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def _modulate(x: jnp.ndarray, shift: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
+  # `1 + scale` so a zero-initialised adaLN leaves the normalised activations unchanged.
+  return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class _Attention(nn.Module):
+  """Multi-head self-attention with a key-padding mask."""
+  width: int
+  num_heads: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, key_mask: jnp.ndarray) -> jnp.ndarray:
+    b, n, _ = x.shape
+    head_dim = self.width // self.num_heads
+    qkv = nn.Dense(3 * self.width, dtype=self.dtype, kernel_init=_dense_init, name="qkv")(x)
+    qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
+    # Padded keys are never attended to, so they cannot reach any real token (in particular the
+    # query token the output is read from). The softmax stays in float32 for low-precision dtypes.
+    logits = jnp.where(key_mask[:, None, None, :], logits, _MASK_VALUE)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, self.width)
+    return nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init, name="proj")(out)
+
+
+class _Block(nn.Module):
+  """A pre-LN transformer block modulated by adaLN-Zero."""
+  width: int
+  num_heads: int
+  mlp_ratio: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, c: jnp.ndarray, key_mask: jnp.ndarray) -> jnp.ndarray:
+    # Zero-init: every gate starts at 0, so each block starts as the identity.
+    mod = nn.Dense(6 * self.width, dtype=self.dtype, kernel_init=_zeros, name="adaLN")(nn.silu(c))
+    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
+    h = nn.LayerNorm(use_scale=False, use_bias=False, epsilon=1e-6, dtype=self.dtype,
+                     name="norm1")(x)
+    h = _Attention(self.width, self.num_heads, self.dtype, name="attn")(
+        _modulate(h, shift_a, scale_a), key_mask)
+    x = x + gate_a[:, None, :] * h
+    h = nn.LayerNorm(use_scale=False, use_bias=False, epsilon=1e-6, dtype=self.dtype,
+                     name="norm2")(x)
+    h = _modulate(h, shift_m, scale_m)
+    h = nn.Dense(self.mlp_ratio * self.width, dtype=self.dtype, kernel_init=_dense_init,
+                 name="fc1")(h)
+    h = nn.gelu(h, approximate=True)
+    h = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init, name="fc2")(h)
+    return x + gate_m[:, None, :] * h
+
+
+class DiT(nn.Module):
+  """Predicts the clean query embedding from a noisy one, a context of items and a domain.
+
+  Attributes:
+    dim: item-embedding dimension d (input and output).
+    num_domains: number of real domains; index `num_domains` is the learned NULL domain.
+    width: transformer width.
+    depth: number of transformer blocks.
+    num_heads: attention heads (must divide width).
+    mlp_ratio: MLP hidden size as a multiple of width.
+    max_context: largest context length L accepted.
+    learned_positions: add a learned position embedding to context tokens (ordered
+      trajectories); without it the output is invariant to permuting the context (seed sets).
+    dtype: compute dtype; params are always float32 and the output is float32.
+  """
+  dim: int
+  num_domains: int
+  width: int = 256
+  depth: int = 4
+  num_heads: int = 4
+  mlp_ratio: int = 4
+  max_context: int = 16
+  learned_positions: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_t: jnp.ndarray, t: jnp.ndarray, context: jnp.ndarray,
+               context_mask: jnp.ndarray, domain: jnp.ndarray) -> jnp.ndarray:
+    """Predicts the clean query embedding.
+
+    Args:
+      x_t: float [B, d] noisy query embedding.
+      t: float [B] diffusion time in [0, 1].
+      context: float [B, L, d] context item embeddings, L <= max_context.
+      context_mask: bool [B, L], True for real items; padded slots never affect the output.
+      domain: int [B] in [0, num_domains]; `num_domains` is the null domain.
+
+    Returns:
+      float32 [B, d] prediction, read at the query token.
+    """
+    if self.width % self.num_heads:
+      raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+    length = context.shape[1]
+    if length > self.max_context:
+      raise ValueError(f"context length {length} exceeds max_context {self.max_context}")
+    context_mask = context_mask.astype(bool)
+    # Zero the padded slots so that even non-finite garbage there cannot leak through 0 * inf.
+    context = jnp.where(context_mask[..., None], context, 0)
+
+    query_tok = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init,
+                         name="query_embed")(x_t)[:, None, :]
+    context_tok = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init,
+                           name="context_embed")(context)
+    if self.learned_positions:
+      pos = self.param("context_pos", nn.initializers.normal(0.02),
+                       (self.max_context, self.width))
+      context_tok = context_tok + pos[None, :length].astype(context_tok.dtype)
+    domain_tok = nn.Embed(self.num_domains + 1, self.width, dtype=self.dtype,
+                          embedding_init=nn.initializers.normal(0.02),
+                          name="domain_embed")(domain)[:, None, :]
+    x = jnp.concatenate([query_tok, context_tok.astype(query_tok.dtype),
+                         domain_tok.astype(query_tok.dtype)], axis=1)
+    ones = jnp.ones((x.shape[0], 1), bool)
+    key_mask = jnp.concatenate([ones, context_mask, ones], axis=1)
+
+    c = timestep_embedding(t, self.width).astype(self.dtype)
+    c = nn.Dense(self.width, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02),
+                 name="time_mlp1")(c)
+    c = nn.Dense(self.width, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02),
+                 name="time_mlp2")(nn.silu(c))
+
+    for i in range(self.depth):
+      x = _Block(self.width, self.num_heads, self.mlp_ratio, self.dtype, name=f"block{i}")(
+          x, c, key_mask)
+
+    # Final layer only at the query token: that is where the prediction is read.
+    h = x[:, 0:1, :]
+    mod = nn.Dense(2 * self.width, dtype=self.dtype, kernel_init=_zeros,
+                   name="final_adaLN")(nn.silu(c))
+    shift, scale = jnp.split(mod, 2, axis=-1)
+    h = nn.LayerNorm(use_scale=False, use_bias=False, epsilon=1e-6, dtype=self.dtype,
+                     name="final_norm")(h)
+    h = _modulate(h, shift, scale)
+    out = nn.Dense(self.dim, dtype=self.dtype, kernel_init=_zeros, name="out")(h[:, 0])
+    return out.astype(jnp.float32)
+
+
+def tiny(dim: int, num_domains: int, **overrides: Any) -> DiT:
+  """A small DiT for tests (width 32, depth 2, 2 heads, max_context 16)."""
+  kwargs = dict(width=32, depth=2, num_heads=2, max_context=16)
+  kwargs.update(overrides)
+  return DiT(dim=dim, num_domains=num_domains, **kwargs)
+
+
+def init_params(model: DiT, rng: jax.Array, batch_size: int = 1,
+                context_len: int | None = None) -> Any:
+  """Initialises `model` on dummy inputs and returns its params pytree."""
+  length = model.max_context if context_len is None else context_len
+
+  # Jitted: one compile is far cheaper than dispatching (and compiling) every op eagerly.
+  @jax.jit
+  def init(rng: jax.Array) -> Any:
+    return model.init(
+        rng,
+        jnp.zeros((batch_size, model.dim), jnp.float32),
+        jnp.zeros((batch_size,), jnp.float32),
+        jnp.zeros((batch_size, length, model.dim), jnp.float32),
+        jnp.ones((batch_size, length), bool),
+        jnp.zeros((batch_size,), jnp.int32))["params"]
+
+  return init(rng)
+
+
+def flops_per_example(model: DiT, context_len: int) -> float:
+  """Forward-pass matmul FLOPs per example (2*m*n*k per Dense and attention matmul).
+
+  A training step (forward + backward) costs about 3x this.
+  """
+  w, d, n = model.width, model.dim, context_len + 2
+  hidden = model.mlp_ratio * w
+  flops = 2 * d * w                    # query token projection
+  flops += 2 * context_len * d * w     # context token projection
+  flops += 2 * (2 * w * w)             # time MLP (frequency dim = width)
+  per_block = (2 * w * 6 * w           # adaLN modulation
+               + 2 * n * w * 3 * w     # qkv
+               + 2 * 2 * n * n * w     # logits and weights @ values
+               + 2 * n * w * w         # attention output projection
+               + 2 * 2 * n * w * hidden)  # MLP
+  flops += model.depth * per_block
+  flops += 2 * w * 2 * w + 2 * w * d   # final adaLN and output, at the query token only
+  return float(flops)

@@ -1,0 +1,173 @@
+"""Tests for modit_jax.dit."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from modit_jax import dit
+
+DIM = 8
+NUM_DOMAINS = 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile():
+  """Tiny models run for milliseconds; XLA optimisation would dominate the test time."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def _perturb(params, seed=0, scale=0.3):
+  """Adds Gaussian noise to every param so zero-initialised layers become active."""
+  rng = np.random.default_rng(seed)  # NumPy: no per-shape XLA compilation of the noise.
+  return jax.tree_util.tree_map(
+      lambda p: jnp.asarray(p + scale * rng.normal(size=p.shape).astype(np.float32)), params)
+
+
+def _inputs(batch=4, length=5, seed=1):
+  rng = np.random.default_rng(seed)
+  x_t = rng.normal(size=(batch, DIM)).astype(np.float32)
+  t = rng.random(batch).astype(np.float32)
+  context = rng.normal(size=(batch, length, DIM)).astype(np.float32)
+  mask = np.ones((batch, length), bool)
+  domain = rng.integers(0, NUM_DOMAINS, batch).astype(np.int32)
+  return x_t, t, context, mask, domain
+
+
+@functools.lru_cache(maxsize=None)
+def _model(learned_positions=False, dtype=jnp.float32):
+  """A tiny model, its init params and a jitted apply; cached so tests share compilations."""
+  model = dit.tiny(DIM, NUM_DOMAINS, learned_positions=learned_positions, dtype=dtype)
+  params = dit.init_params(model, jax.random.PRNGKey(0))
+  apply = jax.jit(lambda p, *args: model.apply({"params": p}, *args))
+  return params, apply
+
+
+def _perturbed(learned_positions=False, dtype=jnp.float32):
+  params, apply = _model(learned_positions, dtype)
+  return _perturb(params), apply
+
+
+def test_output_shape_dtype_and_zero_at_init():
+  params, apply = _model()
+  out = apply(params, *_inputs())
+  assert out.shape == (4, DIM)
+  assert out.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(out), 0.0)  # adaLN-Zero and zero output layer.
+
+
+def test_nonzero_after_perturbing_params():
+  params, apply = _perturbed()
+  out = np.asarray(apply(params, *_inputs()))
+  assert np.all(np.isfinite(out))
+  assert np.abs(out).mean() > 1e-3
+
+
+def test_bfloat16_compute_keeps_float32_params_and_output():
+  params, apply = _perturbed(dtype=jnp.bfloat16)
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+  out = apply(params, *_inputs())
+  assert out.dtype == jnp.float32 and out.shape == (4, DIM)
+  assert np.all(np.isfinite(np.asarray(out)))
+  reference, apply32 = _perturbed()
+  np.testing.assert_allclose(out, apply32(reference, *_inputs()), atol=0.1, rtol=0.1)
+
+
+@pytest.mark.parametrize("learned_positions", [False, True])
+def test_padding_invariance(learned_positions):
+  params, apply = _perturbed(learned_positions)
+  x_t, t, context, mask, domain = _inputs(length=3)
+  ref = apply(params, x_t, t, context, mask, domain)
+  rng = np.random.default_rng(7)
+  for length in (5, dit.tiny(DIM, NUM_DOMAINS).max_context):
+    pad = length - 3
+    garbage = rng.normal(scale=100.0, size=(4, pad, DIM)).astype(np.float32)
+    garbage[0, 0, 0] = np.nan  # Even non-finite padding must not leak.
+    padded = np.concatenate([context, garbage], axis=1)
+    padded_mask = np.concatenate([mask, np.zeros((4, pad), bool)], axis=1)
+    out = apply(params, x_t, t, padded, padded_mask, domain)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_ragged_batch_rows_are_independent():
+  params, apply = _perturbed()
+  x_t, t, context, mask, domain = _inputs()
+  mask[0, 3:] = False  # Row 0 has three real items, the others five.
+  out = apply(params, x_t, t, context, mask, domain)
+  short = apply(params, x_t, t, context[:, :3], mask[:, :3], domain)
+  np.testing.assert_allclose(out[0], short[0], atol=1e-5, rtol=1e-5)
+  assert np.abs(np.asarray(out[1:] - short[1:])).max() > 1e-3  # Real items do matter.
+
+
+def test_permutation_invariance_without_positions():
+  params, apply = _perturbed(learned_positions=False)
+  x_t, t, context, mask, domain = _inputs()
+  mask[0, 1] = False  # A padded slot in the middle, moved around by the permutation too.
+  perm = np.array([3, 0, 4, 1, 2])
+  out = apply(params, x_t, t, context, mask, domain)
+  out_perm = apply(params, x_t, t, context[:, perm], mask[:, perm], domain)
+  np.testing.assert_allclose(out_perm, out, atol=1e-5, rtol=1e-5)
+
+
+def test_order_matters_with_learned_positions():
+  params, apply = _perturbed(learned_positions=True)
+  x_t, t, context, mask, domain = _inputs()
+  perm = np.array([3, 0, 4, 1, 2])
+  out = np.asarray(apply(params, x_t, t, context, mask, domain))
+  out_perm = np.asarray(apply(params, x_t, t, context[:, perm], mask[:, perm], domain))
+  assert np.abs(out_perm - out).max() > 1e-3
+
+
+def test_domain_token_matters_and_null_domain_is_valid():
+  params, apply = _perturbed()
+  x_t, t, context, mask, _ = _inputs()
+  outs = [np.asarray(apply(params, x_t, t, context, mask, np.full(4, d, np.int32)))
+          for d in range(NUM_DOMAINS + 1)]  # The last one is the null domain.
+  assert all(np.all(np.isfinite(o)) for o in outs)
+  for i in range(len(outs)):
+    for j in range(i):
+      assert np.abs(outs[i] - outs[j]).max() > 1e-3
+
+
+def test_time_conditioning_matters():
+  params, apply = _perturbed()
+  x_t, _, context, mask, domain = _inputs()
+  a = np.asarray(apply(params, x_t, np.full(4, 0.1, np.float32), context, mask, domain))
+  b = np.asarray(apply(params, x_t, np.full(4, 0.9, np.float32), context, mask, domain))
+  assert np.abs(a - b).max() > 1e-3
+
+
+def test_context_longer_than_max_context_is_rejected():
+  model = dit.tiny(DIM, NUM_DOMAINS, max_context=4)
+  inputs = _inputs()
+  with pytest.raises(ValueError, match="max_context"):
+    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs))
+
+
+def test_flops_positive_and_grow_with_depth_and_context():
+  shallow = dit.DiT(dim=64, num_domains=3, depth=2)
+  deep = dit.DiT(dim=64, num_domains=3, depth=4)
+  f2, f4 = dit.flops_per_example(shallow, 8), dit.flops_per_example(deep, 8)
+  assert 0 < f2 < f4
+  assert dit.flops_per_example(deep, 16) > f4
+  # The blocks dominate, so doubling the depth nearly doubles the count.
+  assert 1.8 < f4 / f2 < 2.0
+
+
+@pytest.mark.parametrize("overrides", [{}, {"depth": 3, "width": 64}])
+def test_flops_match_xla_cost_analysis(overrides):
+  model = dit.tiny(DIM, NUM_DOMAINS, **overrides)
+  params = jax.eval_shape(lambda: dit.init_params(model, jax.random.PRNGKey(0)))
+  inputs = _inputs(length=model.max_context)
+  lowered = jax.jit(lambda p, *args: model.apply({"params": p}, *args)).lower(params, *inputs)
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  xla_flops = cost["flops"] / inputs[0].shape[0]
+  ours = dit.flops_per_example(model, model.max_context)
+  # XLA also counts elementwise ops (norms, softmax, activations), which we leave out.
+  assert 0.85 * xla_flops < ours <= xla_flops
