@@ -1,0 +1,581 @@
+"""The training engine shared by every stage (DESIGN.md section 7).
+
+One module-level pure train step `(state, batch, rng) -> (state, metrics)` compiled with
+`jax.jit` over a `Mesh` with a single "data" axis: the batch is sharded on its leading axis,
+the state is replicated (or FSDP-sharded) and donated. Around it: an AdamW optimiser with
+linear warm-up and cosine decay, an EMA of the parameters kept in the state, Orbax checkpoints
+with exact resume, and metrics written by process 0. The engine knows nothing about the model:
+a stage hands `train_loop` its initial parameters, a loss function and a batch function.
+
+Step numbering: "step n" is the state after n updates (`state.step == n`). The update that
+produces step n + 1 consumes `batch_fn(n, ...)` and the key `fold_in(rng, n)`; checkpoints and
+metric records are labelled with n + 1. See docs/engine.md.
+"""
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Mapping
+
+from absl import logging
+from flax import struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from modit_jax import errors
+
+PyTree = Any
+Config = Any  # An ml_collections.ConfigDict (or anything with the same attributes).
+LossFn = Callable[[PyTree, Mapping[str, jax.Array], jax.Array],
+                  tuple[jax.Array, Mapping[str, jax.Array]]]
+BatchFn = Callable[[int, int, int], Mapping[str, np.ndarray]]
+
+DATA_AXIS = "data"
+CHECKPOINT_SUBDIR = "checkpoints"
+TB_SUBDIR = "tb"
+METRICS_FILE = "metrics.jsonl"
+# Leaves smaller than this stay replicated under FSDP: sharding biases and norms saves no
+# memory worth the extra all-gathers.
+DEFAULT_FSDP_MIN_SIZE = 1 << 14
+# Folded into the seed so the training key never equals a key a stage used for initialisation.
+_TRAIN_RNG_SALT = 0x7472
+
+_OPTIMIZER_FIELDS = ("learning_rate", "warmup_steps", "num_steps", "weight_decay",
+                     "grad_clip_norm", "b1", "b2")
+_LOOP_FIELDS = ("num_steps", "batch_size", "seed", "log_every", "checkpoint_every",
+                "keep_checkpoints", "ema_decay", "fsdp")
+
+_ENV_COORDINATOR = "MODIT_COORDINATOR"
+_ENV_NUM_PROCESSES = "MODIT_NUM_PROCESSES"
+_ENV_PROCESS_ID = "MODIT_PROCESS_ID"
+
+
+class NonFiniteLossError(errors.UserError):
+  """The loss became NaN or infinite: the run diverged."""
+
+
+@struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; a pytree, so it can be jitted, sharded and saved."""
+  step: jax.Array  # int32 scalar: number of updates applied so far.
+  params: PyTree
+  opt_state: optax.OptState
+  ema_params: PyTree
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+
+def _require(config: Config, fields: tuple[str, ...]) -> None:
+  missing = [f for f in fields if not hasattr(config, f)]
+  if missing:
+    raise errors.UserError(f"training config is missing field(s): {', '.join(missing)}")
+
+
+def _validate_optimizer_config(config: Config) -> None:
+  _require(config, _OPTIMIZER_FIELDS)
+  if config.num_steps <= 0:
+    raise errors.UserError(f"config.num_steps must be positive, got {config.num_steps}")
+  if not 0 <= config.warmup_steps <= config.num_steps:
+    raise errors.UserError(f"config.warmup_steps must be in [0, num_steps={config.num_steps}], "
+                           f"got {config.warmup_steps}")
+  if config.learning_rate <= 0:
+    raise errors.UserError(f"config.learning_rate must be positive, got {config.learning_rate}")
+  if config.grad_clip_norm < 0:
+    raise errors.UserError("config.grad_clip_norm must be >= 0 (0 disables clipping), "
+                           f"got {config.grad_clip_norm}")
+
+
+def _schedule(config: Config) -> optax.Schedule:
+  """Linear warm-up to `learning_rate`, then cosine decay to 0 at `num_steps`.
+
+  The warm-up is `lr * (count + 1) / warmup_steps` rather than optax's (which starts at 0),
+  so the first update is not wasted.
+  """
+  peak = float(config.learning_rate)
+  warmup = int(config.warmup_steps)
+  decay = max(int(config.num_steps) - warmup, 1)
+
+  def schedule(count):
+    count = jnp.asarray(count, jnp.float32)
+    warm = peak * (count + 1.0) / max(warmup, 1)
+    progress = jnp.clip((count - warmup) / decay, 0.0, 1.0)
+    cosine = 0.5 * peak * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(count < warmup, warm, cosine)
+
+  return schedule
+
+
+def make_optimizer(config: Config) -> optax.GradientTransformation:
+  """AdamW with warm-up + cosine schedule, after clipping gradients by global norm."""
+  _validate_optimizer_config(config)
+  adamw = optax.adamw(_schedule(config), b1=config.b1, b2=config.b2,
+                      weight_decay=config.weight_decay)
+  if config.grad_clip_norm == 0:
+    return adamw
+  return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+
+
+def learning_rate_at(config: Config, step: int) -> float:
+  """The learning rate used by the update that turns state step `step` into `step + 1`."""
+  return float(_schedule(config)(step))
+
+
+def create_train_state(params: PyTree, tx: optax.GradientTransformation) -> TrainState:
+  """A step-0 state; the EMA starts at the initial parameters."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=params)
+
+
+# ----------------------------------------------------------------------------- train step
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
+               loss_fn: LossFn, tx: optax.GradientTransformation,
+               ema_decay: float) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One update. Pure: the same inputs give the same outputs on any device layout.
+
+  Args:
+    state: the current state.
+    batch: the global batch (jitted: sharded on its leading axis over "data").
+    rng: the run's base key (the same for every step). The step's key is derived here as
+      `jax.random.fold_in(rng, state.step)`, so it depends only on the step number: a
+      resumed run draws the same randomness as an uninterrupted one.
+    loss_fn: `loss_fn(params, batch, step_rng) -> (scalar loss, dict of scalar aux)`. It must
+      derive per-example randomness from the global example index, e.g.
+      `jax.random.split(step_rng, global_batch)[i]` for example i, never from the device or
+      process (no `axis_index`), so results do not depend on how the batch is sharded.
+    tx: the optimiser.
+    ema_decay: `ema <- decay * ema + (1 - decay) * params`, applied after the update; 0 makes
+      the EMA equal the parameters.
+
+  Returns:
+    The new state and metrics {"loss", "grad_norm" (before clipping), **aux}.
+  """
+  step_rng = jax.random.fold_in(rng, state.step)
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, step_rng)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                            state.ema_params, params)
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            ema_params=ema_params)
+  return new_state, metrics
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+  """A 1-D mesh with axis "data" over all devices (or the first `num_devices`, one process).
+
+  Devices are ordered by (process, id), so process p's devices hold the p-th contiguous block
+  of the global batch; `batch_fn` must return that block.
+  """
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  if num_devices is not None:
+    if num_devices <= 0 or num_devices > len(devices):
+      raise errors.UserError(f"cannot build a mesh of {num_devices} devices: "
+                             f"{len(devices)} available")
+    if num_devices != len(devices) and jax.process_count() > 1:
+      raise errors.UserError("with several processes the mesh must span every device")
+    devices = devices[:num_devices]
+  return Mesh(np.array(devices), (DATA_AXIS,))
+
+
+def _leaf_sharding(shape: tuple[int, ...], mesh: Mesh, fsdp: bool, min_size: int) -> NamedSharding:
+  n = mesh.shape[DATA_AXIS]
+  if fsdp and n > 1 and math.prod(shape) >= min_size:
+    # Largest axis divisible by the mesh; ties go to the later axis (usually the output one).
+    candidates = [(size, axis) for axis, size in enumerate(shape) if size % n == 0]
+    if candidates:
+      _, axis = max(candidates)
+      spec = [None] * len(shape)
+      spec[axis] = DATA_AXIS
+      return NamedSharding(mesh, P(*spec))
+  return NamedSharding(mesh, P())
+
+
+def param_sharding(tree: PyTree, mesh: Mesh, fsdp: bool = False,
+                   min_size: int = DEFAULT_FSDP_MIN_SIZE) -> PyTree:
+  """NamedShardings for a pytree of arrays (or ShapeDtypeStructs), by shape only.
+
+  Replicated unless `fsdp`; with `fsdp`, every leaf of at least `min_size` elements is sharded
+  over "data" along its largest axis divisible by the mesh size (leaves with no such axis stay
+  replicated). Because the rule looks only at shapes, applying it to a whole `TrainState` gives
+  the Adam moments and the EMA the same layout as the parameters they mirror.
+  """
+  return jax.tree.map(lambda x: _leaf_sharding(tuple(x.shape), mesh, fsdp, min_size), tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Batch arrays are split along their leading (example) axis over "data"."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Same value on every device of `mesh`."""
+  return NamedSharding(mesh, P())
+
+
+def device_put_global(tree: PyTree, shardings: PyTree) -> PyTree:
+  """Places host values, identical on every process, as global arrays with `shardings`.
+
+  Works multi-process, where `jax.device_put` onto devices of other processes is not possible:
+  each process fills only its own shards.
+  """
+  def put(x, sharding):
+    host = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(put, tree, shardings)
+
+
+def jit_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay: float,
+                   mesh: Mesh, state_sharding: PyTree) -> Callable[..., tuple[TrainState, dict]]:
+  """`train_step` jitted as `(state, batch, rng) -> (state, metrics)` over `mesh`.
+
+  The state (argument 0) is donated: do not use it after the call. `rng` and the metrics are
+  replicated; batch arrays must be sharded on "data" (see `shard_batch`).
+  """
+  step_fn = functools.partial(train_step, loss_fn=loss_fn, tx=tx, ema_decay=float(ema_decay))
+  return jax.jit(step_fn,
+                 in_shardings=(state_sharding, batch_sharding(mesh), replicated(mesh)),
+                 out_shardings=(state_sharding, replicated(mesh)),
+                 donate_argnums=(0,))
+
+
+def shard_batch(batch_np: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles global batch arrays from each process's contiguous slice of the batch.
+
+  Args:
+    batch_np: this process's rows of the global batch (all of it with one process).
+    mesh: the training mesh; the leading axis must divide evenly over this process's devices.
+  """
+  local_devices = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
+  num_processes = len({d.process_index for d in mesh.devices.flat})
+  sharding = batch_sharding(mesh)
+  out = {}
+  for name, value in batch_np.items():
+    value = np.asarray(value)
+    if value.ndim == 0 or value.shape[0] % local_devices:
+      raise errors.UserError(
+          f"batch array {name!r} has shape {value.shape}: its leading axis must be divisible "
+          f"by this process's {local_devices} device(s)")
+    global_shape = (value.shape[0] * num_processes,) + value.shape[1:]
+    out[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+  return out
+
+
+def _abstract(tree: PyTree) -> PyTree:
+  """ShapeDtypeStructs (with shardings) for a tree of arrays or ShapeDtypeStructs."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      tree)
+
+
+def _abstract_with(tree: PyTree, shardings: PyTree) -> PyTree:
+  """ShapeDtypeStructs of `tree` carrying `shardings` (a restore target)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+class Checkpointer:
+  """Periodic, keep-N Orbax checkpoints of a `TrainState` under `workdir/checkpoints`.
+
+  Saves are asynchronous (arrays are copied to host before `save` returns, so donating the
+  state afterwards is safe); call `wait` or `close` before reading what was written. Every
+  process must call `save` and `restore`.
+  """
+
+  def __init__(self, workdir: str, save_interval_steps: int = 1, max_to_keep: int | None = None):
+    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_SUBDIR))
+    options = ocp.CheckpointManagerOptions(save_interval_steps=save_interval_steps,
+                                           max_to_keep=max_to_keep, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step, or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """Steps of the checkpoints kept on disk, ascending."""
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: TrainState, force: bool = False) -> bool:
+    """Saves `state` as `step` if the save interval says so (or `force`); True if saved."""
+    return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+  def restore(self, step: int | None, target_state: PyTree) -> TrainState:
+    """Restores `step` (None: the latest) with the structure, dtypes and shardings of
+    `target_state` (arrays or ShapeDtypeStructs carrying shardings)."""
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise errors.UserError(f"no checkpoint in {self.directory}")
+    return self._manager.restore(step, args=ocp.args.StandardRestore(_abstract(target_state)))
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager."""
+    self._manager.close()
+
+
+def restore_params(checkpoint_dir: str, step: int | None = None, *,
+                   use_ema: bool = True) -> PyTree:
+  """Parameters from another run's checkpoint, as host numpy arrays: how a stage starts
+  from an earlier one.
+
+  Args:
+    checkpoint_dir: a `Checkpointer` directory, or a workdir containing `checkpoints/`.
+    step: which checkpoint; None takes the latest.
+    use_ema: the EMA parameters (usually the better ones to build on) or the raw ones.
+  """
+  nested = os.path.join(checkpoint_dir, CHECKPOINT_SUBDIR)
+  if os.path.isdir(nested):
+    checkpoint_dir = nested
+  if not os.path.isdir(checkpoint_dir):
+    raise errors.UserError(f"checkpoint directory {checkpoint_dir} does not exist")
+  manager = ocp.CheckpointManager(
+      os.path.abspath(checkpoint_dir), item_handlers=ocp.PyTreeCheckpointHandler(),
+      options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    if step is None:
+      step = manager.latest_step()
+      if step is None:
+        raise errors.UserError(f"no checkpoint in {checkpoint_dir}")
+    elif step not in manager.all_steps():
+      raise errors.UserError(f"no checkpoint for step {step} in {checkpoint_dir}; "
+                             f"available: {sorted(manager.all_steps())}")
+    metadata = manager.item_metadata(step)
+    tree = getattr(metadata, "tree", metadata)
+    key = "ema_params" if use_ema else "params"
+    # Restore only the wanted subtree, as numpy: the caller places it on its own mesh.
+    item = {key: tree[key]}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+    return restored[key]
+  finally:
+    manager.close()
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class MetricWriter:
+  """Scalars to TensorBoard (`workdir/tb`) and JSON lines (`workdir/metrics.jsonl`).
+
+  Only process 0 writes; on other processes every method is a no-op. The JSON file is
+  appended to, so a resumed run may repeat steps between its last checkpoint and the kill;
+  readers should keep the last record of a step.
+  """
+
+  def __init__(self, workdir: str, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._tb = None
+    self._jsonl = None
+    if self.enabled:
+      # Imported here so processes that never write do not need tensorboardX.
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      os.makedirs(workdir, exist_ok=True)
+      self._tb = tensorboardX.SummaryWriter(logdir=os.path.join(workdir, TB_SUBDIR))
+      self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    """Writes one record: {"step": step, **scalars}."""
+    if not self.enabled:
+      return
+    values = {k: float(v) for k, v in scalars.items()}
+    for name, value in values.items():
+      self._tb.add_scalar(name, value, step)
+    self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
+    # Flushed per record so a killed run keeps everything it logged.
+    self._jsonl.flush()
+
+  def flush(self) -> None:
+    if self.enabled:
+      self._tb.flush()
+      self._jsonl.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._tb.close()
+      self._jsonl.close()
+      self.enabled = False
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def _validate_loop_config(config: Config, mesh: Mesh) -> None:
+  _require(config, _LOOP_FIELDS)
+  for field in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+    if getattr(config, field) <= 0:
+      raise errors.UserError(f"config.{field} must be positive, got {getattr(config, field)}")
+  if not 0.0 <= config.ema_decay < 1.0:
+    raise errors.UserError(f"config.ema_decay must be in [0, 1), got {config.ema_decay}")
+  if config.batch_size % mesh.size:
+    raise errors.UserError(f"config.batch_size={config.batch_size} must be divisible by the "
+                           f"number of devices ({mesh.size})")
+
+
+def _host_metrics(step: int, metrics: Mapping[str, jax.Array], config: Config,
+                  last_saved: int | None) -> dict[str, float]:
+  """Fetches metrics to the host and stops the run if the loss is not finite."""
+  values = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+  loss = values["loss"]
+  if not math.isfinite(loss):
+    saved = (f"the last checkpoint is step {last_saved}" if last_saved is not None
+             else "no checkpoint was saved")
+    raise NonFiniteLossError(
+        f"loss is {loss} at step {step} (the update on batch_fn(step={step - 1})): training "
+        f"diverged. Lower config.learning_rate (now {config.learning_rate}), lengthen "
+        f"config.warmup_steps or lower config.grad_clip_norm; {saved}.")
+  return values
+
+
+def train_loop(config: Config, workdir: str, *, init_params: PyTree, loss_fn: LossFn,
+               batch_fn: BatchFn, mesh: Mesh | None = None) -> TrainState:
+  """Trains `config.num_steps` updates, resuming from the latest checkpoint in `workdir`.
+
+  Args:
+    config: `num_steps, batch_size` (global), `seed, log_every, checkpoint_every,
+      keep_checkpoints, ema_decay, fsdp` and the `make_optimizer` fields.
+    workdir: holds `checkpoints/`, `tb/` and `metrics.jsonl`.
+    init_params: the step-0 parameters, identical on every process (ignored when resuming).
+    loss_fn: see `train_step`.
+    batch_fn: `batch_fn(step, process_index, process_count)` -> this process's contiguous
+      `batch_size // process_count` rows of the global batch for update `step` (0-based). It
+      must depend only on its arguments: that is what makes a resumed run exact.
+    mesh: defaults to `make_mesh()` (every device).
+
+  Returns:
+    The final state (step `num_steps`), also saved as the last checkpoint.
+  """
+  mesh = make_mesh() if mesh is None else mesh
+  tx = make_optimizer(config)
+  _validate_loop_config(config, mesh)
+  num_steps = int(config.num_steps)
+
+  init_state = functools.partial(create_train_state, tx=tx)
+  abstract_state = jax.eval_shape(init_state, init_params)
+  shardings = param_sharding(abstract_state, mesh, fsdp=bool(config.fsdp))
+  checkpointer = Checkpointer(workdir, save_interval_steps=config.checkpoint_every,
+                              max_to_keep=config.keep_checkpoints)
+  writer = MetricWriter(workdir)
+  try:
+    last_saved = checkpointer.latest_step()
+    if last_saved is None:
+      # Built on the host (one compiled call rather than one per optimiser leaf), then placed.
+      state = device_put_global(jax.device_get(jax.jit(init_state)(init_params)), shardings)
+    else:
+      logging.info("Resuming from the checkpoint at step %d in %s", last_saved,
+                   checkpointer.directory)
+      state = checkpointer.restore(last_saved, _abstract_with(abstract_state, shardings))
+    start = last_saved or 0
+    if start >= num_steps:
+      logging.info("Checkpoint step %d >= num_steps=%d: nothing to train", start, num_steps)
+      return state
+
+    step_fn = jit_train_step(loss_fn, tx, config.ema_decay, mesh, shardings)
+    base_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), _TRAIN_RNG_SALT)
+    rng = device_put_global(base_rng, replicated(mesh))
+    process_index, process_count = jax.process_index(), jax.process_count()
+
+    pending = None  # (step, device metrics) not yet checked for a finite loss.
+    interval_start, interval_steps = time.perf_counter(), 0
+    for step in range(start, num_steps):
+      batch = shard_batch(batch_fn(step, process_index, process_count), mesh)
+      state, metrics = step_fn(state, batch, rng)
+      done = step + 1
+      interval_steps += 1
+      # The previous step's metrics are checked only now, after this step is dispatched, so
+      # fetching them does not leave the devices idle.
+      if pending is not None:
+        _host_metrics(*pending, config, last_saved)
+      pending = (done, metrics)
+      log_now = done % config.log_every == 0 or done == num_steps
+      save_now = done % config.checkpoint_every == 0 or done == num_steps
+      if not (log_now or save_now):
+        continue
+      # Never log or save a diverged state: check this step before either.
+      values = _host_metrics(*pending, config, last_saved)
+      pending = None
+      if log_now:
+        elapsed = max(time.perf_counter() - interval_start, 1e-9)
+        steps_per_sec = interval_steps / elapsed
+        values.update(lr=learning_rate_at(config, step), steps_per_sec=steps_per_sec,
+                      examples_per_sec=steps_per_sec * config.batch_size)
+        writer.write(done, values)
+        logging.info("step %d/%d: loss %.5g, grad_norm %.3g, lr %.3g, %.2f steps/s, "
+                     "%.1f examples/s", done, num_steps, values["loss"], values["grad_norm"],
+                     values["lr"], steps_per_sec, values["examples_per_sec"])
+        interval_start, interval_steps = time.perf_counter(), 0
+      if save_now and checkpointer.save(done, state, force=done == num_steps):
+        last_saved = done
+    checkpointer.wait()
+    return state
+  finally:
+    writer.close()
+    checkpointer.close()
+
+
+# ----------------------------------------------------------------------------- multi-host
+
+
+def maybe_initialize_distributed(coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None) -> bool:
+  """Calls `jax.distributed.initialize` when asked to; returns whether it did.
+
+  Asked means `coordinator_address` is given, or env MODIT_COORDINATOR is set (with
+  MODIT_NUM_PROCESSES and MODIT_PROCESS_ID). The address "auto" lets JAX detect the cluster
+  (TPU pod slices, Slurm, ...). Must run before anything else touches JAX devices.
+  """
+  if coordinator_address is None:
+    coordinator_address = os.environ.get(_ENV_COORDINATOR) or None
+    num_processes = num_processes if num_processes is not None else _env_int(_ENV_NUM_PROCESSES)
+    process_id = process_id if process_id is not None else _env_int(_ENV_PROCESS_ID)
+  if coordinator_address is None:
+    return False
+  if jax.distributed.is_initialized():
+    return True
+  # Cross-process collectives on CPU need an implementation; gloo ships with jaxlib. (It is
+  # already the default in jax 0.10; older versions defaulted to none.)
+  if not jax.config.values.get("jax_cpu_collectives_implementation"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if coordinator_address == "auto":
+    jax.distributed.initialize()
+  else:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  logging.info("JAX distributed: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+  return True
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  if not value:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise errors.UserError(f"environment variable {name}={value!r} is not an integer") from None

@@ -1,0 +1,249 @@
+"""Tests for modit_jax.engine: layout equivalence, exact resume, metrics, EMA, multi-process.
+
+The session has 8 forced CPU devices (tests/conftest.py). The problem is a tiny MLP
+regression shared with tests/multiprocess_worker.py.
+"""
+
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from modit_jax import engine
+from modit_jax import errors
+import multiprocess_worker as tiny
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_worker.py")
+REPO = os.path.dirname(os.path.dirname(WORKER))
+
+
+def _leaves(tree) -> list[np.ndarray]:
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def _assert_trees_equal(a, b) -> None:
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(_leaves(a), _leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6) -> None:
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(_leaves(a), _leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+def _run_steps(mesh, fsdp: bool, num_steps: int = 4):
+  """Drives the jitted step directly; returns (final state, per-step losses, shardings)."""
+  config = tiny.make_config(num_steps=num_steps)
+  tx = engine.make_optimizer(config)
+  host_state = engine.create_train_state(tiny.init_params(), tx)
+  # min_size=64 so that, with 8 devices, the 8x32 and 32x1 kernels really are sharded.
+  shardings = engine.param_sharding(host_state, mesh, fsdp=fsdp, min_size=64)
+  state = engine.device_put_global(host_state, shardings)
+  step_fn = engine.jit_train_step(tiny.loss_fn, tx, config.ema_decay, mesh, shardings)
+  rng = engine.device_put_global(jax.random.PRNGKey(3), engine.replicated(mesh))
+  losses = []
+  for step in range(num_steps):
+    batch = engine.shard_batch(tiny.global_batch(step, config.batch_size), mesh)
+    state, metrics = step_fn(state, batch, rng)
+    losses.append(float(metrics["loss"]))
+  return state, losses, shardings
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+  assert jax.device_count() == 8, "tests/conftest.py should force 8 host devices"
+  return _run_steps(engine.make_mesh(1), fsdp=False)
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_sharded_step_matches_single_device(single_device_run, fsdp):
+  single, single_losses, _ = single_device_run
+  sharded, sharded_losses, shardings = _run_steps(engine.make_mesh(8), fsdp=fsdp)
+  np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
+  _assert_trees_close(sharded.params, single.params)
+  _assert_trees_close(sharded.ema_params, single.ema_params)
+  assert int(sharded.step) == 4
+  kernel = sharded.params["Dense_0"]["kernel"]
+  if fsdp:
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "data")
+    assert shardings.opt_state[1][0].mu["Dense_0"]["kernel"].spec == kernel.sharding.spec
+    assert shardings.params["Dense_0"]["bias"].spec == jax.sharding.PartitionSpec()
+  else:
+    assert kernel.sharding.is_fully_replicated
+
+
+def test_param_sharding_rule():
+  mesh = engine.make_mesh(8)
+  tree = {"big": np.zeros((24, 64)), "odd": np.zeros((7, 9, 5)), "small": np.zeros((8,))}
+  specs = jax.tree.map(lambda s: s.spec,
+                       engine.param_sharding(tree, mesh, fsdp=True, min_size=64))
+  assert specs == {"big": jax.sharding.PartitionSpec(None, "data"),
+                   "odd": jax.sharding.PartitionSpec(), "small": jax.sharding.PartitionSpec()}
+  replicated = engine.param_sharding(tree, mesh, fsdp=False)
+  assert all(s.is_fully_replicated for s in jax.tree.leaves(replicated))
+
+
+def test_schedule_and_config_checks():
+  config = tiny.make_config(num_steps=10, warmup_steps=4, learning_rate=1.0)
+  lrs = [engine.learning_rate_at(config, s) for s in range(10)]
+  np.testing.assert_allclose(lrs[:4], [0.25, 0.5, 0.75, 1.0], rtol=1e-6)
+  assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and 0 < lrs[-1] < 0.1
+  with pytest.raises(errors.UserError, match="warmup_steps"):
+    engine.make_optimizer(tiny.make_config(warmup_steps=100))
+  del config.b1
+  with pytest.raises(errors.UserError, match="b1"):
+    engine.make_optimizer(config)
+
+
+def _train(workdir, config, batch_fn=None, mesh=None):
+  return engine.train_loop(
+      config, str(workdir), init_params=tiny.init_params(), loss_fn=tiny.loss_fn,
+      batch_fn=batch_fn or tiny.make_batch_fn(config.batch_size), mesh=mesh)
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_resume_after_kill_is_exact(tmp_path):
+  config = tiny.make_config(num_steps=7, checkpoint_every=3)
+  full = _train(tmp_path / "full", config)
+
+  batches = tiny.make_batch_fn(config.batch_size)
+
+  def dies_at_step_4(step, process_index, process_count):
+    # Step 4 is one update past the checkpoint at 3: that update is lost, as in a real kill.
+    if step == 4:
+      raise _Killed()
+    return batches(step, process_index, process_count)
+
+  workdir = tmp_path / "resumed"
+  with pytest.raises(_Killed):
+    _train(workdir, config, batch_fn=dies_at_step_4)
+  assert engine.Checkpointer(str(workdir)).latest_step() == 3
+  resumed = _train(workdir, config)
+
+  assert int(resumed.step) == 7
+  _assert_trees_equal(resumed.params, full.params)
+  _assert_trees_equal(resumed.ema_params, full.ema_params)
+  _assert_trees_equal(resumed.opt_state, full.opt_state)
+  # keep_checkpoints=2: steps 3 and 6 were periodic, 7 is the final save.
+  assert engine.Checkpointer(str(workdir)).all_steps() == [6, 7]
+
+  # A finished run restarted does no more work.
+  again = _train(workdir, config)
+  _assert_trees_equal(again.params, full.params)
+
+  # A later stage starts from this one's parameters.
+  ema = engine.restore_params(str(workdir))
+  _assert_trees_equal(ema, full.ema_params)
+  raw = engine.restore_params(str(workdir / "checkpoints"), step=6, use_ema=False)
+  assert jax.tree.structure(raw) == jax.tree.structure(full.params)
+  with pytest.raises(errors.UserError, match="no checkpoint for step 5"):
+    engine.restore_params(str(workdir), step=5)
+
+
+def test_metrics_files(tmp_path):
+  config = tiny.make_config(num_steps=4, log_every=2, checkpoint_every=4)
+  _train(tmp_path, config)
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records] == [2, 4]
+  for record in records:
+    for key in ("loss", "grad_norm", "lr", "steps_per_sec", "examples_per_sec", "pred_mean"):
+      assert np.isfinite(record[key]), key
+  assert records[0]["lr"] == pytest.approx(engine.learning_rate_at(config, 1))
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
+
+
+def test_non_finite_loss_names_the_step(tmp_path):
+  config = tiny.make_config(num_steps=6, log_every=100, checkpoint_every=100)
+  batches = tiny.make_batch_fn(config.batch_size)
+
+  def poisoned(step, process_index, process_count):
+    batch = batches(step, process_index, process_count)
+    if step == 2:
+      batch["y"] = np.full_like(batch["y"], np.nan)
+    return batch
+
+  with pytest.raises(engine.NonFiniteLossError, match=r"at step 3 .*learning_rate"):
+    _train(tmp_path, config, batch_fn=poisoned)
+  # Nothing diverged was saved.
+  assert engine.Checkpointer(str(tmp_path)).latest_step() is None
+
+
+def test_ema(tmp_path):
+  mesh = engine.make_mesh(1)
+  batch = engine.shard_batch(tiny.global_batch(0, 16), mesh)
+  rng = jax.random.PRNGKey(0)
+  for decay in (0.0, 0.9):
+    tx = engine.make_optimizer(tiny.make_config())
+    init = engine.create_train_state(tiny.init_params(), tx)
+    step_fn = jax.jit(functools.partial(engine.train_step, loss_fn=tiny.loss_fn, tx=tx,
+                                        ema_decay=decay))
+    state, _ = step_fn(init, batch, rng)
+    if decay == 0.0:
+      _assert_trees_equal(state.ema_params, state.params)
+    else:
+      expected = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
+                              init.ema_params, state.params)
+      _assert_trees_close(state.ema_params, expected)
+      for e, p, i in zip(_leaves(state.ema_params), _leaves(state.params),
+                         _leaves(init.params)):
+        if not np.array_equal(p, i):
+          assert 0 < np.abs(e - i).max() < np.abs(p - i).max()
+
+
+def test_shard_batch_rejects_uneven_batch():
+  with pytest.raises(errors.UserError, match="divisible"):
+    engine.shard_batch({"x": np.zeros((12, 2))}, engine.make_mesh(8))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_single_process(tmp_path):
+  if "jax_cpu_collectives_implementation" not in jax.config.values:
+    pytest.skip("this jax build has no CPU cross-process collectives")
+  num_steps = 4
+  out = tmp_path / "params.npz"
+  port = _free_port()
+  procs = []
+  for process_id in range(2):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               MODIT_COORDINATOR=f"localhost:{port}", MODIT_NUM_PROCESSES="2",
+               MODIT_PROCESS_ID=str(process_id))
+    procs.append(subprocess.Popen(
+        [sys.executable, WORKER, str(tmp_path / "multi"), str(out), str(num_steps)],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  logs = []
+  try:
+    for proc in procs:
+      logs.append(proc.communicate(timeout=120)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for proc, log in zip(procs, logs):
+    assert proc.returncode == 0, log[-4000:]
+
+  config = tiny.make_config(num_steps=num_steps)
+  single = _train(tmp_path / "single", config, mesh=engine.make_mesh(2))
+  got = np.load(out)
+  assert int(got["process_count"]) == 2
+  expected = {"params": single.params, "ema_params": single.ema_params}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(expected):
+    np.testing.assert_allclose(got[jax.tree_util.keystr(path)], np.asarray(leaf),
+                               rtol=1e-5, atol=1e-6)
