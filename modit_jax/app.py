@@ -1,5 +1,6 @@
 """Shared start-up for every binary: absl flags, logging, user-error handling."""
 
+import logging as std_logging
 import sys
 from typing import Callable, Sequence
 
@@ -9,10 +10,21 @@ from absl import logging
 from modit_jax import errors
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Drops INFO chatter of libraries that log every checkpoint step (warnings still pass)."""
+
+  _NOISY = ("/orbax/", "/jax/_src/")
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or not any(
+        part in record.pathname for part in self._NOISY)
+
+
 def run(main: Callable[[Sequence[str]], None]) -> None:
   """Runs an absl `main`, turning a `UserError` into one clear line and exit code 2."""
 
   def guarded_main(argv: Sequence[str]) -> None:
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     if len(argv) > 1:
       sys.stderr.write(f"error: unexpected positional arguments: {' '.join(argv[1:])}\n")
       sys.exit(2)

@@ -23,6 +23,7 @@ import numpy as np
 from modit_jax import baselines
 from modit_jax import catalog as catalog_lib
 from modit_jax import errors
+from modit_jax import generative
 from modit_jax import metric_predictor
 from modit_jax import metrics
 from modit_jax import oracle as oracle_lib
@@ -49,6 +50,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.shift_grid = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0)
   c.rerank_pool_grid = (50, 100, 200, 400, 800)
   c.metric_predictor = metric_predictor.default_config()
+  # Training workdirs of the generative methods (empty: not trained; the method is refused).
+  c.workdirs = ml_collections.ConfigDict({name: "" for name in generative.GENERATIVE_METHODS})
+  c.num_samples = 1               # query embeddings sampled per query, searched and merged
   c.num_resamples = 10_000
   c.seed = 0
   return c
@@ -77,11 +81,12 @@ def retrieve_all(catalog: catalog_lib.Catalog, methods: Sequence[str], splits: S
                  config: ml_collections.ConfigDict
                  ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any], dict[str, Any]]:
   """Fits every method (knobs on train queries) and retrieves max(ks) ids for every split."""
-  unknown = [m for m in methods if m not in baselines.BASELINES]
+  known = baselines.BASELINES + generative.GENERATIVE_METHODS
+  unknown = [m for m in methods if m not in known]
   if unknown:
     raise errors.UserError(
         f"unknown method{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; known: "
-        f"{', '.join(baselines.BASELINES)}")
+        f"{', '.join(known)}")
   for split in splits:
     if split not in catalog_lib.SPLITS:
       raise errors.UserError(f"unknown split {split!r}; known: {', '.join(catalog_lib.SPLITS)}")
@@ -94,9 +99,13 @@ def retrieve_all(catalog: catalog_lib.Catalog, methods: Sequence[str], splits: S
   retrieved, knobs = {}, {}
   for name in methods:
     start = time.perf_counter()
-    if oracle is None and name not in ("seed_centroid", "global_attribute"):
-      oracle = oracle_lib.OnlineOracle(catalog, config.oracle_k, config.oracle_index_kind)
-    fitted = baselines.fit(name, catalog, oracle, config)
+    if name in generative.GENERATIVE_METHODS:
+      fitted = generative.fit(name, config.workdirs[name], catalog, config.num_samples,
+                              config.seed)
+    else:
+      if oracle is None and name not in ("seed_centroid", "global_attribute"):
+        oracle = oracle_lib.OnlineOracle(catalog, config.oracle_k, config.oracle_index_kind)
+      fitted = baselines.fit(name, catalog, oracle, config)
     retrieved[name] = {s: fitted.retrieve(catalog.queries[s], index, k).astype(np.int32)
                        for s in splits}
     knobs[name] = fitted.knob
