@@ -29,8 +29,9 @@ def gather(embeddings: np.ndarray, context_ids: np.ndarray, target: np.ndarray,
            domain: np.ndarray) -> dict[str, np.ndarray]:
   """Builds a batch from context ids (-1 padded), target embeddings and domains."""
   mask = context_ids >= 0
-  context = np.asarray(embeddings[np.where(mask, context_ids, 0)], np.float32)
-  context *= mask[..., None]
+  # Only real context rows are read: padding never touches (possibly held-out) item rows.
+  context = np.zeros(context_ids.shape + (embeddings.shape[1],), np.float32)
+  context[mask] = embeddings[context_ids[mask]]
   return {"context": context, "context_mask": mask, "domain": domain.astype(np.int32),
           "target": np.asarray(target, np.float32)}
 

@@ -1,0 +1,251 @@
+"""Latent pattern clusters: k-means over train item embeddings (DESIGN.md section 5, stage 2).
+
+Stages 2 and 3 group items into clusters without reading the ground-truth `patterns`: plain
+Euclidean k-means over the (unit-norm) embeddings of train items only. The implementation scales
+to millions of points: k-means++ seeding runs on a bounded random subsample, and every Lloyd pass
+walks the points in fixed-size jitted blocks, so no [N, k] distance matrix is ever held at once.
+Everything is a deterministic function of the inputs and the seed (on one platform).
+
+`agreement` compares clusters with the true patterns; it is an evaluation-only diagnostic.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from modit_jax import catalog as catalog_lib
+from modit_jax import errors
+
+# k-means++ seeding looks at this many points at most (more only when k is larger): seeding is
+# k sequential passes over the sample, so it must not grow with N.
+_INIT_SAMPLE = 20000
+# A block's [rows, k] float32 distance matrix stays under 2**26 entries (256 MB), whatever k.
+_MAX_BLOCK_ENTRIES = 1 << 26
+
+
+def kmeans(x: np.ndarray, k: int, *, seed: int, num_iters: int = 50,
+           batch_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+  """Euclidean k-means with greedy k-means++ seeding and Lloyd iterations.
+
+  Args:
+    x: float [N, d] points (numpy; may be a memmap, read block by block).
+    k: number of clusters, 1 <= k <= N.
+    seed: seeds the subsample and the k-means++ draws; equal seeds give equal results.
+    num_iters: at most this many Lloyd updates; stops early once assignments stop changing.
+    batch_size: points per jitted assignment block (fewer when k is so large that a block's
+      distance matrix would pass 2**26 entries). Results do not depend on it beyond float
+      rounding of the centroid sums.
+
+  Returns:
+    (centroids float32 [k, d], assign int32 [N]); `assign` is each point's nearest centroid.
+    A cluster ends empty only when x has fewer than k distinct points.
+
+  Raises:
+    errors.UserError: bad shapes, non-finite points, or k / num_iters / batch_size out of range.
+  """
+  x = _check_points(x)
+  n = x.shape[0]
+  if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= n:
+    raise errors.UserError(f"k-means needs 1 <= k <= number of points ({n}); got k = {k!r}")
+  if num_iters < 1:
+    raise errors.UserError(f"k-means needs num_iters >= 1; got {num_iters}")
+  if batch_size < 1:
+    raise errors.UserError(f"k-means needs batch_size >= 1; got {batch_size}")
+  k = int(k)
+
+  centroids = _init_centroids(x, k, seed)
+  previous = None
+  for _ in range(num_iters):
+    assign, sqdist, sums, counts = _lloyd_pass(x, centroids, batch_size)
+    if previous is not None and np.array_equal(assign, previous):
+      return centroids, assign  # converged: the centroids are the means of this assignment
+    centroids = _update_centroids(sums, counts, sqdist, x, centroids)
+    previous = assign
+  assign, _ = assign_points(x, centroids, batch_size)
+  return centroids, assign
+
+
+def assign_points(x: np.ndarray, centroids: np.ndarray,
+                  batch_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+  """Nearest centroid of each point, in blocks: (assign int32 [N], squared distance float32 [N])."""
+  x = _check_points(x)
+  assign, sqdist, _, _ = _lloyd_pass(x, np.asarray(centroids, np.float32), batch_size)
+  return assign, sqdist
+
+
+def latent_clusters(catalog: catalog_lib.Catalog, k: int,
+                    seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """k-means over the embeddings of train items only (held-out items never enter).
+
+  Returns:
+    (train_items int64 [n] ascending, assign int32 [n] cluster of each, centroids float32 [k, d]).
+  """
+  train_items = catalog.train_items().astype(np.int64)
+  check_num_clusters(k, len(train_items))
+  x = np.asarray(catalog.embeddings[train_items], np.float32)
+  centroids, assign = kmeans(x, int(k), seed=seed)
+  return train_items, assign, centroids
+
+
+def check_num_clusters(k: int, num_train_items: int) -> None:
+  """Refuses a number of latent clusters outside [1, number of train items]."""
+  if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= num_train_items:
+    raise errors.UserError(f"the number of latent clusters must be in [1, {num_train_items}] "
+                           f"(the number of train items); got {k!r}")
+
+
+def agreement(assign: np.ndarray, true_labels: np.ndarray) -> dict[str, float]:
+  """How well clusters match true labels: NMI (arithmetic-mean normalisation) and purity.
+
+  Evaluation-only diagnostic: training never calls this (it reads ground-truth patterns).
+  Purity is the share of items whose cluster's majority true label equals their own.
+  """
+  assign, true_labels = np.asarray(assign).ravel(), np.asarray(true_labels).ravel()
+  if assign.shape != true_labels.shape or not assign.size:
+    raise errors.UserError(f"agreement needs two equal-length non-empty label arrays; got "
+                           f"{assign.shape} and {true_labels.shape}")
+  _, a = np.unique(assign, return_inverse=True)
+  _, b = np.unique(true_labels, return_inverse=True)
+  ka, kb = int(a.max()) + 1, int(b.max()) + 1
+  table = np.bincount(a * kb + b, minlength=ka * kb).reshape(ka, kb).astype(np.float64)
+  n = table.sum()
+  purity = float(table.max(axis=1).sum() / n)
+  pa, pb, pab = table.sum(axis=1) / n, table.sum(axis=0) / n, table / n
+  nz = pab > 0
+  mi = float(np.sum(pab[nz] * np.log(pab[nz] / np.outer(pa, pb)[nz])))
+  ha, hb = float(-np.sum(pa * np.log(pa))), float(-np.sum(pb * np.log(pb)))
+  if ha == 0.0 and hb == 0.0:
+    nmi = 1.0  # one cluster and one label: identical partitions
+  else:
+    nmi = max(0.0, mi) / ((ha + hb) / 2)
+  return {"nmi": float(nmi), "purity": purity}
+
+
+# ---------------------------------------------------------------------------------------------
+# Internals.
+
+
+def _check_points(x: np.ndarray) -> np.ndarray:
+  if not isinstance(x, np.ndarray) or x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+    shape = getattr(x, "shape", type(x).__name__)
+    raise errors.UserError(f"k-means needs a non-empty 2-D array of points; got {shape}")
+  if not np.issubdtype(x.dtype, np.floating):
+    raise errors.UserError(f"k-means needs float points; got dtype {x.dtype}")
+  return x
+
+
+def _block_rows(n: int, k: int, batch_size: int) -> int:
+  return max(1, min(int(batch_size), n, _MAX_BLOCK_ENTRIES // k))
+
+
+@jax.jit
+def _assign_block(x: jax.Array, valid: jax.Array, centroids: jax.Array):
+  """One block: nearest centroid, squared distance, per-cluster sums and counts of valid rows."""
+  k = centroids.shape[0]
+  # HIGHEST: accelerators otherwise run float32 matmuls at reduced precision (bf16 / TF32),
+  # which would change assignments between platforms.
+  dots = jnp.matmul(x, centroids.T, precision=jax.lax.Precision.HIGHEST)
+  scores = jnp.sum(centroids * centroids, axis=1)[None, :] - 2.0 * dots
+  assign = jnp.argmin(scores, axis=1).astype(jnp.int32)
+  sqdist = jnp.maximum(jnp.sum(x * x, axis=1) + jnp.min(scores, axis=1), 0.0)
+  w = valid.astype(jnp.float32)
+  sums = jax.ops.segment_sum(x * w[:, None], assign, num_segments=k)
+  counts = jax.ops.segment_sum(w, assign, num_segments=k)
+  return assign, sqdist, sums, counts
+
+
+def _lloyd_pass(x: np.ndarray, centroids: np.ndarray, batch_size: int):
+  """Assigns every point in blocks; returns (assign, sqdist, sums float64 [k, d], counts [k])."""
+  n, d = x.shape
+  k = centroids.shape[0]
+  rows = _block_rows(n, k, batch_size)
+  c = jnp.asarray(centroids, jnp.float32)
+  assign = np.empty(n, np.int32)
+  sqdist = np.empty(n, np.float32)
+  sums = np.zeros((k, d), np.float64)
+  counts = np.zeros(k, np.float64)
+  for start in range(0, n, rows):
+    block = np.asarray(x[start:start + rows], np.float32)
+    if not np.isfinite(block).all():  # checked block by block: x may be a 10M-row memmap
+      bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+      raise errors.UserError(f"k-means needs finite points; row {bad} has NaN or inf")
+    m = len(block)
+    # The last block is zero-padded to the same shape, so the jitted function compiles once.
+    if m < rows:
+      block = np.concatenate([block, np.zeros((rows - m, d), np.float32)])
+    valid = np.arange(rows) < m
+    a, s, blk_sums, blk_counts = _assign_block(jnp.asarray(block), jnp.asarray(valid), c)
+    assign[start:start + m] = np.asarray(a)[:m]
+    sqdist[start:start + m] = np.asarray(s)[:m]
+    # Blocks add up in float64 on the host: millions of float32 additions would drift.
+    sums += np.asarray(blk_sums, np.float64)
+    counts += np.asarray(blk_counts, np.float64)
+  return assign, sqdist, sums, counts
+
+
+def _update_centroids(sums: np.ndarray, counts: np.ndarray, sqdist: np.ndarray, x: np.ndarray,
+                      centroids: np.ndarray) -> np.ndarray:
+  """Lloyd update; an empty cluster moves to one of the points farthest from their centroid."""
+  new = np.asarray(centroids, np.float64).copy()
+  full = counts > 0
+  new[full] = sums[full] / counts[full, None]
+  empty = np.flatnonzero(~full)
+  if len(empty):
+    # The len(empty) largest distances, ties broken by point index: deterministic.
+    n = len(sqdist)
+    e = min(len(empty), n)
+    threshold = np.partition(sqdist, n - e)[n - e]
+    candidates = np.flatnonzero(sqdist >= threshold)
+    farthest = candidates[np.lexsort((candidates, -sqdist[candidates]))][:e]
+    new[empty[:e]] = np.asarray(x[farthest], np.float64)
+  return new.astype(np.float32)
+
+
+def _init_centroids(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+  """Greedy k-means++ on a seeded random subsample of at most max(20k, k) points."""
+  n = x.shape[0]
+  size = min(n, max(_INIT_SAMPLE, k))
+  rng = np.random.default_rng([int(seed), 0])
+  rows = np.arange(n) if size == n else np.sort(rng.choice(n, size=size, replace=False))
+  sample = jnp.asarray(np.asarray(x[rows], np.float32))
+  # sklearn's choice of candidates per step: markedly better seeds than plain k-means++.
+  trials = 2 + int(math.log(k))
+  idx = _kmeanspp(sample, jax.random.PRNGKey(int(seed) % (1 << 31)), k, trials)
+  return np.asarray(sample[idx], np.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _kmeanspp(sample: jax.Array, key: jax.Array, k: int, trials: int) -> jax.Array:
+  """Indices of k seeds in `sample`, each of `trials` D^2-drawn candidates the best."""
+  s = sample.shape[0]
+  sq = jnp.sum(sample * sample, axis=1)
+
+  def dist_to(points):  # [c, d] -> [c, s] squared distances to every sample point
+    dots = jnp.matmul(points, sample.T, precision=jax.lax.Precision.HIGHEST)
+    return jnp.maximum(jnp.sum(points * points, axis=1)[:, None] + sq[None, :] - 2.0 * dots,
+                       0.0)
+
+  key, sub = jax.random.split(key)
+  first = jax.random.randint(sub, (), 0, s)
+  idx = jnp.zeros(k, jnp.int32).at[0].set(first)
+  d2 = dist_to(sample[first][None])[0]
+
+  def body(i, carry):
+    idx, d2, key = carry
+    key, draw, fallback = jax.random.split(key, 3)
+    cdf = jnp.cumsum(d2)
+    total = cdf[-1]
+    u = jax.random.uniform(draw, (trials,)) * total
+    # compare_all: [trials, s] comparisons; compiles faster than the default scan.
+    cand = jnp.minimum(jnp.searchsorted(cdf, u, side="right", method="compare_all"), s - 1)
+    # All remaining distances zero (fewer distinct points than k): any point will do.
+    cand = jnp.where(total > 0, cand, jax.random.randint(fallback, (trials,), 0, s))
+    cand_d2 = jnp.minimum(d2[None, :], dist_to(sample[cand]))
+    best = jnp.argmin(jnp.sum(cand_d2, axis=1))
+    return idx.at[i].set(cand[best].astype(jnp.int32)), cand_d2[best], key
+
+  idx, _, _ = jax.lax.fori_loop(1, k, body, (idx, d2, key))
+  return idx

@@ -1,0 +1,132 @@
+"""k-means latent clusters: determinism, blob recovery, blocked assignment, tiny-world agreement."""
+
+import numpy as np
+import pytest
+
+from configs import synthetic as synthetic_config
+from modit_jax import catalog as catalog_lib
+from modit_jax import clusters
+from modit_jax import errors
+from modit_jax import synthetic
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  out = tmp_path_factory.mktemp("tiny")
+  synthetic.write_world(synthetic_config.get_config("tiny"), out)
+  return catalog_lib.load_catalog(out)
+
+
+def _blobs(seed=0, num=6, per=300, dim=8):
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(size=(num, dim)) * 5
+  labels = rng.permutation(np.repeat(np.arange(num), per))
+  x = centres[labels] + 0.3 * rng.normal(size=(len(labels), dim))
+  return x.astype(np.float32), labels, centres
+
+
+def test_kmeans_is_deterministic_for_a_seed():
+  x, _, _ = _blobs()
+  c1, a1 = clusters.kmeans(x, 6, seed=3)
+  c2, a2 = clusters.kmeans(x, 6, seed=3)
+  np.testing.assert_array_equal(c1, c2)
+  np.testing.assert_array_equal(a1, a2)
+  assert c1.dtype == np.float32 and c1.shape == (6, 8)
+  assert a1.dtype == np.int32 and a1.shape == (len(x),)
+
+
+def test_kmeans_recovers_separated_blobs():
+  x, labels, centres = _blobs()
+  centroids, assign = clusters.kmeans(x, 6, seed=0)
+  score = clusters.agreement(assign, labels)
+  assert score["nmi"] == pytest.approx(1.0)
+  assert score["purity"] == 1.0
+  # Each centroid sits on its blob's centre (up to the noise of 300 points).
+  for c in range(6):
+    true = np.bincount(labels[assign == c]).argmax()
+    np.testing.assert_allclose(centroids[c], centres[true], atol=0.1)
+  # And every point is assigned to its nearest centroid.
+  nearest = np.argmin(((x[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
+  np.testing.assert_array_equal(assign, nearest)
+
+
+def test_blocked_assignment_equals_unblocked():
+  # The blobs and k of the tests above: jit caches hit, only new block shapes compile.
+  x, _, _ = _blobs()
+  centroids, assign = clusters.kmeans(x, 6, seed=0)
+  whole, dist = clusters.assign_points(x, centroids, batch_size=len(x))
+  for rows in (7, 500):  # 7 leaves a ragged last block (1800 = 257 * 7 + 1)
+    blocked, blocked_dist = clusters.assign_points(x, centroids, batch_size=rows)
+    np.testing.assert_array_equal(blocked, whole)
+    # |x|^2 ~ 200 here: expanded-form distances carry ~1e-4 of float32 cancellation.
+    np.testing.assert_allclose(blocked_dist, dist, atol=1e-3)
+  np.testing.assert_array_equal(assign, whole)
+  # The whole algorithm too: blocks change only the float rounding of the centroid sums.
+  small_centroids, small_assign = clusters.kmeans(x, 6, seed=0, batch_size=500)
+  np.testing.assert_array_equal(small_assign, assign)
+  np.testing.assert_allclose(small_centroids, centroids, atol=1e-5)
+
+
+def test_empty_cluster_moves_to_the_farthest_point():
+  x = np.array([[0, 0], [1, 0], [0, 1], [9, 9]], np.float32)
+  sums = np.array([[1, 1], [0, 0]], np.float64)
+  counts = np.array([3, 0], np.float64)
+  sqdist = np.array([0.1, 0.5, 0.5, 90.0], np.float32)
+  new = clusters._update_centroids(sums, counts, sqdist, x, np.zeros((2, 2), np.float32))
+  np.testing.assert_allclose(new, [[1 / 3, 1 / 3], [9, 9]])
+
+
+def test_kmeans_with_fewer_distinct_points_than_k():
+  # Three distinct points, each 600 times, in the blobs' shape (jit caches hit); k = 6.
+  _, _, centres = _blobs()
+  labels = np.repeat(np.arange(3), 600)
+  centroids, assign = clusters.kmeans(centres[labels].astype(np.float32), 6, seed=0)
+  assert np.isfinite(centroids).all()
+  assert clusters.agreement(assign, labels)["purity"] == 1.0
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(k=0), "1 <= k"), (dict(k=31), "1 <= k"), (dict(num_iters=0), "num_iters"),
+    (dict(batch_size=0), "batch_size"), (dict(x=np.zeros(5, np.float32)), "2-D"),
+    (dict(x=np.zeros((5, 2), np.int32)), "float"),
+    (dict(x=np.where(np.arange(60).reshape(30, 2) == 41, np.nan, 1).astype(np.float32)),
+     "row 20 has NaN")])
+def test_kmeans_refuses_bad_arguments(bad, match):
+  args = dict(x=np.zeros((30, 2), np.float32), k=3, seed=0)
+  args.update(bad)
+  with pytest.raises(errors.UserError, match=match):
+    clusters.kmeans(args.pop("x"), args.pop("k"), **args)
+
+
+def test_agreement_known_values():
+  labels = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+  perfect = clusters.agreement(np.array([5, 5, 5, 3, 3, 3, 9, 9]), labels)
+  assert perfect == pytest.approx({"nmi": 1.0, "purity": 1.0})
+  one = clusters.agreement(np.zeros(8, int), labels)
+  assert one["nmi"] == pytest.approx(0.0) and one["purity"] == pytest.approx(3 / 8)
+  # Two clusters {0,0,0,1} and {1,1,2,2}: majorities 3 + 2 of 8. NMI computed by hand.
+  mixed = clusters.agreement(np.array([0, 0, 0, 0, 1, 1, 1, 1]), labels)
+  assert mixed["purity"] == pytest.approx(5 / 8)
+  p = np.array([[3, 1, 0], [0, 2, 2]]) / 8
+  pa, pb = p.sum(1), p.sum(0)
+  mi = sum(p[i, j] * np.log(p[i, j] / (pa[i] * pb[j])) for i in range(2) for j in range(3)
+           if p[i, j] > 0)
+  h = lambda q: -np.sum(q * np.log(q))
+  assert mixed["nmi"] == pytest.approx(mi / ((h(pa) + h(pb)) / 2))
+  with pytest.raises(errors.UserError):
+    clusters.agreement(np.zeros(3), np.zeros(4))
+
+
+def test_latent_clusters_find_the_patterns_of_the_tiny_world(tiny):
+  train = tiny.train_items()
+  k = len(np.unique(tiny.patterns[train]))  # the test may read the truth; training never does
+  items, assign, centroids = clusters.latent_clusters(tiny, k, seed=0)
+  np.testing.assert_array_equal(items, train)
+  assert items.dtype == np.int64 and assign.shape == (len(train),)
+  assert centroids.shape == (k, tiny.dim)
+  score = clusters.agreement(assign, tiny.patterns[items])
+  print(f"tiny world, k = {k}: NMI {score['nmi']:.3f}, purity {score['purity']:.3f}")
+  assert score["nmi"] > 0.7
+  assert score["purity"] > 0.7
+  with pytest.raises(errors.UserError, match="number of train items"):
+    clusters.latent_clusters(tiny, len(train) + 1, seed=0)
