@@ -83,7 +83,9 @@ def search_samples(index: retrieval.Index, queries: np.ndarray, seeds: np.ndarra
   return out
 
 
-GENERATIVE_METHODS = ("pretrained_gr",)
+# Each reads the training workdir named in the evaluation config's `workdirs.<method>`.
+GENERATIVE_METHODS = ("pretrained_gr", "modit_cpt", "modit_sft", "modit_sft_only", "order_random",
+                      "order_reversed")
 
 
 def fit(name: str, workdir: str, catalog: catalog_lib.Catalog, num_samples: int = 1,

@@ -22,9 +22,88 @@ from modit_jax import diffusion
 from modit_jax import dit
 from modit_jax import engine
 from modit_jax import errors
+from modit_jax import metric_predictor
+from modit_jax import trajectories
 
-STAGES = ("pretrain",)
+STAGES = ("pretrain", "cpt", "sft")
 CONFIG_FILE = "config.json"
+DIAGNOSTICS_FILE = "data_diagnostics.npz"  # latent clusters and predictor validation
+
+
+def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
+  """The schema of every stage config; `configs/<stage>.py` start from it.
+
+  Args:
+    variant: comma-separated tokens; `tiny` gives the test-sized model and schedule.
+  """
+  tokens = {t for t in (variant or "").split(",") if t and t != "default"}
+  c = ml_collections.ConfigDict()
+  c.stage = "pretrain"
+  c.init_from = ""                  # workdir of the earlier stage to start from ("": scratch)
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.width = 256
+  c.model.depth = 4
+  c.model.num_heads = 4
+  c.model.mlp_ratio = 4
+  c.model.max_context = 16
+  # Raw sequences are walks in random order and seed sets are sets: no positions. Stage 2's
+  # order still shapes what is learnt: the target is the item after a density-ordered prefix.
+  c.model.learned_positions = False
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.target_scale = 8.0    # sqrt(d) for d = 64: unit per-coordinate variance
+  c.diffusion.cond_drop_prob = 0.1
+  c.diffusion.sample_steps = 8
+  c.diffusion.guidance_scale = 1.0
+
+  # Stages 2 and 3: latent clusters and the metric predictor (train items, observed labels).
+  c.num_clusters = 400
+  c.metric_predictor = metric_predictor.default_config()
+  c.cpt = ml_collections.ConfigDict()
+  c.cpt.trajectory_length = 12
+  c.cpt.order = "metric"            # metric | random | reversed (the order ablation)
+  c.sft = ml_collections.ConfigDict()
+  c.sft.context_size = 8            # as many as a query's seeds
+  c.sft.tail_fraction = 0.2
+  c.sft.low_fraction = 0.6          # seeds come from the low part of their pattern
+
+  # Optimiser (engine.make_optimizer): AdamW, linear warm-up then cosine decay.
+  c.learning_rate = 1e-3
+  c.warmup_steps = 100
+  c.weight_decay = 0.01
+  c.grad_clip_norm = 1.0
+  c.b1 = 0.9
+  c.b2 = 0.99
+
+  # Loop (engine.train_loop).
+  c.num_steps = 1500
+  c.batch_size = 256
+  c.ema_decay = 0.999
+  c.log_every = 50
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 2
+  c.fsdp = False
+
+  if "tiny" in tokens:
+    tokens.discard("tiny")
+    c.model.width = 32
+    c.model.depth = 2
+    c.model.num_heads = 2
+    c.diffusion.target_scale = 5.66  # sqrt(32)
+    c.diffusion.sample_steps = 4
+    c.num_clusters = 30
+    c.metric_predictor.num_steps = 300
+    c.metric_predictor.hidden = (64,)
+    c.num_steps = 300
+    c.batch_size = 64
+    c.warmup_steps = 20
+    c.ema_decay = 0.9
+    c.checkpoint_every = 100
+  if tokens:
+    raise ValueError(f"unknown config variant(s) {sorted(tokens)}")
+  return c
 
 
 def make_model(model_config: ml_collections.ConfigDict, dim: int, num_domains: int) -> dit.DiT:
@@ -82,19 +161,52 @@ def read_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, int, int]:
 
 
 def _batch_fn(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog,
-              null_domain: int) -> Callable[[int, int, int], dict[str, np.ndarray]]:
+              null_domain: int, workdir: str) -> Callable[[int, int, int], dict[str, np.ndarray]]:
+  """The stage's `batch_fn(step, process_index, process_count)`."""
   if config.stage == "pretrain":
-    prefixes = data.SequencePrefixes(catalog.sequences, np.asarray(catalog.embeddings),
-                                     config.model.max_context, null_domain, config.seed)
-    return lambda step, pi, pc: prefixes(step, config.batch_size, pi, pc)
-  raise errors.UserError(f"unknown stage {config.stage!r}; known: {', '.join(STAGES)}")
+    source = data.SequencePrefixes(catalog.sequences, np.asarray(catalog.embeddings),
+                                   config.model.max_context, null_domain, config.seed)
+    return lambda step, pi, pc: source(step, config.batch_size, pi, pc)
+  if config.stage not in STAGES:
+    raise errors.UserError(f"unknown stage {config.stage!r}; known: {', '.join(STAGES)}")
+  trajectory_source, predictor = trajectories.build_source(
+      catalog, config.num_clusters, config.seed, config.metric_predictor)
+  _write_diagnostics(workdir, trajectory_source, predictor)
+  if config.stage == "cpt":
+    if config.cpt.trajectory_length > config.model.max_context:
+      raise errors.UserError(
+          f"cpt.trajectory_length {config.cpt.trajectory_length} exceeds model.max_context "
+          f"{config.model.max_context}")
+    source = trajectories.MetricOrderedTrajectories(
+        trajectory_source, config.cpt.trajectory_length, config.cpt.order, null_domain,
+        config.seed)
+  else:
+    source = trajectories.TailCentroidTargets(
+        trajectory_source, config.sft.context_size, config.sft.tail_fraction,
+        config.sft.low_fraction, null_domain, config.seed)
+  return lambda step, pi, pc: source(step, config.batch_size, pi, pc)
+
+
+def _write_diagnostics(workdir: str, source: trajectories.TrajectorySource,
+                       predictor: metric_predictor.MetricPredictor) -> None:
+  """Saves what evaluation reports about the data path: clusters and predictor validation."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  validation = predictor.validation
+  catalog_lib.save_npz(
+      os.path.join(workdir, DIAGNOSTICS_FILE), train_items=source.train_items,
+      assign=source.assign,
+      predictor_auc=np.array([v["auc"] for v in validation], np.float64),
+      predictor_ece=np.array([v["ece"] for v in validation], np.float64),
+      predictor_n=np.array([v["n_heldout"] for v in validation], np.int64))
 
 
 def train(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> engine.TrainState:
   """Trains the stage `config.stage` on the catalog at `dataset` into `workdir` (resumable)."""
   catalog = catalog_lib.load_catalog(dataset)
   model = make_model(config.model, catalog.dim, catalog.num_domains)
-  batch_fn = _batch_fn(config, catalog, model.num_domains)
+  batch_fn = _batch_fn(config, catalog, model.num_domains, workdir)
   if config.init_from:
     logging.info("Initialising from %s", config.init_from)
     init_params = engine.restore_params(config.init_from, use_ema=True)

@@ -107,3 +107,25 @@ def test_generative_method_without_workdir_is_a_clear_error(tiny):
   config.methods = "pretrained_gr"
   with pytest.raises(errors.UserError, match="workdirs.pretrained_gr"):
     evaluation.evaluate(cat, config)
+
+
+def test_cpt_then_sft_train_from_the_earlier_stage_and_evaluate(tiny, pretrained, tmp_path):
+  from configs import cpt as cpt_config  # pylint: disable=g-import-not-at-top
+  from configs import sft as sft_config  # pylint: disable=g-import-not-at-top
+  cpt = cpt_config.get_config("tiny,reversed")
+  assert cpt.cpt.order == "reversed"
+  cpt.init_from, cpt.num_steps = pretrained, 20
+  training.train(cpt, str(tiny), str(tmp_path / "cpt"))
+  sft = sft_config.get_config("tiny")
+  sft.init_from, sft.num_steps = str(tmp_path / "cpt"), 20
+  training.train(sft, str(tiny), str(tmp_path / "sft"))
+  diagnostics = np.load(tmp_path / "sft" / training.DIAGNOSTICS_FILE)
+  assert diagnostics["predictor_auc"].shape == (4,)
+  cat = catalog_lib.load_catalog(tiny)
+  assert np.all(cat.item_split[diagnostics["train_items"]] == 0)
+  config = evaluate_config.get_config("tiny")
+  config.methods = "modit_sft"
+  config.splits = "pattern_holdout"
+  config.workdirs.modit_sft = str(tmp_path / "sft")
+  ids = evaluation.evaluate(cat, config).retrieved["modit_sft"]["pattern_holdout"]
+  assert ids.shape == (len(cat.queries["pattern_holdout"]), 50)
