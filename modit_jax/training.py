@@ -43,7 +43,8 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
-  c.model.width = 256
+  # Sized so that every stage trains in minutes on 2 CPU cores (bench/train_step.py).
+  c.model.width = 128
   c.model.depth = 4
   c.model.num_heads = 4
   c.model.mlp_ratio = 4
@@ -78,7 +79,7 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.b2 = 0.99
 
   # Loop (engine.train_loop).
-  c.num_steps = 1500
+  c.num_steps = 1000
   c.batch_size = 256
   c.ema_decay = 0.999
   c.log_every = 50
