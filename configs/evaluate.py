@@ -24,6 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rerank_pool_grid = (50, 100)
     c.metric_predictor.num_steps = 500
     c.metric_predictor.hidden = (64,)
+    c.guidance_grid = (1.0, 4.0)
     c.num_resamples = 1000
   else:
     raise ValueError(f"unknown evaluate config variant {arg!r}; use tiny or default")

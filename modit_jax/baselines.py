@@ -79,7 +79,7 @@ def _embedding_method(name: str, embed: Callable[[catalog_lib.Queries], np.ndarr
   return Fitted(name, lambda q, index, k: _search(index, embed(q), q.seeds, k))
 
 
-def _tune_per_domain(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
+def tune_per_domain(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
                      grid: Sequence[float],
                      retrieve_train: Callable[[catalog_lib.Queries, float], np.ndarray],
                      what: str) -> np.ndarray:
@@ -109,7 +109,7 @@ def _shift_method(name: str, catalog: catalog_lib.Catalog, oracle: oracle_lib.On
   def embed(q: catalog_lib.Queries, alpha: np.ndarray) -> np.ndarray:
     return normalize(seed_centroids(emb, q.seeds) + alpha[:, None] * direction(q))
 
-  best = _tune_per_domain(
+  best = tune_per_domain(
       catalog, oracle, grid,
       lambda q, a: oracle.search(embed(q, np.full(len(q), a)), q.seeds, oracle.k),
       f"{name} shift")
@@ -133,7 +133,7 @@ def _rerank(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
     return np.take_along_axis(pool, order, axis=1)[:, :k]
 
   grid = [int(n) for n in config.rerank_pool_grid]
-  best = _tune_per_domain(
+  best = tune_per_domain(
       catalog, oracle, grid,
       lambda q, n: reorder(oracle.search(seed_centroids(emb, q.seeds), q.seeds, n), q.domain,
                            oracle.k),

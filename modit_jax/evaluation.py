@@ -53,6 +53,8 @@ def default_config() -> ml_collections.ConfigDict:
   # Training workdirs of the generative methods (empty: not trained; the method is refused).
   c.workdirs = ml_collections.ConfigDict({name: "" for name in generative.GENERATIVE_METHODS})
   c.num_samples = 1               # query embeddings sampled per query, searched and merged
+  # Classifier-free guidance scales tried per domain on train queries (empty: training value).
+  c.guidance_grid = (1.0, 4.0, 8.0, 16.0)
   c.num_resamples = 10_000
   c.seed = 0
   return c
@@ -99,12 +101,11 @@ def retrieve_all(catalog: catalog_lib.Catalog, methods: Sequence[str], splits: S
   retrieved, knobs = {}, {}
   for name in methods:
     start = time.perf_counter()
+    if oracle is None and name not in ("seed_centroid", "global_attribute"):
+      oracle = oracle_lib.OnlineOracle(catalog, config.oracle_k, config.oracle_index_kind)
     if name in generative.GENERATIVE_METHODS:
-      fitted = generative.fit(name, config.workdirs[name], catalog, config.num_samples,
-                              config.seed)
+      fitted = generative.fit(name, config.workdirs[name], catalog, oracle, config)
     else:
-      if oracle is None and name not in ("seed_centroid", "global_attribute"):
-        oracle = oracle_lib.OnlineOracle(catalog, config.oracle_k, config.oracle_index_kind)
       fitted = baselines.fit(name, catalog, oracle, config)
     retrieved[name] = {s: fitted.retrieve(catalog.queries[s], index, k).astype(np.int32)
                        for s in splits}

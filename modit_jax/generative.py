@@ -9,7 +9,7 @@ files does not recompile.
 import functools
 
 import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from modit_jax import baselines
@@ -17,6 +17,7 @@ from modit_jax import catalog as catalog_lib
 from modit_jax import diffusion
 from modit_jax import engine
 from modit_jax import errors
+from modit_jax import oracle as oracle_lib
 from modit_jax import retrieval
 from modit_jax import training
 
@@ -26,44 +27,46 @@ _BUCKET = 256
 class Generator:
   """Samples query embeddings with the model of a training workdir."""
 
-  def __init__(self, workdir: str, num_steps: int | None = None,
-               guidance_scale: float | None = None):
+  def __init__(self, workdir: str, num_steps: int | None = None):
     self.config, self.dim, self.num_domains = training.read_run_config(workdir)
     self.model = training.make_model(self.config.model, self.dim, self.num_domains)
     self.params = jax.device_put(engine.restore_params(workdir, use_ema=True))
     self.num_steps = int(num_steps or self.config.diffusion.sample_steps)
-    self.guidance_scale = float(self.config.diffusion.guidance_scale
-                                if guidance_scale is None else guidance_scale)
+    self.guidance_scale = float(self.config.diffusion.guidance_scale)
     self._sample = jax.jit(functools.partial(
         _sample, apply=training.apply_fn(self.model), dim=self.dim, num_steps=self.num_steps,
-        guidance_scale=self.guidance_scale, null_domain=self.num_domains))
+        null_domain=self.num_domains))
 
   def sample(self, context: np.ndarray, context_mask: np.ndarray, domain: np.ndarray,
-             seed: int = 0, num_samples: int = 1) -> np.ndarray:
+             seed: int = 0, num_samples: int = 1,
+             guidance_scale: float | np.ndarray | None = None) -> np.ndarray:
     """Unit query embeddings float32 [Q, num_samples, d] for contexts [Q, L, d].
 
     `domain` int [Q] holds domain ids, or `num_domains` (the null domain) for none.
+    `guidance_scale` is a scalar or per-query [Q] (None: the training config's value); it is
+    traced, so changing it does not recompile.
     """
+    scale = self.guidance_scale if guidance_scale is None else guidance_scale
     num = context.shape[0]
     padded = -(-max(num, 1) // _BUCKET) * _BUCKET
     pad = lambda x: np.concatenate([x, np.zeros((padded - num,) + x.shape[1:], x.dtype)])
     ctx, mask = pad(np.asarray(context, np.float32)), pad(np.asarray(context_mask, bool))
     dom = pad(np.asarray(domain, np.int32))
+    scale = pad(np.broadcast_to(np.asarray(scale, np.float32), (num,)))
     out = []
     for s in range(num_samples):
       rng = jax.random.fold_in(jax.random.PRNGKey(seed), s)
-      out.append(np.asarray(self._sample(self.params, ctx, mask, dom, rng))[:num])
+      out.append(np.asarray(self._sample(self.params, ctx, mask, dom, scale, rng))[:num])
     return np.stack(out, axis=1)
 
 
-def _sample(params, context, context_mask, domain, rng, *, apply, dim, num_steps,
-            guidance_scale, null_domain):
-  cond = diffusion.Condition(context, context_mask, domain)
+def _sample(params, context, context_mask, domain, guidance_scale, rng, *, apply, dim,
+            num_steps, null_domain):
   # Rows are independent: one key per row keeps a row's sample the same whatever its batch.
   keys = jax.random.split(rng, context.shape[0])
-  return jax.vmap(lambda k, c, m, d: diffusion.ddim_sample(
+  return jax.vmap(lambda k, c, m, d, g: diffusion.ddim_sample(
       apply, params, diffusion.Condition(c[None], m[None], d[None]), k, dim, num_steps,
-      guidance_scale, null_domain)[0])(keys, cond.context, cond.context_mask, cond.domain)
+      g, null_domain)[0])(keys, context, context_mask, domain, guidance_scale)
 
 
 def search_samples(index: retrieval.Index, queries: np.ndarray, seeds: np.ndarray,
@@ -88,9 +91,15 @@ GENERATIVE_METHODS = ("pretrained_gr", "modit_cpt", "modit_sft", "modit_sft_only
                       "order_reversed")
 
 
-def fit(name: str, workdir: str, catalog: catalog_lib.Catalog, num_samples: int = 1,
-        seed: int = 0) -> baselines.Fitted:
-  """The generative method `name` as a `baselines.Fitted`, reading the model in `workdir`."""
+def fit(name: str, workdir: str, catalog: catalog_lib.Catalog,
+        oracle: oracle_lib.OnlineOracle | None, config: ml_collections.ConfigDict
+        ) -> baselines.Fitted:
+  """The generative method `name` as a `baselines.Fitted`, reading the model in `workdir`.
+
+  A domain-conditioned model's guidance scale is a knob like the baselines' ones: chosen per
+  domain over `config.guidance_grid` on train queries with the online oracle (an empty grid
+  keeps the training config's scale).
+  """
   if not workdir:
     raise errors.UserError(
         f"method {name} needs its training workdir: set --config.workdirs.{name}=DIR")
@@ -99,15 +108,29 @@ def fit(name: str, workdir: str, catalog: catalog_lib.Catalog, num_samples: int 
     raise errors.UserError(
         f"{workdir} was trained on d={generator.dim} with {generator.num_domains} domains; "
         f"the catalog has d={catalog.dim} and {catalog.num_domains}")
-  # Stage 1 never sees a domain token: it is asked with the null domain.
+  # Stage 1 never sees a domain token: it is asked with the null domain (guidance is moot).
   conditioned = generator.config.stage != "pretrain"
   emb = catalog.embeddings
 
-  def retrieve(queries: catalog_lib.Queries, index: retrieval.Index, k: int) -> np.ndarray:
+  def samples(queries: catalog_lib.Queries, scale: np.ndarray | float,
+              num_samples: int) -> np.ndarray:
     context = np.asarray(emb[queries.seeds], np.float32)
     domain = queries.domain if conditioned else np.full(len(queries), generator.num_domains)
-    samples = generator.sample(context, np.ones(queries.seeds.shape, bool), domain, seed,
-                               num_samples)
-    return search_samples(index, samples, queries.seeds, k)
+    return generator.sample(context, np.ones(queries.seeds.shape, bool), domain, config.seed,
+                            num_samples, scale)
 
-  return baselines.Fitted(name, retrieve)
+  scales = np.full(catalog.num_domains, generator.guidance_scale)
+  knob = None
+  if conditioned and len(config.guidance_grid):
+    grid = [float(g) for g in config.guidance_grid]
+    scales = baselines.tune_per_domain(
+        catalog, oracle, grid,
+        lambda q, g: oracle.search(samples(q, g, 1)[:, 0], q.seeds, oracle.k),
+        f"{name} guidance scale")
+    knob = dict(zip(catalog.domains, scales.tolist()))
+
+  def retrieve(queries: catalog_lib.Queries, index: retrieval.Index, k: int) -> np.ndarray:
+    return search_samples(index, samples(queries, scales[queries.domain], config.num_samples),
+                          queries.seeds, k)
+
+  return baselines.Fitted(name, retrieve, knob=knob)
