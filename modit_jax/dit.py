@@ -44,10 +44,15 @@ def _modulate(x: jnp.ndarray, shift: jnp.ndarray, scale: jnp.ndarray) -> jnp.nda
 
 
 class _Attention(nn.Module):
-  """Multi-head self-attention with a key-padding mask."""
+  """Multi-head self-attention with a key-padding mask.
+
+  With `query_only`, only token 0 (the noisy query) attends and is returned: the last block's
+  other outputs are never read, and XLA does not remove that dead work by itself.
+  """
   width: int
   num_heads: int
   dtype: Any
+  query_only: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, key_mask: jnp.ndarray) -> jnp.ndarray:
@@ -55,13 +60,17 @@ class _Attention(nn.Module):
     head_dim = self.width // self.num_heads
     qkv = nn.Dense(3 * self.width, dtype=self.dtype, kernel_init=_dense_init, name="qkv")(x)
     qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # A split (not three index ops): its gradient is one concatenate instead of three
+    # full-size zero pads and their sum (bench/train_step.py, docs/benchmarks.md).
+    q, k, v = (a[:, :, 0] for a in jnp.split(qkv, 3, axis=2))
+    if self.query_only:
+      q = q[:, :1]
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
     # Padded keys are never attended to, so they cannot reach any real token (in particular the
     # query token the output is read from). The softmax stays in float32 for low-precision dtypes.
     logits = jnp.where(key_mask[:, None, None, :], logits, _MASK_VALUE)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, self.width)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, q.shape[1], self.width)
     return nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init, name="proj")(out)
 
 
@@ -71,6 +80,7 @@ class _Block(nn.Module):
   num_heads: int
   mlp_ratio: int
   dtype: Any
+  query_only: bool = False  # the last block: only the query token's output is needed
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, c: jnp.ndarray, key_mask: jnp.ndarray) -> jnp.ndarray:
@@ -79,8 +89,10 @@ class _Block(nn.Module):
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
     h = nn.LayerNorm(use_scale=False, use_bias=False, epsilon=1e-6, dtype=self.dtype,
                      name="norm1")(x)
-    h = _Attention(self.width, self.num_heads, self.dtype, name="attn")(
+    h = _Attention(self.width, self.num_heads, self.dtype, self.query_only, name="attn")(
         _modulate(h, shift_a, scale_a), key_mask)
+    if self.query_only:
+      x = x[:, :1]
     x = x + gate_a[:, None, :] * h
     h = nn.LayerNorm(use_scale=False, use_bias=False, epsilon=1e-6, dtype=self.dtype,
                      name="norm2")(x)
@@ -164,7 +176,8 @@ class DiT(nn.Module):
                  name="time_mlp2")(nn.silu(c))
 
     for i in range(self.depth):
-      x = _Block(self.width, self.num_heads, self.mlp_ratio, self.dtype, name=f"block{i}")(
+      x = _Block(self.width, self.num_heads, self.mlp_ratio, self.dtype,
+                 query_only=i == self.depth - 1, name=f"block{i}")(
           x, c, key_mask)
 
     # Final layer only at the query token: that is where the prediction is read.
@@ -220,6 +233,9 @@ def flops_per_example(model: DiT, context_len: int) -> float:
                + 2 * 2 * n * n * w     # logits and weights @ values
                + 2 * n * w * w         # attention output projection
                + 2 * 2 * n * w * hidden)  # MLP
-  flops += model.depth * per_block
+  # The last block runs attention and MLP for the query token only (k, v still for all).
+  last_block = (2 * w * 6 * w + 2 * n * w * 3 * w + 2 * 2 * n * w + 2 * w * w
+                + 2 * 2 * w * hidden)
+  flops += (model.depth - 1) * per_block + last_block
   flops += 2 * w * 2 * w + 2 * w * d   # final adaLN and output, at the query token only
   return float(flops)
