@@ -22,6 +22,7 @@ import numpy as np
 
 from modit_jax import baselines
 from modit_jax import catalog as catalog_lib
+from modit_jax import clusters
 from modit_jax import errors
 from modit_jax import generative
 from modit_jax import metric_predictor
@@ -29,6 +30,7 @@ from modit_jax import metrics
 from modit_jax import oracle as oracle_lib
 from modit_jax import retrieval
 from modit_jax import stats
+from modit_jax import training
 
 EVAL_SPLITS = ("item_holdout", "pattern_holdout")
 STRONGEST_BASELINE = "strongest_baseline"
@@ -189,6 +191,31 @@ def _metric_order(key: str) -> tuple[int, int]:
   return (("joint", "purity", "attr", "bound").index(name), int(k))
 
 
+def data_diagnostics(catalog: catalog_lib.Catalog, methods: Sequence[str],
+                     config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Per trained workdir of stages 2-3: metric-predictor validation and cluster agreement.
+
+  The agreement of the latent clusters with the hidden true patterns (NMI, purity) is an
+  evaluation-only diagnostic: training saved its cluster assignment, evaluation reads the truth.
+  """
+  out = {}
+  for name in methods:
+    workdir = config.workdirs.get(name, "") if name in generative.GENERATIVE_METHODS else ""
+    path = os.path.join(workdir, training.DIAGNOSTICS_FILE) if workdir else ""
+    if not path or not os.path.isfile(path):
+      continue
+    saved = np.load(path)
+    agreement = clusters.agreement(saved["assign"],
+                                   np.asarray(catalog.patterns)[saved["train_items"]])
+    out[name] = {
+        "cluster_nmi": agreement["nmi"], "cluster_purity": agreement["purity"],
+        "num_clusters": int(saved["assign"].max()) + 1,
+        "predictor": {d: {"auc": float(a), "ece": float(e), "n_heldout": int(n)}
+                      for d, a, e, n in zip(catalog.domains, saved["predictor_auc"],
+                                            saved["predictor_ece"], saved["predictor_n"])}}
+  return out
+
+
 def evaluate(catalog: catalog_lib.Catalog, config: ml_collections.ConfigDict) -> Evaluation:
   """Runs the configured methods on the configured splits and summarises them."""
   methods = split_names(config.methods, "methods")
@@ -201,7 +228,8 @@ def evaluate(catalog: catalog_lib.Catalog, config: ml_collections.ConfigDict) ->
   records, strongest = summarize(catalog, scores, references, config.ks, config.num_resamples,
                                  config.seed)
   meta.update({"methods": methods, "splits": splits, "references": references,
-               "ks": list(config.ks)})
+               "ks": list(config.ks), "data_diagnostics": data_diagnostics(catalog, methods,
+                                                                           config)})
   return Evaluation(records, retrieved, scores, knobs, strongest, meta)
 
 
@@ -285,6 +313,21 @@ def report_markdown(evaluation: Evaluation, dataset: str) -> str:
                  f"{r[HEADLINE]:.3f} [{low:.3f}, {high:.3f}] | "
                  f"{r.get('joint@50', float('nan')):.3f} | {r['purity@20']:.3f} | "
                  f"{r['attr@20']:.3f} | {r['bound@20']:.3f} | " + " | ".join(vs) + " |")
+    out.append("")
+  diagnostics = evaluation.meta.get("data_diagnostics") or {}
+  if diagnostics:
+    domains = list(next(iter(diagnostics.values()))["predictor"])
+    out += ["## Data path of stages 2-3: metric-predictor validation and latent clusters", "",
+            "Predictor: held-out AUC / ECE per domain (observed labels, split by item). "
+            "Clusters: agreement with the hidden true patterns over train items "
+            "(evaluation-only).", "",
+            "| workdir of | " + " | ".join(f"AUC / ECE {d}" for d in domains)
+            + " | clusters | NMI | purity |", "|---" * (len(domains) + 4) + "|"]
+    for name, dg in diagnostics.items():
+      cells = [f"{dg['predictor'][d]['auc']:.3f} / {dg['predictor'][d]['ece']:.3f}"
+               for d in domains]
+      out.append(f"| {name} | " + " | ".join(cells) + f" | {dg['num_clusters']} | "
+                 f"{dg['cluster_nmi']:.3f} | {dg['cluster_purity']:.3f} |")
     out.append("")
   knobs = {k: v for k, v in evaluation.knobs.items() if v}
   if knobs:

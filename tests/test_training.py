@@ -127,5 +127,10 @@ def test_cpt_then_sft_train_from_the_earlier_stage_and_evaluate(tiny, pretrained
   config.methods = "modit_sft"
   config.splits = "pattern_holdout"
   config.workdirs.modit_sft = str(tmp_path / "sft")
-  ids = evaluation.evaluate(cat, config).retrieved["modit_sft"]["pattern_holdout"]
+  result = evaluation.evaluate(cat, config)
+  ids = result.retrieved["modit_sft"]["pattern_holdout"]
   assert ids.shape == (len(cat.queries["pattern_holdout"]), 50)
+  # The evaluation-only diagnostic: the latent clusters against the hidden patterns.
+  diag = result.meta["data_diagnostics"]["modit_sft"]
+  assert 0.5 < diag["cluster_nmi"] <= 1.0
+  assert set(diag["predictor"]) == set(cat.domains)

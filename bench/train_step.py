@@ -1,0 +1,447 @@
+"""Stage-1 train-step throughput against this machine's float32 matmul peak.
+
+Run from the repository root:
+
+  python bench/train_step.py                       # the default stage-1 model, batch 256
+  python bench/train_step.py --batch=1024 --rounds=10
+  python bench/train_step.py --xla_flags=--xla_cpu_multi_thread_eigen=false
+
+One run measures, on the default JAX device:
+
+1. the float32 matmul peak: a jitted `jnp.dot` of square matrices of a few sizes; the best
+   FLOP/s any size reaches;
+2. the train step exactly as `modit_jax.train` builds it (`training.make_model`,
+   `training.denoising_loss_fn`, `engine.make_optimizer`, `engine.create_train_state`,
+   `engine.jit_train_step` over `engine.make_mesh()`, donated state), on a random batch of unit
+   embeddings with every context slot real;
+3. a breakdown: the loss alone (forward), value-and-grad (forward + backward), the optimiser +
+   EMA tail alone, the full step with the batch already on the device and with the batch sent
+   from the host every step (as `engine.train_loop` does), and every matmul of the step (the
+   `dot_general`s of its jaxpr) timed alone;
+4. the FLOPs of each compiled function from XLA's cost analysis next to the analytic count
+   (`dit.flops_per_example`, x3 for a train step).
+
+The machine may be shared, and other jobs only ever add time. So every measurement is one call
+at a time, waited for, and the measurements take turns (round-robin, `--rounds` rounds) so that
+each one sees the same quiet and busy spells; the fastest call of each is reported (the median
+is shown too). The last line is `fraction_of_peak=<x>`: the full step's analytic FLOP/s
+(3 * forward FLOPs * batch / fastest step, device batch) over the matmul peak.
+"""
+
+import argparse
+import collections
+import functools
+import math
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+from jax import lax
+from jax.extend import core
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from modit_jax import dit
+from modit_jax import engine
+from modit_jax import training
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+_D = 64            # item-embedding dimension of the default synthetic world
+_NUM_DOMAINS = 4
+_DOTS_SHOWN = 12
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", default="configs/pretrain.py",
+                      help="config file whose get_config() gives the optimiser, EMA and "
+                      "diffusion settings; the flags below override its model and batch")
+  parser.add_argument("--width", type=int, default=None, help="default: the config's")
+  parser.add_argument("--depth", type=int, default=None, help="default: the config's")
+  parser.add_argument("--heads", type=int, default=None, help="default: the config's")
+  parser.add_argument("--batch", type=int, default=None, help="default: the config's")
+  parser.add_argument("--context", type=int, default=None,
+                      help="context length L (default: the config's max_context)")
+  parser.add_argument("--steps", type=int, default=30,
+                      help="timed train steps (device batch); also the default --rounds")
+  parser.add_argument("--rounds", type=int, default=None,
+                      help="timed calls of every other measurement (default: --steps)")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+  parser.add_argument("--matmul_sizes", default="1024,2048,4096",
+                      help="comma-separated square sizes for the matmul peak")
+  parser.add_argument("--no_breakdown", action="store_true",
+                      help="time only the matmul peak and the full step")
+  parser.add_argument("--variants", default="",
+                      help="';'-separated extra full steps timed in the same round-robin, each "
+                      "a space-separated list of key=value: batch=N and/or XLA compiler "
+                      "options, e.g. 'batch=512;xla_cpu_multi_thread_eigen=false'")
+  parser.add_argument("--xla_flags", default="",
+                      help="appended to XLA_FLAGS before the backend starts (e.g. "
+                      "--xla_cpu_multi_thread_eigen=false)")
+  parser.add_argument("--matmul_precision", default="",
+                      help="jax_default_matmul_precision (e.g. highest); empty: JAX's default")
+  parser.add_argument("--profile_dir", default="",
+                      help="also write a jax.profiler trace of 3 full steps here")
+  return parser.parse_args(argv)
+
+
+def _load_config(path: str, args: argparse.Namespace) -> Any:
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for flag, field in (("width", "width"), ("depth", "depth"), ("heads", "num_heads"),
+                      ("context", "max_context")):
+    if getattr(args, flag) is not None:
+      setattr(config.model, field, getattr(args, flag))
+  if args.batch is not None:
+    config.batch_size = args.batch
+  return config
+
+
+def _parse_variant(spec: str) -> tuple[int | None, dict[str, Any]]:
+  """(batch or None, XLA compiler options) of a `--variants` entry."""
+  batch, options = None, {}
+  for item in spec.split():
+    key, _, value = item.partition("=")
+    if key == "batch":
+      batch = int(value)
+    elif value.lower() in ("true", "false"):
+      options[key] = value.lower() == "true"
+    else:
+      options[key] = int(value) if value.lstrip("-").isdigit() else value
+  return batch, options
+
+
+def _random_batch(batch: int, context: int, seed: int) -> dict[str, np.ndarray]:
+  """A stage-1 shaped batch: unit context and target embeddings, all context slots real."""
+  rng = np.random.default_rng(seed)
+
+  def unit(*shape):
+    x = rng.standard_normal(shape, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+  return {"context": unit(batch, context, _D),
+          "context_mask": np.ones((batch, context), bool),
+          "domain": rng.integers(0, _NUM_DOMAINS, batch).astype(np.int32),
+          "target": unit(batch, _D)}
+
+
+def _cost_flops(compiled: Any) -> float:
+  """'flops' of a compiled function's XLA cost analysis (NaN when XLA gives none)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", float("nan")))
+
+
+def _once(fn: Callable[[], Any]) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - start
+
+
+def round_robin(fns: dict[str, Callable[[], Any]], calls: dict[str, int],
+                rounds: int) -> dict[str, tuple[float, float]]:
+  """{name: (fastest, median) seconds per call}, the functions taking turns.
+
+  Each round makes `calls[name]` waited-for calls of every function (after one untimed call
+  each, which compiles and warms up); the per-call time of a round is their mean. The order
+  rotates from round to round, so that no function always runs after the same one.
+  """
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  names = list(fns)
+  times = collections.defaultdict(list)
+  for r in range(rounds):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      n = calls.get(name, 1)
+      times[name].append(sum(_once(fns[name]) for _ in range(n)) / n)
+  return {name: (min(t), float(np.median(t))) for name, t in times.items()}
+
+
+def step_dots(fn: Callable[..., Any], *args: Any) -> list[Any]:
+  """The `dot_general` equations of `fn(*args)`'s jaxpr, sub-jaxprs included."""
+
+  def walk(jaxpr, out):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        out.append(eqn)
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (list, tuple)) else [param]:
+          if isinstance(sub, core.ClosedJaxpr):
+            walk(sub.jaxpr, out)
+          elif isinstance(sub, core.Jaxpr):
+            walk(sub, out)
+    return out
+
+  return walk(jax.make_jaxpr(fn)(*args).jaxpr, [])
+
+
+def dot_group_fns(eqns: list[Any]) -> list[tuple[int, tuple, Any, float, Callable[[], Any]]]:
+  """One timed function per distinct matmul of `eqns`: (count, shapes, dims, FLOPs, fn)."""
+  groups = collections.Counter(
+      (tuple(tuple(v.aval.shape) for v in eqn.invars), eqn.params["dimension_numbers"])
+      for eqn in eqns)
+  out = []
+  for (shapes, dims), count in groups.items():
+    lhs = jax.random.normal(jax.random.PRNGKey(0), shapes[0], jnp.float32)
+    rhs = jax.random.normal(jax.random.PRNGKey(1), shapes[1], jnp.float32)
+    dot = jax.jit(functools.partial(lax.dot_general, dimension_numbers=dims))
+    out_size = jax.eval_shape(dot, lhs, rhs).size
+    flops = 2.0 * out_size * math.prod(shapes[0][d] for d in dims[0][0])
+    out.append((count, shapes, dims, flops, functools.partial(dot, lhs, rhs)))
+  return out
+
+
+def profile_summary(trace_dir: str, hlo_text: str, num_steps: int, top: int = 15) -> None:
+  """Prints the XLA ops of a `jax.profiler` trace of the step, grouped, busiest first.
+
+  Times are summed over the executor's threads (CPU time, not wall time). Matmuls that XLA
+  hands to Eigen run asynchronously: their events cover only the launch, so they look cheap
+  here; YNNPACK matmuls (`ynn_fusion`) and XLA's own loop fusions are timed in full.
+  """
+  import glob  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
+                 key=os.path.getmtime)
+  if not paths:
+    print(f"no trace found under {trace_dir}")
+    return
+  # Which computations hold a dot, what each op calls, and the JAX op each one came from.
+  dot_comps, calls, source, is_dot = set(), {}, {}, set()
+  computation = None
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace() and line.rstrip().endswith("{"):
+      computation = line.split()[0].lstrip("%")
+      continue
+    match = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
+    if not match:
+      continue
+    op = match.group(1)
+    if " dot(" in line:
+      dot_comps.add(computation)
+      is_dot.add(op)
+    called = re.search(r"calls=%([\w.\-]+)", line)
+    if called:
+      calls[op] = called.group(1)
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    if op_name:
+      source[op] = op_name.group(1)
+  per_op = collections.Counter()
+  for plane in jax.profiler.ProfileData.from_file(paths[-1]).planes:
+    for line in plane.lines:
+      for event in line.events:
+        stats = dict(s for s in event.stats if s[0])
+        if stats.get("hlo_module") == "jit_train_step" and "hlo_op" in stats:
+          per_op[stats["hlo_op"]] += event.duration_ns / 1e6 / num_steps
+
+  def kind(op):
+    if op in is_dot:
+      return "matmul, Eigen (launch only)"
+    if calls.get(op) in dot_comps:
+      return "matmul, YNNPACK"
+    return re.sub(r"\.\d+$", "", op)
+
+  def where(op):
+    # Drop the jit prefix and block numbers, so the same layer of every block adds up.
+    text = re.sub(r"^jit\([^)]*\)/", "", source.get(op, "?"))
+    return re.sub(r"block\d+", "block*", text)
+
+  total = sum(per_op.values())
+  by_kind, by_source = collections.Counter(), collections.Counter()
+  for op, ms in per_op.items():
+    by_kind[kind(op)] += ms
+    if not kind(op).startswith("matmul"):
+      by_source[where(op)] += ms
+  print(f"profile: {total:.1f} ms of XLA-op thread time per step; by kind:")
+  for name, ms in by_kind.most_common(top):
+    print(f"  {ms:8.1f} ms {100 * ms / total:5.1f}%  {name}")
+  print("non-matmul ops by source (all blocks together):")
+  for name, ms in by_source.most_common(top):
+    print(f"  {ms:8.1f} ms {100 * ms / total:5.1f}%  {name}")
+
+
+def main(argv: list[str]) -> None:
+  args = _parse_args(argv)
+  rounds = args.rounds or args.steps
+  # XLA reads XLA_FLAGS once, when the backend starts (the first device use, not the import).
+  if args.xla_flags:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+  if args.matmul_precision:
+    jax.config.update("jax_default_matmul_precision", args.matmul_precision)
+
+  config = _load_config(args.config, args)
+  batch_size, context_len = int(config.batch_size), int(config.model.max_context)
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs; "
+        f"jax {jax.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+        f"matmul precision {jax.config.jax_default_matmul_precision or 'default'}")
+
+  # The step exactly as modit_jax.train / engine.train_loop build it.
+  model = training.make_model(config.model, _D, _NUM_DOMAINS)
+  loss_fn = training.denoising_loss_fn(model, config)
+  tx = engine.make_optimizer(config)
+  mesh = engine.make_mesh()
+  params = jax.device_get(dit.init_params(model, jax.random.PRNGKey(config.seed)))
+  host_state = jax.device_get(jax.jit(functools.partial(engine.create_train_state, tx=tx))(params))
+  shardings = engine.param_sharding(host_state, mesh, fsdp=bool(config.fsdp))
+  step_fn = engine.jit_train_step(loss_fn, tx, config.ema_decay, mesh, shardings)
+  rng = engine.device_put_global(jax.random.PRNGKey(config.seed), engine.replicated(mesh))
+  batch_np = _random_batch(batch_size, context_len, config.seed)
+  batch = engine.shard_batch(batch_np, mesh)
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  fwd_flops = dit.flops_per_example(model, context_len)
+  step_flops = 3 * fwd_flops * batch_size
+  print(f"model: width {model.width}, depth {model.depth}, heads {model.num_heads}, "
+        f"context {context_len} ({context_len + 2} tokens), {num_params / 1e6:.2f}M params; "
+        f"batch {batch_size}; forward {fwd_flops / 1e6:.1f} MFLOP/example (analytic)")
+
+  compiled_step = step_fn.lower(host_state, batch, rng).compile()
+  state = engine.device_put_global(host_state, shardings)
+  before = jax.tree.leaves(state)[1]
+  for _ in range(max(args.warmup, 1)):
+    state, metrics = compiled_step(state, batch, rng)
+  print(f"state donated: {before.is_deleted()}")
+
+  def step(host_batch: bool):
+    nonlocal state, metrics
+    # engine.train_loop turns the numpy batch into a global array every step.
+    state, metrics = compiled_step(
+        state, engine.shard_batch(batch_np, mesh) if host_batch else batch, rng)
+    return state, metrics
+
+  # Extra steps, compiled here and timed in the same round-robin so that they see the same load.
+  variant_batch = {}
+  variant_fns = {}
+  for spec in filter(None, (x.strip() for x in args.variants.split(";"))):
+    v_batch_size, options = _parse_variant(spec)
+    v_batch_size = v_batch_size or batch_size
+    v_batch = engine.shard_batch(_random_batch(v_batch_size, context_len, config.seed), mesh)
+    v_step = step_fn.lower(host_state, v_batch, rng).compile(compiler_options=options or None)
+    v_state = [engine.device_put_global(host_state, shardings)]
+
+    def v_call(v_step=v_step, v_state=v_state, v_batch=v_batch):
+      v_state[0], v_metrics = v_step(v_state[0], v_batch, rng)
+      return v_metrics
+
+    variant_batch[f"step [{spec}]"] = v_batch_size
+    variant_fns[f"step [{spec}]"] = (v_call, 3 * fwd_flops * v_batch_size, _cost_flops(v_step))
+
+  # name -> (function, analytic FLOPs, XLA FLOPs); timed round-robin below.
+  peak_dot = jax.jit(jnp.dot)
+  measured = {}
+  for n in (int(s) for s in args.matmul_sizes.split(",")):
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    measured[f"matmul {n}x{n}"] = (functools.partial(peak_dot, a, b), 2.0 * n ** 3, float("nan"))
+  measured["full step (device batch)"] = (functools.partial(step, False), step_flops,
+                                          _cost_flops(compiled_step))
+  measured.update(variant_fns)
+  dots = []
+  if not args.no_breakdown:
+    step_rng = jax.random.fold_in(rng, 0)
+    fwd = jax.jit(loss_fn).lower(params, batch, step_rng).compile()
+    grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True)).lower(
+        params, batch, step_rng).compile()
+    _, grads = grad(params, batch, step_rng)
+
+    # The step's tail alone: clip + AdamW + EMA + grad norm, elementwise over the params.
+    def tail(state, grads):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      new_params = optax.apply_updates(state.params, updates)
+      ema = jax.tree.map(lambda e, p: config.ema_decay * e + (1.0 - config.ema_decay) * p,
+                         state.ema_params, new_params)
+      new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state,
+                                ema_params=ema)
+      return new_state, optax.tree.norm(grads)
+
+    tail_jit = jax.jit(tail, donate_argnums=(0,)).lower(host_state, grads).compile()
+    tail_state = engine.device_put_global(host_state, shardings)
+
+    def tail_call():
+      nonlocal tail_state
+      tail_state, norm = tail_jit(tail_state, grads)
+      return norm
+
+    measured["forward (loss)"] = (functools.partial(fwd, params, batch, step_rng),
+                                  fwd_flops * batch_size, _cost_flops(fwd))
+    measured["forward+backward (grad)"] = (functools.partial(grad, params, batch, step_rng),
+                                           step_flops, _cost_flops(grad))
+    measured["optimiser+EMA tail"] = (tail_call, 0.0, _cost_flops(tail_jit))
+    measured["full step (host batch)"] = (functools.partial(step, True), step_flops,
+                                          _cost_flops(compiled_step))
+    # Every matmul of the step alone: what the step would cost if nothing else took time.
+    eqns = step_dots(functools.partial(engine.train_step, loss_fn=loss_fn, tx=tx,
+                                       ema_decay=config.ema_decay), host_state, batch_np, rng)
+    dots = dot_group_fns(eqns)
+    for i, (_, _, _, flops, fn) in enumerate(dots):
+      measured[f"dot{i}"] = (fn, flops, float("nan"))
+
+  # A few calls of each matmul per round, so they are not timed off a single short call.
+  calls = {name: 3 for name in measured if name.startswith("dot")}
+  times = round_robin({name: m[0] for name, m in measured.items()}, calls, rounds)
+  if not np.isfinite(float(metrics["loss"])):
+    raise RuntimeError(f"the step's loss is not finite: {metrics['loss']}")
+
+  if args.profile_dir:
+    with jax.profiler.trace(args.profile_dir):
+      for _ in range(3):
+        jax.block_until_ready(step(False))
+    print(f"profile of 3 steps written to {args.profile_dir}")
+    profile_summary(args.profile_dir, compiled_step.as_text(), 3)
+
+  peak_names = [name for name in measured if name.startswith("matmul ")]
+  peak = max(measured[name][1] / times[name][0] for name in peak_names)
+  step_s = times["full step (device batch)"][0]
+  rows = [name for name in measured if not name.startswith("dot")]
+  if dots:
+    dots_s = sum(d[0] * times[f"dot{i}"][0] for i, d in enumerate(dots))
+    dots_flops = sum(count * flops for count, _, _, flops, _ in dots)
+    times["step's matmuls, each alone"] = (dots_s, float("nan"))
+    measured["step's matmuls, each alone"] = (None, dots_flops, float("nan"))
+    rows.append("step's matmuls, each alone")
+
+  print()
+  print(f"fastest call of {rounds} (median); FLOP/s and share of peak from the fastest call")
+  print(f"{'':34s} {'ms/call':>17s} {'examples/s':>10s} {'GFLOP':>7s} {'XLA GFLOP':>9s} "
+        f"{'GFLOP/s':>7s} {'of peak':>7s}")
+  for name in rows:
+    (best, median), (_, flops, xla) = times[name], measured[name]
+    rate = flops / best
+    ms = f"{best * 1e3:8.1f}" + (f" ({median * 1e3:6.1f})" if np.isfinite(median) else " " * 9)
+    per_example = ("step" in name or "forward" in name) and "matmuls" not in name
+    examples = f"{variant_batch.get(name, batch_size) / best:10.1f}" if per_example else " " * 10
+    xla_text = f"{xla / 1e9:9.2f}" if np.isfinite(xla) else " " * 9
+    print(f"{name:34s} {ms} {examples} {flops / 1e9:7.2f} {xla_text} {rate / 1e9:7.1f} "
+          f"{rate / peak:7.3f}")
+  if dots:
+    print()
+    print(f"the step's {len(eqns)} matmuls alone: {dots_s * 1e3:.1f} ms = "
+          f"{100 * dots_s / step_s:.0f}% of the step at {dots_flops / dots_s / 1e9:.1f} GFLOP/s; "
+          f"everything else: {(step_s - dots_s) * 1e3:.1f} ms. Largest totals:")
+    order = sorted(range(len(dots)), key=lambda i: -dots[i][0] * times[f"dot{i}"][0])
+    for i in order[:_DOTS_SHOWN]:
+      count, shapes, dims, flops, _ = dots[i]
+      seconds = times[f"dot{i}"][0]
+      (lc, rc), (lb, rb) = dims
+      desc = f"{list(shapes[0])} x {list(shapes[1])}, contract {list(lc)},{list(rc)}"
+      if lb:
+        desc += f", batch {list(lb)},{list(rb)}"
+      print(f"  {count:2d} x {seconds * 1e3:6.2f} ms {flops / seconds / 1e9:6.1f} GFLOP/s  {desc}")
+  fraction = step_flops / step_s / peak
+  print()
+  print(f"train step: {batch_size / step_s:.1f} examples/s, {1 / step_s:.3f} steps/s, "
+        f"{step_flops / step_s / 1e9:.1f} GFLOP/s (analytic 3x forward {step_flops / 1e9:.2f} "
+        f"GFLOP/step; XLA cost analysis {measured['full step (device batch)'][2] / 1e9:.2f}); "
+        f"matmul peak {peak / 1e9:.1f} GFLOP/s")
+  print(f"fraction_of_peak={fraction:.3f}")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
