@@ -3,18 +3,14 @@
 import numpy as np
 import pytest
 
-from configs import synthetic as synthetic_config
 from modit_jax import catalog as catalog_lib
 from modit_jax import clusters
 from modit_jax import errors
-from modit_jax import synthetic
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  out = tmp_path_factory.mktemp("tiny")
-  synthetic.write_world(synthetic_config.get_config("tiny"), out)
-  return catalog_lib.load_catalog(out)
+def tiny(tiny_world):
+  return catalog_lib.load_catalog(tiny_world)
 
 
 def _blobs(seed=0, num=6, per=300, dim=8):

@@ -8,6 +8,8 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import perturb
+
 from modit_jax import diffusion
 from modit_jax import dit
 
@@ -16,20 +18,7 @@ NUM_DOMAINS = 3
 NULL = NUM_DOMAINS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """Tiny models run for milliseconds; XLA optimisation would dominate the test time."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
-
-
-def _perturb(params, seed=0, scale=0.3):
-  """Adds Gaussian noise to every param so zero-initialised layers become active."""
-  rng = np.random.default_rng(seed)
-  return jax.tree_util.tree_map(
-      lambda p: jnp.asarray(p + scale * rng.normal(size=p.shape).astype(np.float32)), params)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,7 +79,7 @@ def test_l2_normalize():
 
 def test_denoising_error_matches_manual_computation():
   apply_fn, params = _model()
-  params = _perturb(params)
+  params = perturb(params)
   cond = _cond()
   rng = np.random.default_rng(3)
   x0 = jnp.asarray(rng.normal(size=(4, DIM)), jnp.float32)
@@ -124,7 +113,7 @@ def test_training_loss_drops_about_the_requested_fraction():
 
 def test_guidance_scale_endpoints_and_extrapolation():
   apply_fn, params = _model()
-  params = _perturb(params)
+  params = perturb(params)
   cond = _cond()
   x_t = jnp.asarray(np.random.default_rng(5).normal(size=(4, DIM)), jnp.float32)
   t = jnp.full((4,), 0.5)
@@ -165,7 +154,7 @@ def _sampler(num_steps=4):
 
 def test_ddim_sample_shape_norm_and_determinism():
   _, params = _model()
-  params = _perturb(params)
+  params = perturb(params)
   cond = _cond()
   sample = _sampler()
   a = np.asarray(sample(params, cond, jax.random.PRNGKey(0), 2.0, 0.0))
@@ -179,7 +168,7 @@ def test_ddim_sample_shape_norm_and_determinism():
 
 def test_ddim_guidance_and_eta_change_the_sample():
   _, params = _model()
-  params = _perturb(params)
+  params = perturb(params)
   cond = _cond()
   sample = functools.partial(_sampler(), params, cond, jax.random.PRNGKey(0))
   base = np.asarray(sample(1.0, 0.0))

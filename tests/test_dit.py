@@ -7,26 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import perturb
+
 from modit_jax import dit
 
 DIM = 8
 NUM_DOMAINS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """Tiny models run for milliseconds; XLA optimisation would dominate the test time."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
-
-
-def _perturb(params, seed=0, scale=0.3):
-  """Adds Gaussian noise to every param so zero-initialised layers become active."""
-  rng = np.random.default_rng(seed)  # NumPy: no per-shape XLA compilation of the noise.
-  return jax.tree_util.tree_map(
-      lambda p: jnp.asarray(p + scale * rng.normal(size=p.shape).astype(np.float32)), params)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _inputs(batch=4, length=5, seed=1):
@@ -50,7 +39,7 @@ def _model(learned_positions=False, dtype=jnp.float32):
 
 def _perturbed(learned_positions=False, dtype=jnp.float32):
   params, apply = _model(learned_positions, dtype)
-  return _perturb(params), apply
+  return perturb(params), apply
 
 
 def test_output_shape_dtype_and_zero_at_init():

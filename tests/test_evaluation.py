@@ -9,23 +9,19 @@ import numpy as np
 import pytest
 
 from configs import evaluate as evaluate_config
-from configs import synthetic as synthetic_config
 from modit_jax import baselines
 from modit_jax import catalog as catalog_lib
 from modit_jax import errors
 from modit_jax import metric_predictor
 from modit_jax import metrics
 from modit_jax import oracle as oracle_lib
-from modit_jax import synthetic
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  out = tmp_path_factory.mktemp("tiny")
-  synthetic.write_world(synthetic_config.get_config("tiny"), out)
-  return out
+def tiny(tiny_world):
+  return tiny_world
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,8 @@ _FILES = ("manifest.json", "embeddings.npy", "patterns.npy", "attributes.npy", "
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-  out = tmp_path_factory.mktemp("tiny")
-  synthetic.write_world(synthetic_config.get_config("tiny"), out)
-  return out
+def tiny_dir(tiny_world):
+  return tiny_world
 
 
 def _same_files(a, b, names=_FILES):

@@ -9,7 +9,6 @@ import pytest
 
 from configs import evaluate as evaluate_config
 from configs import pretrain as pretrain_config
-from configs import synthetic as synthetic_config
 from modit_jax import baselines
 from modit_jax import catalog as catalog_lib
 from modit_jax import data
@@ -17,17 +16,14 @@ from modit_jax import errors
 from modit_jax import evaluation
 from modit_jax import metrics
 from modit_jax import retrieval
-from modit_jax import synthetic
 from modit_jax import training
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  out = tmp_path_factory.mktemp("tiny")
-  synthetic.write_world(synthetic_config.get_config("tiny"), out)
-  return out
+def tiny(tiny_world):
+  return tiny_world
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from configs import synthetic as synthetic_config
 from modit_jax import catalog as catalog_lib
 from modit_jax import errors
 from modit_jax import metric_predictor
-from modit_jax import synthetic
 from modit_jax import trajectories
 
 _CLUSTERS = 26  # as test_clusters: the jitted k-means is then compiled once per session
@@ -29,10 +27,8 @@ def _build(catalog):
 
 
 @pytest.fixture(scope="module")
-def cat(tmp_path_factory):
-  out = tmp_path_factory.mktemp("tiny")
-  synthetic.write_world(synthetic_config.get_config("tiny"), out)
-  return catalog_lib.load_catalog(out)
+def cat(tiny_world):
+  return catalog_lib.load_catalog(tiny_world)
 
 
 @pytest.fixture(scope="module")
