@@ -127,26 +127,26 @@ def _rerank(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
   probs = predictor.predict(np.asarray(catalog.embeddings, np.float32))  # [N, M]
   emb = catalog.embeddings
 
-  def reorder(pool: np.ndarray, domains: np.ndarray, k: int) -> np.ndarray:
-    # Stable sort keeps the index's order among equal probabilities.
-    order = np.argsort(-probs[pool, domains[:, None]], axis=1, kind="stable")
+  def reorder(pool: np.ndarray, pool_sizes: np.ndarray, domains: np.ndarray,
+              k: int) -> np.ndarray:
+    # Each query ranks only the first pool_sizes[q] items of its pool (a domain's own pool
+    # size); the stable sort keeps the index's order among equal probabilities.
+    in_pool = np.arange(pool.shape[1])[None, :] < pool_sizes[:, None]
+    scores = np.where(in_pool, probs[pool, domains[:, None]], -np.inf)
+    order = np.argsort(-scores, axis=1, kind="stable")
     return np.take_along_axis(pool, order, axis=1)[:, :k]
 
   grid = [int(n) for n in config.rerank_pool_grid]
   best = tune_per_domain(
       catalog, oracle, grid,
-      lambda q, n: reorder(oracle.search(seed_centroids(emb, q.seeds), q.seeds, n), q.domain,
-                           oracle.k),
+      lambda q, n: reorder(oracle.search(seed_centroids(emb, q.seeds), q.seeds, n),
+                           np.full(len(q), n), q.domain, oracle.k),
       "rerank pool size").astype(int)
 
   def retrieve(q: catalog_lib.Queries, index: retrieval.Index, k: int) -> np.ndarray:
     pools = np.maximum(best[q.domain], k)
     pool = _search(index, seed_centroids(emb, q.seeds), q.seeds, int(pools.max()))
-    # Queries whose domain uses a smaller pool see only their own pool's items.
-    ranked_in_pool = np.where(np.arange(pool.shape[1])[None, :] < pools[:, None],
-                              probs[pool, q.domain[:, None]], -np.inf)
-    order = np.argsort(-ranked_in_pool, axis=1, kind="stable")
-    return np.take_along_axis(pool, order, axis=1)[:, :k]
+    return reorder(pool, pools, q.domain, k)
 
   knob = dict(zip(catalog.domains, best.tolist()))
   knob.update({f"auc_{n}": v["auc"] for n, v in zip(catalog.domains, predictor.validation)})
