@@ -262,7 +262,8 @@ class _RowWriter:
 def write_world(config: ml_collections.ConfigDict, out_dir: str | os.PathLike) -> None:
   """Generates the world and writes it as a `modit-catalog/1` directory, chunk by chunk.
 
-  Item arrays are written chunk by chunk so that at most one chunk of items is in memory; the small per-query arrays are gathered and shuffled at the end.
+  Item arrays are written chunk by chunk so that at most one chunk of items is in memory;
+  the small per-query arrays are gathered and shuffled at the end.
   """
   axes = make_axes(config)
   os.makedirs(out_dir, exist_ok=True)
@@ -270,31 +271,29 @@ def write_world(config: ml_collections.ConfigDict, out_dir: str | os.PathLike) -
   num_patterns = config.num_topics * config.patterns_per_topic
   num_items = num_patterns * config.items_per_pattern
   path = lambda name: os.path.join(os.fspath(out_dir), name)
-  arrays = {
-      "embeddings.npy": _RowWriter(path("embeddings.npy"), np.float32, (num_items, d)),
-      "patterns.npy": _RowWriter(path("patterns.npy"), np.int32, (num_items,)),
-      "attributes.npy": _RowWriter(path("attributes.npy"), np.bool_, (num_items, num_domains)),
-      "observed.npy": _RowWriter(path("observed.npy"), np.bool_, (num_items, num_domains)),
-      "item_split.npy": _RowWriter(path("item_split.npy"), np.int8, (num_items,)),
-  }
+  # Chunk field -> its writer; the file is `<field>.npy`.
+  writers = {
+      field: _RowWriter(path(f"{field}.npy"), dtype, (num_items,) + row_shape)
+      for field, dtype, row_shape in (("embeddings", np.float32, (d,)),
+                                      ("patterns", np.int32, ()),
+                                      ("attributes", np.bool_, (num_domains,)),
+                                      ("observed", np.bool_, (num_domains,)),
+                                      ("item_split", np.int8, ()))}
   # [M, P, d] is small next to the items (41 MB at 10M items): gathered in memory.
   directions = np.empty((num_domains, num_patterns, d), np.float32)
   sequences, queries = [], {s: [] for s in catalog_lib.SPLITS}
-  fields = {"embeddings.npy": "embeddings", "patterns.npy": "patterns",
-            "attributes.npy": "attributes", "observed.npy": "observed",
-            "item_split.npy": "item_split"}
   item, pattern = 0, 0
   for i, chunk in enumerate(iter_chunks(config, axes)):
     n = len(chunk.patterns)
-    for name, field in fields.items():
-      arrays[name].write(item, getattr(chunk, field))
+    for field, writer in writers.items():
+      writer.write(item, getattr(chunk, field))
     directions[:, pattern:pattern + chunk.directions.shape[1]] = chunk.directions
     item, pattern = item + n, pattern + chunk.directions.shape[1]
     sequences.append(chunk.sequences)
     for s in catalog_lib.SPLITS:
       queries[s].append(chunk.queries[s])
     logging.info("generated %d / %d items (chunk %d)", item, num_items, i + 1)
-  for writer in arrays.values():
+  for writer in writers.values():
     writer.close()
   np.save(path(catalog_lib.ATTRIBUTE_DIRECTIONS), directions)
   del directions
