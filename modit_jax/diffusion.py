@@ -145,3 +145,17 @@ def ddim_sample(apply_fn: ApplyFn, params: Any, cond: Condition, rng: jax.Array,
   x = jax.lax.fori_loop(0, num_steps - 1, step, x)
   out = predict(x, 1.0 / num_steps)
   return l2_normalize(out) if normalize else out
+
+
+def sample_rows(params: Any, context: jnp.ndarray, context_mask: jnp.ndarray,
+                domain: jnp.ndarray, guidance_scale: jnp.ndarray, rng: jax.Array, *,
+                apply: ApplyFn, dim: int, num_steps: int, null_domain: int) -> jnp.ndarray:
+  """Unit DDIM samples [B, dim] for contexts [B, L, d], domains [B] and guidance scales [B].
+
+  Each row is sampled on its own with its own key, so a row's sample does not depend on the
+  rest of the batch (padding rows change nothing). Jit it with the keywords bound.
+  """
+  keys = jax.random.split(rng, context.shape[0])
+  return jax.vmap(lambda k, c, m, d, g: ddim_sample(
+      apply, params, Condition(c[None], m[None], d[None]), k, dim, num_steps,
+      g, null_domain)[0])(keys, context, context_mask, domain, guidance_scale)

@@ -34,8 +34,9 @@ from modit_jax import errors
 
 PyTree = Any
 Config = Any  # An ml_collections.ConfigDict (or anything with the same attributes).
-LossFn = Callable[[PyTree, Mapping[str, jax.Array], jax.Array],
-                  tuple[jax.Array, Mapping[str, jax.Array]]]
+# `loss_fn(params, batch, rng)`, or `loss_fn(params, batch, rng, frozen)` when the loop is given
+# frozen parameters (e.g. the DPO reference).
+LossFn = Callable[..., tuple[jax.Array, Mapping[str, jax.Array]]]
 BatchFn = Callable[[int, int, int], Mapping[str, np.ndarray]]
 
 DATA_AXIS = "data"
@@ -138,8 +139,8 @@ def create_train_state(params: PyTree, tx: optax.GradientTransformation) -> Trai
 # ----------------------------------------------------------------------------- train step
 
 
-def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
-               loss_fn: LossFn, tx: optax.GradientTransformation,
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array,
+               frozen: PyTree = None, *, loss_fn: LossFn, tx: optax.GradientTransformation,
                ema_decay: float) -> tuple[TrainState, dict[str, jax.Array]]:
   """One update. Pure: the same inputs give the same outputs on any device layout.
 
@@ -153,6 +154,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
       derive per-example randomness from the global example index, e.g.
       `jax.random.split(step_rng, global_batch)[i]` for example i, never from the device or
       process (no `axis_index`), so results do not depend on how the batch is sharded.
+    frozen: parameters the loss reads but never trains (the DPO reference), passed to
+      `loss_fn` as its 4th argument when not None. They are not in the state, so the optimiser,
+      the EMA and the checkpoints never see them, and no gradient is taken with respect to them.
     tx: the optimiser.
     ema_decay: `ema <- decay * ema + (1 - decay) * params`, applied after the update; 0 makes
       the EMA equal the parameters.
@@ -161,7 +165,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
     The new state and metrics {"loss", "grad_norm" (before clipping), **aux}.
   """
   step_rng = jax.random.fold_in(rng, state.step)
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, step_rng)
+  extra = () if frozen is None else (frozen,)
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, batch, step_rng, *extra)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
@@ -241,17 +247,20 @@ def device_put_global(tree: PyTree, shardings: PyTree) -> PyTree:
 
 
 def jit_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay: float,
-                   mesh: Mesh, state_sharding: PyTree) -> Callable[..., tuple[TrainState, dict]]:
-  """`train_step` jitted as `(state, batch, rng) -> (state, metrics)` over `mesh`.
+                   mesh: Mesh, state_sharding: PyTree,
+                   frozen_sharding: PyTree = None) -> Callable[..., tuple[TrainState, dict]]:
+  """`train_step` jitted as `(state, batch, rng[, frozen]) -> (state, metrics)` over `mesh`.
 
   The state (argument 0) is donated: do not use it after the call. `rng` and the metrics are
-  replicated; batch arrays must be sharded on "data" (see `shard_batch`).
+  replicated; batch arrays must be sharded on "data" (see `shard_batch`). With
+  `frozen_sharding`, the step takes the frozen parameters as a 4th argument (not donated).
   """
   step_fn = functools.partial(train_step, loss_fn=loss_fn, tx=tx, ema_decay=float(ema_decay))
-  return jax.jit(step_fn,
-                 in_shardings=(state_sharding, batch_sharding(mesh), replicated(mesh)),
-                 out_shardings=(state_sharding, replicated(mesh)),
-                 donate_argnums=(0,))
+  in_shardings = (state_sharding, batch_sharding(mesh), replicated(mesh))
+  if frozen_sharding is not None:
+    in_shardings += (frozen_sharding,)
+  return jax.jit(step_fn, in_shardings=in_shardings,
+                 out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
 
 
 def shard_batch(batch_np: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -450,8 +459,20 @@ def _host_metrics(step: int, metrics: Mapping[str, jax.Array], config: Config,
   return values
 
 
+def host_copy(tree: PyTree) -> PyTree:
+  """Numpy copies of global arrays on every process (all-gathered when sharded over hosts)."""
+  leaves = jax.tree.leaves(tree)
+  if all(x.is_fully_addressable or x.is_fully_replicated for x in leaves):
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if x.is_fully_replicated
+                        else np.asarray(x), tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
 def train_loop(config: Config, workdir: str, *, init_params: PyTree, loss_fn: LossFn,
-               batch_fn: BatchFn, mesh: Mesh | None = None) -> TrainState:
+               batch_fn: BatchFn, mesh: Mesh | None = None, frozen_params: PyTree = None,
+               before_step: Callable[[int, TrainState], Mapping[str, float] | None] | None = None
+               ) -> TrainState:
   """Trains `config.num_steps` updates, resuming from the latest checkpoint in `workdir`.
 
   Args:
@@ -464,6 +485,13 @@ def train_loop(config: Config, workdir: str, *, init_params: PyTree, loss_fn: Lo
       `batch_size // process_count` rows of the global batch for update `step` (0-based). It
       must depend only on its arguments: that is what makes a resumed run exact.
     mesh: defaults to `make_mesh()` (every device).
+    frozen_params: parameters passed to every step as `loss_fn`'s 4th argument, placed like
+      the parameters (replicated, or FSDP-sharded) and never updated, saved or averaged.
+    before_step: `before_step(step, state)`, called on every process before `batch_fn(step,
+      ...)` with the state about to be updated (step `step`); it may prepare data that
+      `batch_fn` reads (HPPO rebuilds its candidate pool from the current policy). Scalars it
+      returns are written to the metrics at `step`. For exact resume it must depend only on
+      `step` and the state at `step`.
 
   Returns:
     The final state (step `num_steps`), also saved as the last checkpoint.
@@ -493,7 +521,12 @@ def train_loop(config: Config, workdir: str, *, init_params: PyTree, loss_fn: Lo
       logging.info("Checkpoint step %d >= num_steps=%d: nothing to train", start, num_steps)
       return state
 
-    step_fn = jit_train_step(loss_fn, tx, config.ema_decay, mesh, shardings)
+    frozen = ()
+    frozen_sharding = None
+    if frozen_params is not None:
+      frozen_sharding = param_sharding(frozen_params, mesh, fsdp=bool(config.fsdp))
+      frozen = (device_put_global(frozen_params, frozen_sharding),)
+    step_fn = jit_train_step(loss_fn, tx, config.ema_decay, mesh, shardings, frozen_sharding)
     base_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), _TRAIN_RNG_SALT)
     rng = device_put_global(base_rng, replicated(mesh))
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -501,8 +534,12 @@ def train_loop(config: Config, workdir: str, *, init_params: PyTree, loss_fn: Lo
     pending = None  # (step, device metrics) not yet checked for a finite loss.
     interval_start, interval_steps = time.perf_counter(), 0
     for step in range(start, num_steps):
+      if before_step is not None:
+        prepared = before_step(step, state)
+        if prepared:
+          writer.write(step, prepared)
       batch = shard_batch(batch_fn(step, process_index, process_count), mesh)
-      state, metrics = step_fn(state, batch, rng)
+      state, metrics = step_fn(state, batch, rng, *frozen)
       done = step + 1
       interval_steps += 1
       # The previous step's metrics are checked only now, after this step is dispatched, so

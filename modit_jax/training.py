@@ -22,10 +22,12 @@ from modit_jax import diffusion
 from modit_jax import dit
 from modit_jax import engine
 from modit_jax import errors
+from modit_jax import hppo
 from modit_jax import metric_predictor
+from modit_jax import oracle as oracle_lib
 from modit_jax import trajectories
 
-STAGES = ("pretrain", "cpt", "sft")
+STAGES = ("pretrain", "cpt", "sft", "hppo")
 CONFIG_FILE = "config.json"
 DIAGNOSTICS_FILE = "data_diagnostics.npz"  # latent clusters and predictor validation
 
@@ -69,6 +71,8 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.sft.context_size = 8            # as many as a query's seeds
   c.sft.tail_fraction = 0.2
   c.sft.low_fraction = 0.6          # seeds come from the low part of their pattern
+  # Stage 4: candidate pools, pairs and the DPO loss (hppo.default_config documents fields).
+  c.hppo = hppo.default_config()
 
   # Optimiser (engine.make_optimizer): AdamW, linear warm-up then cosine decay.
   c.learning_rate = 1e-3
@@ -102,6 +106,12 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.warmup_steps = 20
     c.ema_decay = 0.9
     c.checkpoint_every = 100
+    c.hppo.pool_queries = 32
+    c.hppo.pool_every = 50
+    c.hppo.policy_guidance = (1.0, 4.0)
+    c.hppo.policy_noise_seeds = 1
+    c.hppo.reference_guidance = (4.0,)
+    c.hppo.oracle_index_kind = "exact"
   if tokens:
     raise ValueError(f"unknown config variant(s) {sorted(tokens)}")
   return c
@@ -140,14 +150,15 @@ def denoising_loss_fn(model: dit.DiT, config: ml_collections.ConfigDict):
 
 
 def write_run_config(workdir: str, config: ml_collections.ConfigDict, dim: int,
-                     num_domains: int) -> None:
-  """Records what a checkpoint in `workdir` is: the config and the catalog's shape."""
+                     num_domains: int, dataset: str = "") -> None:
+  """Records what a checkpoint in `workdir` is: the config, the catalog's shape and path."""
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
     json.dump({"config": json.loads(config.to_json_best_effort()), "dim": dim,
-               "num_domains": num_domains}, f, indent=1)
+               "num_domains": num_domains,
+               "dataset": os.path.abspath(dataset) if dataset else ""}, f, indent=1)
     f.write("\n")
 
 
@@ -161,18 +172,29 @@ def read_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, int, int]:
   return ml_collections.ConfigDict(saved["config"]), saved["dim"], saved["num_domains"]
 
 
+def run_dataset(workdir: str) -> str:
+  """The absolute catalog path a training workdir was trained on ("" if not recorded)."""
+  with open(os.path.join(workdir, CONFIG_FILE)) as f:
+    return json.load(f).get("dataset", "")
+
+
+def _trajectory_source(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog,
+                       workdir: str) -> trajectories.TrajectorySource:
+  """Stages 2-4's data path (predictor, latent clusters), with its diagnostics saved."""
+  trajectory_source, predictor = trajectories.build_source(
+      catalog, config.num_clusters, config.seed, config.metric_predictor)
+  _write_diagnostics(workdir, trajectory_source, predictor)
+  return trajectory_source
+
+
 def _batch_fn(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog,
               null_domain: int, workdir: str) -> Callable[[int, int, int], dict[str, np.ndarray]]:
-  """The stage's `batch_fn(step, process_index, process_count)`."""
+  """The `batch_fn(step, process_index, process_count)` of stages 1-3."""
   if config.stage == "pretrain":
     source = data.SequencePrefixes(catalog.sequences, np.asarray(catalog.embeddings),
                                    config.model.max_context, null_domain, config.seed)
     return lambda step, pi, pc: source(step, config.batch_size, pi, pc)
-  if config.stage not in STAGES:
-    raise errors.UserError(f"unknown stage {config.stage!r}; known: {', '.join(STAGES)}")
-  trajectory_source, predictor = trajectories.build_source(
-      catalog, config.num_clusters, config.seed, config.metric_predictor)
-  _write_diagnostics(workdir, trajectory_source, predictor)
+  trajectory_source = _trajectory_source(config, catalog, workdir)
   if config.stage == "cpt":
     if config.cpt.trajectory_length > config.model.max_context:
       raise errors.UserError(
@@ -203,16 +225,46 @@ def _write_diagnostics(workdir: str, source: trajectories.TrajectorySource,
       predictor_n=np.array([v["n_heldout"] for v in validation], np.int64))
 
 
+def _hppo_loop_args(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog,
+                    model: dit.DiT, reference: Any, workdir: str) -> dict[str, Any]:
+  """`train_loop` arguments of stage 4: DPO loss, pair batches, pool hook, frozen reference."""
+  if not config.init_from:
+    raise errors.UserError("the hppo stage starts from an SFT model: set config.init_from to "
+                           "its workdir (it is also the frozen DPO reference)")
+  every = int(config.hppo.pool_every)
+  if every <= 0 or config.checkpoint_every % every:
+    raise errors.UserError(
+        f"config.checkpoint_every ({config.checkpoint_every}) must be a positive multiple of "
+        f"hppo.pool_every ({every}): a resumed run rebuilds its pool at the checkpoint step")
+  hppo.parse_policies(config.hppo.policies)
+  source = _trajectory_source(config, catalog, workdir)
+  oracle = oracle_lib.OnlineOracle(catalog, k=config.hppo.oracle_k,
+                                   index_kind=config.hppo.oracle_index_kind)
+  pools = hppo.CandidatePools(catalog, source, oracle, apply_fn(model), reference, config,
+                              model.num_domains)
+  batches = hppo.PairBatches(pools, config)
+  loss_fn = hppo.dpo_loss_fn(apply_fn(model), config.diffusion.target_scale, config.hppo.beta,
+                             config.hppo.sft_weight)
+  return dict(loss_fn=loss_fn, frozen_params=reference, before_step=batches.before_step,
+              batch_fn=lambda step, pi, pc: batches(step, pi, pc, config.batch_size))
+
+
 def train(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> engine.TrainState:
   """Trains the stage `config.stage` on the catalog at `dataset` into `workdir` (resumable)."""
+  if config.stage not in STAGES:
+    raise errors.UserError(f"unknown stage {config.stage!r}; known: {', '.join(STAGES)}")
   catalog = catalog_lib.load_catalog(dataset)
   model = make_model(config.model, catalog.dim, catalog.num_domains)
-  batch_fn = _batch_fn(config, catalog, model.num_domains, workdir)
   if config.init_from:
     logging.info("Initialising from %s", config.init_from)
     init_params = engine.restore_params(config.init_from, use_ema=True)
   else:
     init_params = jax.device_get(dit.init_params(model, jax.random.PRNGKey(config.seed)))
-  write_run_config(workdir, config, catalog.dim, catalog.num_domains)
-  return engine.train_loop(config, workdir, init_params=init_params,
-                           loss_fn=denoising_loss_fn(model, config), batch_fn=batch_fn)
+  if config.stage == "hppo":
+    # The reference is the starting (SFT) model itself, kept frozen outside the state.
+    loop_args = _hppo_loop_args(config, catalog, model, init_params, workdir)
+  else:
+    loop_args = dict(loss_fn=denoising_loss_fn(model, config),
+                     batch_fn=_batch_fn(config, catalog, model.num_domains, workdir))
+  write_run_config(workdir, config, catalog.dim, catalog.num_domains, dataset)
+  return engine.train_loop(config, workdir, init_params=init_params, **loop_args)

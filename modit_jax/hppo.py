@@ -1,0 +1,334 @@
+"""Stage 4, HPPO: hybrid candidate pools, oracle labels, Pareto pairs, reference-anchored DPO.
+
+DESIGN.md section 5.4. For a draw of training queries, a **hybrid candidate pool** of query
+embeddings comes from several named policies (`POLICIES`): the current model at several
+guidance scales and noise seeds, the frozen reference (SFT) model, the seed centroid, the
+tail-centroid heuristic (the metric predictor's high-density tail of the seeds' latent cluster,
+and extrapolations past it), and interpolations. The online oracle (train items only) labels
+every candidate with Joint@K and Purity@K. Pairs (winner, loser) of one query need
+Joint(w) > Joint(l) + margin; the **Pareto filter** keeps a pair only if Purity(w) >= Purity(l).
+The loss is Diffusion-DPO on those pairs with the frozen SFT parameters as the reference.
+
+Pools are rebuilt every `hppo.pool_every` steps from the current policy parameters; a pool is a
+pure function of (config, rebuild index, the parameters at that step), so a run resumed from a
+checkpoint at a rebuild step replays the same pools (the config requires checkpoints to fall on
+rebuild steps). See docs/hppo.md for the choices made here.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from modit_jax import baselines
+from modit_jax import catalog as catalog_lib
+from modit_jax import data
+from modit_jax import diffusion
+from modit_jax import engine
+from modit_jax import errors
+from modit_jax import oracle as oracle_lib
+from modit_jax import trajectories
+
+POLICIES = ("policy", "reference", "seed_centroid", "tail_centroid", "interpolation")
+_POOL_STREAM = 4
+_PAIR_STREAM = 5
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `config.hppo` fields (training.default_config embeds them)."""
+  c = ml_collections.ConfigDict()
+  c.policies = ",".join(POLICIES)     # the candidate-policy ablation removes one
+  c.policy_guidance = (1.0, 4.0, 8.0, 16.0)
+  c.policy_noise_seeds = 2            # samples per guidance scale
+  c.reference_guidance = (1.0, 8.0)
+  c.tail_extrapolation = (1.0, 1.5, 2.0)  # seed centroid + a * (tail centroid - seed centroid)
+  c.interpolation_weights = (0.5,)
+  c.pool_queries = 256                # training queries per pool
+  c.pool_every = 100                  # steps between pool rebuilds
+  c.oracle_k = 20
+  c.oracle_index_kind = "scann"
+  c.margin = 0.05                     # Joint(w) > Joint(l) + margin
+  c.pareto = True                     # keep a pair only if Purity(w) >= Purity(l)
+  c.beta = 200.0
+  c.sft_weight = 0.0                  # optional SFT anchor: + sft_weight * e_theta(w)
+  return c
+
+
+def parse_policies(value: str) -> list[str]:
+  """The pool's policies from a comma-separated string; unknown names are an error."""
+  names = [p.strip() for p in str(value).split(",") if p.strip()]
+  unknown = [p for p in names if p not in POLICIES]
+  if unknown or not names:
+    raise errors.UserError(f"hppo.policies {value!r}: unknown or empty; known: "
+                           f"{', '.join(POLICIES)}")
+  return [p for p in POLICIES if p in names]
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+def pareto_pairs(joint: np.ndarray, purity: np.ndarray, margin: float,
+                 pareto: bool = True) -> tuple[np.ndarray, dict[str, int]]:
+  """Preference pairs of candidates, per query.
+
+  Args:
+    joint: float [Q, C] oracle Joint@K of each candidate.
+    purity: float [Q, C] oracle Purity@K.
+    margin: a pair (w, l) needs joint[w] > joint[l] + margin.
+    pareto: also require purity[w] >= purity[l] (the Pareto pair filter).
+
+  Returns:
+    (int64 [P, 3] rows (query, winner, loser) in (query, winner, loser) order, counts):
+    counts has `candidate_pairs` (unordered pairs of distinct candidates), `margin_pairs`
+    (pairs passing the margin) and `kept_pairs` (after the Pareto filter).
+  """
+  joint = np.asarray(joint, np.float64)
+  purity = np.asarray(purity, np.float64)
+  if joint.shape != purity.shape or joint.ndim != 2:
+    raise ValueError(f"joint {joint.shape} and purity {purity.shape} must be equal [Q, C]")
+  num_queries, num_candidates = joint.shape
+  better = joint[:, :, None] > joint[:, None, :] + margin           # [Q, w, l]
+  keep = better & (purity[:, :, None] >= purity[:, None, :]) if pareto else better
+  pairs = np.argwhere(keep).astype(np.int64)
+  counts = {"candidate_pairs": num_queries * num_candidates * (num_candidates - 1) // 2,
+            "margin_pairs": int(better.sum()), "kept_pairs": len(pairs)}
+  return pairs, counts
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def preference_drifts(apply_fn: Callable[..., jnp.ndarray], params: Any, reference: Any,
+                      batch: Mapping[str, jax.Array], t: jax.Array, noise: jax.Array,
+                      target_scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-pair (e_θ(w) − e_ref(w), e_θ(l) − e_ref(l), e_θ(w)), each [B].
+
+  Both members of a pair share t [B], noise [B, d] and the condition (`context`,
+  `context_mask`, `domain` of the batch); `winner`, `loser` are unit embeddings [B, d]. The
+  reference enters only through `stop_gradient`.
+  """
+  twice = lambda a: jnp.concatenate([a, a], axis=0)
+  x0 = jnp.concatenate([batch["winner"], batch["loser"]], axis=0) * target_scale
+  cond = diffusion.Condition(twice(batch["context"]), twice(batch["context_mask"]),
+                             twice(batch["domain"]))
+  # One call for winners and losers together: half the dispatches, the same numbers.
+  e_policy = diffusion.denoising_error(apply_fn, params, x0, twice(t), twice(noise), cond)
+  e_ref = jax.lax.stop_gradient(diffusion.denoising_error(
+      apply_fn, reference, x0, twice(t), twice(noise), cond))
+  drift_w, drift_l = jnp.split(e_policy - e_ref, 2)
+  return drift_w, drift_l, jnp.split(e_policy, 2)[0]
+
+
+def dpo_loss_fn(apply_fn: Callable[..., jnp.ndarray], target_scale: float, beta: float,
+                sft_weight: float = 0.0):
+  """The engine's `loss_fn(params, batch, rng, reference)`: Diffusion-DPO on pairs.
+
+  With e the per-example denoising error under one shared t and noise per pair,
+  Δ = (e_θ(w) − e_ref(w)) − (e_θ(l) − e_ref(l)) and the loss is
+  mean(−log σ(−β Δ)) + sft_weight · mean(e_θ(w)); it is log 2 when θ = ref.
+  """
+  scale = float(target_scale)
+
+  def loss_fn(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, reference: Any):
+    batch_size = batch["winner"].shape[0]
+    t_rng, noise_rng = jax.random.split(rng)
+    t = jax.random.uniform(t_rng, (batch_size,), jnp.float32)
+    noise = jax.random.normal(noise_rng, batch["winner"].shape, jnp.float32)
+    drift_w, drift_l, e_winner = preference_drifts(apply_fn, params, reference, batch, t,
+                                                   noise, scale)
+    delta = drift_w - drift_l
+    dpo = jnp.mean(-jax.nn.log_sigmoid(-beta * delta))
+    loss = dpo + sft_weight * jnp.mean(e_winner)
+    aux = {"dpo_loss": dpo, "implicit_accuracy": jnp.mean((delta < 0).astype(jnp.float32)),
+           "winner_drift": jnp.mean(drift_w), "loser_drift": jnp.mean(drift_l)}
+    return loss, aux
+
+  return loss_fn
+
+
+# ----------------------------------------------------------------------------- pools
+
+
+@dataclasses.dataclass
+class Pool:
+  """One labelled candidate pool and its preference pairs."""
+  queries: catalog_lib.Queries     # the training queries of this pool
+  candidates: np.ndarray           # float32 [Q, C, d] unit query embeddings
+  names: list[str]                 # [C] "<policy>:<variant>" of each candidate
+  joint: np.ndarray                # float64 [Q, C]
+  purity: np.ndarray               # float64 [Q, C]
+  pairs: np.ndarray                # int64 [P, 3] (query, winner, loser)
+  counts: dict[str, int]
+
+
+class CandidatePools:
+  """Builds the hybrid candidate pools of HPPO for training queries.
+
+  Reads only what training may read: train queries (whose seeds are train items), the metric
+  predictor's density over train items and their latent clusters (`source`), and the oracle's
+  labels (train items only).
+  """
+
+  def __init__(self, catalog: catalog_lib.Catalog, source: trajectories.TrajectorySource,
+               oracle: oracle_lib.OnlineOracle, apply_fn: Callable[..., jnp.ndarray],
+               reference_params: Any, config: ml_collections.ConfigDict, null_domain: int):
+    self._config = config
+    self._hppo = config.hppo
+    self._policies = parse_policies(self._hppo.policies)
+    self._queries = catalog.queries["train"]
+    if len(self._queries) == 0:
+      raise errors.UserError("HPPO needs train queries; queries_train.npz is empty")
+    self.embeddings = catalog.embeddings
+    self._source = source
+    self._oracle = oracle
+    self._reference = jax.device_put(reference_params)
+    self._null_domain = null_domain
+    self._tail_fraction = float(config.sft.tail_fraction)
+    self._tail_centroids = trajectories.TailCentroidTargets(
+        source, 1, self._tail_fraction, config.sft.low_fraction, null_domain,
+        config.seed)
+    self._row_of = np.full(catalog.num_items, -1, np.int64)
+    self._row_of[source.train_items] = np.arange(len(source.train_items))
+    num = min(int(self._hppo.pool_queries), len(self._queries))
+    self._pool_size = num
+    self._sample = jax.jit(functools.partial(
+        diffusion.sample_rows, apply=apply_fn, dim=catalog.dim,
+        num_steps=int(config.diffusion.sample_steps), null_domain=null_domain))
+
+  def _draw(self, pool_index: int) -> catalog_lib.Queries:
+    rng = np.random.default_rng([self._config.seed, _POOL_STREAM, pool_index])
+    rows = np.sort(rng.choice(len(self._queries), self._pool_size, replace=False))
+    q = self._queries
+    return catalog_lib.Queries(seeds=q.seeds[rows], pattern=q.pattern[rows],
+                               domain=q.domain[rows])
+
+  def _tail(self, queries: catalog_lib.Queries) -> np.ndarray:
+    """The tail centroid of each query's latent cluster (the seeds' majority) for its domain."""
+    rows = self._row_of[queries.seeds]
+    if np.any(rows < 0):
+      raise errors.UserError("a training query has a seed that is not a train item")
+    clusters = self._source.assign[rows]
+    majority = np.array([np.bincount(c).argmax() for c in clusters])
+    return np.stack([self._tail_centroids.tail_centroid(int(c), int(m))
+                     for c, m in zip(majority, queries.domain)])
+
+  def _model(self, params: Any, queries: catalog_lib.Queries, scales, num_noise: int,
+             pool_index: int, stream: int) -> tuple[list[np.ndarray], list[str]]:
+    context = np.asarray(self.embeddings[queries.seeds], np.float32)
+    mask = np.ones(queries.seeds.shape, bool)
+    out, names = [], []
+    for scale in scales:
+      for n in range(num_noise):
+        rng = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(
+            jax.random.PRNGKey(self._config.seed), stream), pool_index), n)
+        g = np.full(len(queries), float(scale), np.float32)
+        out.append(np.asarray(self._sample(params, context, mask, queries.domain.astype(np.int32),
+                                           g, rng)))
+        names.append(f"g{scale:g}/n{n}")
+    return out, names
+
+  def build(self, params: Any, pool_index: int) -> Pool:
+    """The labelled pool `pool_index` with the current policy `params` (host or device)."""
+    hppo = self._hppo
+    queries = self._draw(pool_index)
+    centroid = baselines.seed_centroids(self.embeddings, queries.seeds)
+    tail = self._tail(queries)
+    policy, policy_names = self._model(params, queries, hppo.policy_guidance,
+                                       int(hppo.policy_noise_seeds), pool_index, 0)
+    candidates: list[np.ndarray] = []
+    names: list[str] = []
+
+    def add(policy_name: str, embeddings: list[np.ndarray], variants: list[str]) -> None:
+      if policy_name in self._policies:
+        candidates.extend(baselines.normalize(e) for e in embeddings)
+        names.extend(f"{policy_name}:{v}" for v in variants)
+
+    add("policy", policy, policy_names)
+    if "reference" in self._policies:
+      ref, ref_names = self._model(self._reference, queries, hppo.reference_guidance, 1,
+                                   pool_index, 1)
+      add("reference", ref, ref_names)
+    add("seed_centroid", [centroid], ["mean"])
+    add("tail_centroid", [centroid + a * (tail - centroid) for a in hppo.tail_extrapolation],
+        [f"a{a:g}" for a in hppo.tail_extrapolation])
+    # Interpolations toward the policy's most guided sample, from either heuristic anchor.
+    top = policy[(len(hppo.policy_guidance) - 1) * int(hppo.policy_noise_seeds)]
+    weights = list(hppo.interpolation_weights)
+    add("interpolation",
+        [(1 - w) * anchor + w * top for anchor in (centroid, tail) for w in weights],
+        [f"{a}{w:g}" for a in ("centroid", "tail") for w in weights])
+    if len(candidates) < 2:
+      raise errors.UserError(f"hppo.policies={hppo.policies!r} gives {len(candidates)} "
+                             "candidate per query; pairs need at least 2")
+    stacked = np.stack(candidates, axis=1).astype(np.float32)  # [Q, C, d]
+    num_q, num_c = stacked.shape[:2]
+    flat = catalog_lib.Queries(seeds=np.repeat(queries.seeds, num_c, 0),
+                               pattern=np.repeat(queries.pattern, num_c),
+                               domain=np.repeat(queries.domain, num_c))
+    scores = self._oracle.score(stacked.reshape(num_q * num_c, -1), flat)
+    k = self._oracle.k
+    joint = scores[f"joint@{k}"].reshape(num_q, num_c)
+    purity = scores[f"purity@{k}"].reshape(num_q, num_c)
+    pairs, counts = pareto_pairs(joint, purity, float(hppo.margin), bool(hppo.pareto))
+    if not len(pairs):
+      raise errors.UserError(
+          f"HPPO pool {pool_index} has no preference pair after the margin "
+          f"{hppo.margin} and Pareto filter: lower hppo.margin or add policies")
+    return Pool(queries, stacked, names, joint, purity, pairs, counts)
+
+
+class PairBatches:
+  """The engine hooks of HPPO: `before_step` rebuilds the pool, `__call__` gives pair batches."""
+
+  def __init__(self, pools: CandidatePools, config: ml_collections.ConfigDict):
+    self._pools = pools
+    self._every = int(config.hppo.pool_every)
+    self._seed = int(config.seed)
+    self._pool: Pool | None = None
+    self._pool_index = -1
+
+  @property
+  def pool(self) -> Pool | None:
+    return self._pool
+
+  def before_step(self, step: int, state: Any) -> dict[str, float] | None:
+    """Rebuilds the pool from the policy at `step` when `step` starts a new pool period."""
+    index = step // self._every
+    if index == self._pool_index:
+      return None
+    pool = self._pools.build(engine.host_copy(state.params), index)
+    self._pool, self._pool_index = pool, index
+    best = pool.joint.argmax(axis=1)
+    winners = np.bincount(best, minlength=len(pool.names))
+    by_policy: dict[str, float] = {}
+    for name, wins in zip(pool.names, winners):
+      key = "pool/best_share/" + name.split(":")[0]
+      by_policy[key] = by_policy.get(key, 0.0) + wins / len(best)
+    logging.info("HPPO pool %d at step %d: %d queries x %d candidates; pairs %d -> %d (margin) "
+                 "-> %d (Pareto); best mean Joint %.3f, policy g1 mean Joint %.3f", index, step,
+                 *pool.joint.shape, pool.counts["candidate_pairs"],
+                 pool.counts["margin_pairs"], pool.counts["kept_pairs"],
+                 pool.joint.max(axis=1).mean(), pool.joint[:, 0].mean())
+    return {f"pool/{k}": float(v) for k, v in pool.counts.items()} | by_policy | {
+        "pool/best_joint": float(pool.joint.max(axis=1).mean()),
+        "pool/mean_joint": float(pool.joint.mean())}
+
+  def __call__(self, step: int, process_index: int, process_count: int,
+               batch_size: int) -> dict[str, np.ndarray]:
+    pool = self._pool
+    if pool is None or self._pool_index != step // self._every:
+      raise RuntimeError("HPPO batch requested before its pool was built (call before_step)")
+    rng = np.random.default_rng([self._seed, _PAIR_STREAM, step])
+    rows = pool.pairs[rng.integers(0, len(pool.pairs), size=batch_size)]
+    rows = rows[data.process_slice(batch_size, process_index, process_count)]
+    query, winner, loser = rows.T
+    seeds = pool.queries.seeds[query]
+    return {"context": np.asarray(self._pools.embeddings[seeds], np.float32),
+            "context_mask": np.ones(seeds.shape, bool),
+            "domain": pool.queries.domain[query].astype(np.int32),
+            "winner": pool.candidates[query, winner], "loser": pool.candidates[query, loser]}

@@ -1,0 +1,232 @@
+"""Stage 4 (HPPO): Pareto pairs, the Diffusion-DPO loss, candidate pools, and the stage end to end."""
+
+import dataclasses
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import hppo as hppo_config
+from configs import sft as sft_config
+from conftest import perturb
+from modit_jax import catalog as catalog_lib
+from modit_jax import dit
+from modit_jax import engine
+from modit_jax import errors
+from modit_jax import hppo
+from modit_jax import oracle as oracle_lib
+from modit_jax import training
+from modit_jax import trajectories
+
+DIM, DOMAINS = 16, 3
+
+
+def _tiny_model():
+  return dit.DiT(dim=DIM, num_domains=DOMAINS, width=16, depth=1, num_heads=2, mlp_ratio=2,
+                 max_context=4)
+
+
+def _pair_batch(seed: int = 0, batch: int = 6):
+  rng = np.random.default_rng(seed)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  return {"context": rng.normal(size=(batch, 4, DIM)).astype(np.float32),
+          "context_mask": np.ones((batch, 4), bool),
+          "domain": rng.integers(0, DOMAINS, batch).astype(np.int32),
+          "winner": unit(rng.normal(size=(batch, DIM))).astype(np.float32),
+          "loser": unit(rng.normal(size=(batch, DIM))).astype(np.float32)}
+
+
+@pytest.fixture(scope="module")
+def model_and_params(fast_compile):
+  del fast_compile
+  model = _tiny_model()
+  params = perturb(dit.init_params(model, jax.random.PRNGKey(0)), seed=1)
+  return model, params, training.apply_fn(model)
+
+
+def test_pareto_pairs_hand_made():
+  # One query, four candidates: (joint, purity).
+  joint = np.array([[0.50, 0.30, 0.30, 0.10]])
+  purity = np.array([[0.90, 1.00, 0.80, 0.95]])
+  pairs, counts = hppo.pareto_pairs(joint, purity, margin=0.05)
+  # By joint with margin: 0>1, 0>2, 0>3, 1>3, 2>3 (1 vs 2 is a tie). Pareto drops 0>1
+  # (purity 0.90 < 1.00), 0>3 (0.90 < 0.95) and 2>3 (0.80 < 0.95).
+  assert {tuple(p) for p in pairs} == {(0, 0, 2), (0, 1, 3)}
+  assert counts == {"candidate_pairs": 6, "margin_pairs": 5, "kept_pairs": 2}
+  no_filter, _ = hppo.pareto_pairs(joint, purity, margin=0.05, pareto=False)
+  assert len(no_filter) == 5
+  # A larger margin drops the close pairs first.
+  # Only 0>3 (gap 0.4) clears a margin of 0.25, and it fails the Pareto filter.
+  wide, wide_counts = hppo.pareto_pairs(joint, purity, margin=0.25)
+  assert len(wide) == 0 and wide_counts["margin_pairs"] == 1
+  # Queries are independent: a second query's pairs carry its own row index.
+  pairs2, _ = hppo.pareto_pairs(np.concatenate([joint, joint]), np.concatenate([purity, purity]),
+                                margin=0.05)
+  assert sorted(map(tuple, pairs2)) == [(0, 0, 2), (0, 1, 3), (1, 0, 2), (1, 1, 3)]
+
+
+def test_dpo_loss_is_log2_when_policy_equals_reference(model_and_params):
+  _, params, apply = model_and_params
+  loss_fn = hppo.dpo_loss_fn(apply, target_scale=4.0, beta=50.0)
+  loss, aux = loss_fn(params, _pair_batch(), jax.random.PRNGKey(0), params)
+  assert math.isclose(float(loss), math.log(2), rel_tol=1e-6)
+  assert float(aux["winner_drift"]) == 0.0 and float(aux["loser_drift"]) == 0.0
+  # With another policy the loss moves away from log 2.
+  other = perturb(params, seed=7, scale=0.1)
+  moved, _ = loss_fn(other, _pair_batch(), jax.random.PRNGKey(0), params)
+  assert abs(float(moved) - math.log(2)) > 1e-4
+
+
+def test_no_gradient_reaches_the_reference(model_and_params):
+  _, params, apply = model_and_params
+  loss_fn = hppo.dpo_loss_fn(apply, target_scale=4.0, beta=50.0, sft_weight=0.5)
+  policy = perturb(params, seed=3, scale=0.1)
+  grad_ref = jax.grad(lambda r: loss_fn(policy, _pair_batch(), jax.random.PRNGKey(0), r)[0])(
+      params)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grad_ref))
+  grad_policy = jax.grad(lambda p: loss_fn(p, _pair_batch(), jax.random.PRNGKey(0), params)[0])(
+      policy)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad_policy)) > 0
+
+
+def test_engine_step_keeps_the_reference_out_of_the_state(model_and_params):
+  _, params, apply = model_and_params
+  config = training.default_config("tiny")
+  config.num_steps, config.warmup_steps = 2, 1
+  tx = engine.make_optimizer(config)
+  state = engine.create_train_state(params, tx)
+  reference = jax.tree.map(jnp.copy, params)
+  new_state, metrics = engine.train_step(
+      state, _pair_batch(), jax.random.PRNGKey(0), reference,
+      loss_fn=hppo.dpo_loss_fn(apply, 4.0, 50.0), tx=tx, ema_decay=0.5)
+  # Up to float rounding: under autodiff the policy's forward pass may round differently.
+  assert math.isclose(float(metrics["loss"]), math.log(2), rel_tol=1e-4)
+  assert "implicit_accuracy" in metrics
+  # The reference is an argument, not state: the state's leaves are params, opt and EMA only.
+  assert len(jax.tree.leaves(new_state)) == len(jax.tree.leaves(state))
+  for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  changed = [not np.array_equal(a, b) for a, b in
+             zip(jax.tree.leaves(new_state.params), jax.tree.leaves(params))]
+  assert any(changed)
+
+
+def test_swapping_winner_and_loser_flips_delta(model_and_params):
+  _, params, apply = model_and_params
+  policy = perturb(params, seed=5, scale=0.1)
+  batch = _pair_batch(2)
+  swapped = dict(batch, winner=batch["loser"], loser=batch["winner"])
+  t = jnp.linspace(0.1, 0.9, 6)
+  noise = jax.random.normal(jax.random.PRNGKey(1), (6, DIM))
+  dw, dl, _ = hppo.preference_drifts(apply, policy, params, batch, t, noise, 4.0)
+  sw, sl, _ = hppo.preference_drifts(apply, policy, params, swapped, t, noise, 4.0)
+  np.testing.assert_allclose(np.asarray(sw - sl), -np.asarray(dw - dl), rtol=1e-6, atol=1e-7)
+  assert float(jnp.abs(dw - dl).max()) > 0
+
+
+def test_policy_ablation_configs():
+  full = hppo.parse_policies(hppo_config.get_config("tiny").hppo.policies)
+  assert full == list(hppo.POLICIES)
+  for policy in hppo.POLICIES:
+    c = hppo_config.get_config(f"tiny,no_{policy}")
+    assert hppo.parse_policies(c.hppo.policies) == [p for p in hppo.POLICIES if p != policy]
+  with pytest.raises(ValueError, match="unknown policies"):
+    hppo_config.get_config("no_magic")
+  with pytest.raises(errors.UserError, match="known: policy"):
+    hppo.parse_policies("policy,magic")
+
+
+# ----------------------------------------------------------------------------- stage end to end
+
+
+@pytest.fixture(scope="module")
+def sft_workdir(tiny_world, tmp_path_factory, fast_compile):
+  del fast_compile
+  workdir = str(tmp_path_factory.mktemp("sft"))
+  config = sft_config.get_config("tiny")
+  config.init_from, config.num_steps = "", 60
+  training.train(config, str(tiny_world), workdir)
+  return workdir
+
+
+def _hppo_config(sft_workdir: str, **overrides):
+  config = hppo_config.get_config("tiny")
+  config.init_from = sft_workdir
+  config.num_steps, config.checkpoint_every, config.hppo.pool_every = 40, 20, 20
+  config.log_every = 10
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_hppo_stage_trains_and_resumes_exactly(tiny_world, sft_workdir, tmp_path, monkeypatch):
+  config = _hppo_config(sft_workdir)
+  full = training.train(config, str(tiny_world), str(tmp_path / "full"))
+
+  records = [json.loads(line) for line in open(tmp_path / "full" / engine.METRICS_FILE)]
+  pools = [r for r in records if "pool/kept_pairs" in r]
+  assert [r["step"] for r in pools] == [0, 20]  # rebuilt every pool_every steps
+  for r in pools:
+    assert 0 < r["pool/kept_pairs"] <= r["pool/margin_pairs"] <= r["pool/candidate_pairs"]
+  first = next(r for r in records if "dpo_loss" in r)
+  assert 0 <= first["implicit_accuracy"] <= 1
+
+  # Killed one step after the checkpoint (and pool rebuild) at 20, then resumed.
+  calls = hppo.PairBatches.__call__
+
+  def dies_at_25(self, step, *args):
+    if step == 25:
+      raise _Killed()
+    return calls(self, step, *args)
+
+  workdir = tmp_path / "resumed"
+  monkeypatch.setattr(hppo.PairBatches, "__call__", dies_at_25)
+  with pytest.raises(_Killed):
+    training.train(config, str(tiny_world), str(workdir))
+  monkeypatch.setattr(hppo.PairBatches, "__call__", calls)
+  resumed = training.train(config, str(tiny_world), str(workdir))
+  for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(full.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_hppo_config_errors(tiny_world, sft_workdir, tmp_path):
+  with pytest.raises(errors.UserError, match="init_from"):
+    training.train(_hppo_config(""), str(tiny_world), str(tmp_path / "a"))
+  with pytest.raises(errors.UserError, match="multiple of hppo.pool_every"):
+    training.train(_hppo_config(sft_workdir, checkpoint_every=30), str(tiny_world),
+                   str(tmp_path / "b"))
+
+
+def test_pool_never_reads_held_out_truth(tiny_world, sft_workdir):
+  """Poisoned held-out labels and patterns leave the pool (candidates and labels) unchanged."""
+  config = _hppo_config(sft_workdir)
+  cat = catalog_lib.load_catalog(tiny_world)
+  held_out = cat.item_split != 0
+  rng = np.random.default_rng(0)
+  # Not written to disk: permuted held-out patterns would (rightly) fail the loader's checks.
+  poisoned = dataclasses.replace(
+      cat, patterns=np.where(held_out, rng.permutation(cat.patterns), cat.patterns),
+      attributes=np.where(held_out[:, None], ~cat.attributes, cat.attributes))
+  model = training.make_model(config.model, cat.dim, cat.num_domains)
+  params = engine.restore_params(sft_workdir)
+  pools = []
+  for c in (cat, poisoned):
+    source, _ = trajectories.build_source(c, config.num_clusters, config.seed,
+                                          config.metric_predictor)
+    oracle = oracle_lib.OnlineOracle(c, k=20, index_kind="exact")
+    builder = hppo.CandidatePools(c, source, oracle, training.apply_fn(model), params, config,
+                                  model.num_domains)
+    pools.append(builder.build(params, 0))
+  a, b = pools
+  assert a.names == b.names and len(a.names) == 9
+  np.testing.assert_array_equal(a.candidates, b.candidates)
+  np.testing.assert_array_equal(a.joint, b.joint)
+  np.testing.assert_array_equal(a.pairs, b.pairs)
