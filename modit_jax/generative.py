@@ -2,8 +2,8 @@
 
 A `Generator` loads a training workdir once (its `config.json` and the EMA parameters of its
 latest checkpoint) and samples query embeddings for seed sets by DDIM. Sampling is jitted once
-per padded batch size (batches are padded to a multiple of `_BUCKET`), so evaluating many query
-files does not recompile.
+per padded batch size (`Generator.padded_size`: powers of two up to `_BUCKET`, then multiples
+of it), so evaluating many query files, or serving many calls, does not recompile.
 """
 
 import functools
@@ -17,6 +17,7 @@ from modit_jax import catalog as catalog_lib
 from modit_jax import diffusion
 from modit_jax import engine
 from modit_jax import errors
+from modit_jax import hppo
 from modit_jax import oracle as oracle_lib
 from modit_jax import retrieval
 from modit_jax import training
@@ -33,62 +34,103 @@ class Generator:
     self.params = jax.device_put(engine.restore_params(workdir, use_ema=True))
     self.num_steps = int(num_steps or self.config.diffusion.sample_steps)
     self.guidance_scale = float(self.config.diffusion.guidance_scale)
-    self._sample = jax.jit(functools.partial(
-        _sample, apply=training.apply_fn(self.model), dim=self.dim, num_steps=self.num_steps,
-        null_domain=self.num_domains))
+    sample_rows = functools.partial(
+        diffusion.sample_rows, apply=training.apply_fn(self.model), dim=self.dim,
+        num_steps=self.num_steps, null_domain=self.num_domains)
+    self._sample = jax.jit(sample_rows)
+    self._sample_seeded = jax.jit(functools.partial(self._seeded_rows, sample_rows))
+
+  @staticmethod
+  def _seeded_rows(sample_rows, params, context, context_mask, domain, guidance_scale, seeds,
+                   index):
+    # Each row is a batch of one keyed by fold_in(PRNGKey(its seed), index): its sample depends
+    # on nothing else in the batch, not even its position. With one query this is the key an
+    # int seed gives row 0, so both paths agree on a single query.
+    def one(c, m, d, g, seed):
+      rng = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+      return sample_rows(params, c[None], m[None], d[None], g[None], rng)[0]
+    return jax.vmap(one)(context, context_mask, domain, guidance_scale, seeds)
+
+  def check_catalog(self, catalog: catalog_lib.Catalog) -> None:
+    """Refuses a catalog of another dimension or number of domains than the model's."""
+    if (self.dim, self.num_domains) != (catalog.dim, catalog.num_domains):
+      raise errors.UserError(
+          f"the model was trained on d={self.dim} with {self.num_domains} domains; the "
+          f"catalog has d={catalog.dim} and {catalog.num_domains}")
+
+  @staticmethod
+  def padded_size(num: int) -> int:
+    """The batch size `num` queries are padded to: one compilation per size.
+
+    Powers of two up to `_BUCKET`, then multiples of `_BUCKET`: a single query costs one row,
+    and a large batch wastes less than `_BUCKET` rows.
+    """
+    if num <= _BUCKET:
+      return 1 << max(num - 1, 0).bit_length()
+    return -(-num // _BUCKET) * _BUCKET
 
   def sample(self, context: np.ndarray, context_mask: np.ndarray, domain: np.ndarray,
-             seed: int = 0, num_samples: int = 1,
+             seed: int | np.ndarray = 0, num_samples: int = 1,
              guidance_scale: float | np.ndarray | None = None) -> np.ndarray:
     """Unit query embeddings float32 [Q, num_samples, d] for contexts [Q, L, d].
 
     `domain` int [Q] holds domain ids, or `num_domains` (the null domain) for none.
-    `guidance_scale` is a scalar or per-query [Q] (None: the training config's value); it is
-    traced, so changing it does not recompile.
+    `seed` is an int (one random stream for the batch: row q gets the q-th key of it) or int
+    [Q] per-query seeds (a query's samples then depend only on its own seed and inputs, not on
+    its batch or position). `guidance_scale` is a scalar or per-query [Q] (None: the training
+    config's value). Both are traced, so changing them does not recompile; the batch is padded
+    to `padded_size(Q)`, so only a new (bucket, L) compiles.
     """
     scale = self.guidance_scale if guidance_scale is None else guidance_scale
     num = context.shape[0]
-    padded = -(-max(num, 1) // _BUCKET) * _BUCKET
+    padded = self.padded_size(num)
     pad = lambda x: np.concatenate([x, np.zeros((padded - num,) + x.shape[1:], x.dtype)])
     ctx, mask = pad(np.asarray(context, np.float32)), pad(np.asarray(context_mask, bool))
     dom = pad(np.asarray(domain, np.int32))
     scale = pad(np.broadcast_to(np.asarray(scale, np.float32), (num,)))
+    seeds = None
+    if np.ndim(seed):
+      if np.shape(seed) != (num,):
+        raise ValueError(f"per-query seeds must have shape ({num},), got {np.shape(seed)}")
+      seeds = pad(np.asarray(seed, np.int32))
     out = []
     for s in range(num_samples):
-      rng = jax.random.fold_in(jax.random.PRNGKey(seed), s)
-      out.append(np.asarray(self._sample(self.params, ctx, mask, dom, scale, rng))[:num])
+      if seeds is None:
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), s)
+        x = self._sample(self.params, ctx, mask, dom, scale, rng)
+      else:
+        x = self._sample_seeded(self.params, ctx, mask, dom, scale, seeds, np.int32(s))
+      out.append(np.asarray(x)[:num])
     return np.stack(out, axis=1)
 
 
-def _sample(params, context, context_mask, domain, guidance_scale, rng, *, apply, dim,
-            num_steps, null_domain):
-  # Rows are independent: one key per row keeps a row's sample the same whatever its batch.
-  keys = jax.random.split(rng, context.shape[0])
-  return jax.vmap(lambda k, c, m, d, g: diffusion.ddim_sample(
-      apply, params, diffusion.Condition(c[None], m[None], d[None]), k, dim, num_steps,
-      g, null_domain)[0])(keys, context, context_mask, domain, guidance_scale)
-
-
 def search_samples(index: retrieval.Index, queries: np.ndarray, seeds: np.ndarray,
-                   k: int) -> np.ndarray:
-  """Searches every sample of float [Q, n, d] and merges per query by best score; ids [Q, k]."""
+                   k: int, return_scores: bool = False
+                   ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+  """Searches every sample of float [Q, n, d] and merges per query by best score; ids [Q, k].
+
+  `seeds` int [Q, E] are excluded (-1: none). With `return_scores`, returns (ids, scores
+  [Q, k]), each id's score being its best over the query's samples.
+  """
   num, n = queries.shape[:2]
   ids, scores = index.search(queries.reshape(num * n, -1), k, exclude=np.repeat(seeds, n, 0))
-  if n == 1:
-    return ids
-  ids, scores = ids.reshape(num, n * k), scores.reshape(num, n * k)
-  order = np.argsort(-scores, axis=1, kind="stable")
-  ids = np.take_along_axis(ids, order, axis=1)
-  out = np.empty((num, k), ids.dtype)
-  for q in range(num):  # first occurrence of each id, best score first
-    _, first = np.unique(ids[q], return_index=True)
-    out[q] = ids[q][np.sort(first)][:k]
-  return out
+  if n > 1:
+    ids, scores = ids.reshape(num, n * k), scores.reshape(num, n * k)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
+    keep = np.empty((num, k), np.int64)
+    for q in range(num):  # first occurrence of each id, best score first
+      _, first = np.unique(ids[q], return_index=True)
+      keep[q] = np.sort(first)[:k]
+    ids, scores = np.take_along_axis(ids, keep, 1), np.take_along_axis(scores, keep, 1)
+  return (ids, scores) if return_scores else ids
 
 
-# Each reads the training workdir named in the evaluation config's `workdirs.<method>`.
+# Each reads the training workdir named in the evaluation config's `workdirs.<method>`; the
+# `hppo_no_<policy>` methods are the candidate-policy ablation (configs/hppo.py:no_<policy>).
 GENERATIVE_METHODS = ("pretrained_gr", "modit_cpt", "modit_sft", "modit_sft_only", "order_random",
-                      "order_reversed")
+                      "order_reversed", "modit_hppo") + tuple(
+                          f"hppo_no_{policy}" for policy in hppo.POLICIES)
 
 
 def fit(name: str, workdir: str, catalog: catalog_lib.Catalog,
@@ -104,10 +146,7 @@ def fit(name: str, workdir: str, catalog: catalog_lib.Catalog,
     raise errors.UserError(
         f"method {name} needs its training workdir: set --config.workdirs.{name}=DIR")
   generator = Generator(workdir)
-  if (generator.dim, generator.num_domains) != (catalog.dim, catalog.num_domains):
-    raise errors.UserError(
-        f"{workdir} was trained on d={generator.dim} with {generator.num_domains} domains; "
-        f"the catalog has d={catalog.dim} and {catalog.num_domains}")
+  generator.check_catalog(catalog)
   # Stage 1 never sees a domain token: it is asked with the null domain (guidance is moot).
   conditioned = generator.config.stage != "pretrain"
   emb = catalog.embeddings

@@ -1,0 +1,344 @@
+"""Answering retrieval queries with a trained model: the library behind `modit_jax.retrieve`.
+
+A `Retriever` loads a training workdir (or a pipeline output directory) once: the model and
+the EMA parameters of its latest checkpoint, the catalog it was trained on and the serialized
+ScaNN index of that catalog. Each query is a seed set (catalog item ids, or raw embeddings of
+new items) and a target domain; the answer is the ids and scores of the best k items.
+
+  retriever = Retriever.from_workdir("out/default/sft")
+  ids, scores = retriever.retrieve([12, 40, 7], "quality", k=20)
+  ids, scores = retriever.retrieve(new_embeddings, "safety")  # float [s, d]: new items
+  ids, scores = retriever.retrieve_batch([[1, 2], [3, 4, 5]], ["quality", "length"])
+
+Contexts are padded to `config.model.max_context` with the key-padding mask and batches to
+`Generator.padded_size`, so calls compile once per batch-size bucket, never per call. Every
+query is sampled with its own key (from `seed`), so its answer does not depend on the batch it
+is asked in.
+"""
+
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+from absl import logging
+import numpy as np
+
+from modit_jax import catalog as catalog_lib
+from modit_jax import errors
+from modit_jax import generative
+from modit_jax import retrieval
+from modit_jax import training
+
+PIPELINE_FILE = "pipeline.json"  # written by the pipeline binary into its output directory
+GUIDANCE_FILE = "guidance.json"  # {"guidance_scale": {"<domain>": float, ...}}
+INDEX_DIR = "index"               # the default index directory inside a training workdir
+
+Domain = str | int
+GuidanceScale = float | Mapping[str, float]
+
+
+class Retriever:
+  """Answers (seed set, domain) queries with the best k catalog items."""
+
+  def __init__(self, generator: generative.Generator, catalog: catalog_lib.Catalog,
+               index: retrieval.Index, guidance_scale: GuidanceScale | None = None,
+               num_samples: int = 1, seed: int = 0):
+    """Wraps a loaded model, its catalog and an index of that catalog.
+
+    Args:
+      generator: the model of a training workdir.
+      catalog: the catalog the model was trained on (ids, domains, seed embeddings).
+      index: an index over `catalog.embeddings`.
+      guidance_scale: a float for every domain, or a dict domain name -> float (missing
+        domains keep the training config's scale); None: the training config's scale.
+      num_samples: query embeddings sampled per query; their results merge by best score.
+      seed: the random seed of every query's samples.
+
+    Raises:
+      errors.UserError: the parts do not fit together, or a bad scale or sample count.
+    """
+    generator.check_catalog(catalog)
+    if (index.num_items, index.dim) != (catalog.num_items, catalog.dim):
+      raise errors.UserError(
+          f"the index holds {index.num_items} items of d={index.dim}; the catalog has "
+          f"{catalog.num_items} of d={catalog.dim}: rebuild it from this catalog")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or (
+        num_samples < 1):
+      raise errors.UserError(f"num_samples must be a positive integer, got {num_samples!r}")
+    self.generator = generator
+    self.catalog = catalog
+    self.index = index
+    self.num_samples = int(num_samples)
+    self.seed = int(seed)
+    self.guidance_scale = _domain_scales(guidance_scale, generator.guidance_scale,
+                                         catalog.domains, "guidance_scale")
+    # Stage 1 never saw a domain token: it is asked with the null domain, as in evaluation.
+    self.conditioned = generator.config.stage != "pretrain"
+    self.max_context = int(generator.config.model.max_context)
+
+  @classmethod
+  def from_workdir(cls, workdir: str | os.PathLike, *, dataset: str | None = None,
+                   index: str | None = None, guidance_scale: GuidanceScale | None = None,
+                   num_samples: int = 1, seed: int = 0) -> "Retriever":
+    """Loads the retriever of a training workdir or of a pipeline output directory.
+
+    Args:
+      workdir: a training workdir (with `config.json`), or a directory whose `pipeline.json`
+        names the final training workdir, the catalog and the index (paths relative to it).
+      dataset: the catalog directory; default: pipeline.json's, else the one the workdir
+        was trained on.
+      index: an index directory saved by `retrieval.Index.save`; default: pipeline.json's,
+        else `<training workdir>/index`. A default index that is not there yet is built
+        (ScaNN) from the catalog and saved there, so the next load reads it.
+      guidance_scale: as in `__init__`; default: `guidance.json` in `workdir` (then in the
+        training workdir), else the training config's scale.
+      num_samples: query embeddings sampled per query.
+      seed: the random seed of every query's samples.
+
+    Returns:
+      The retriever.
+
+    Raises:
+      errors.UserError: missing or inconsistent files.
+    """
+    root = os.fspath(workdir)
+    pipeline = _read_pipeline(root)
+    model_dir = pipeline.get("final_workdir", root)
+    generator = generative.Generator(model_dir)
+    dataset = dataset or pipeline.get("dataset") or training.run_dataset(model_dir)
+    if not dataset:
+      raise errors.UserError(
+          f"{model_dir}/{training.CONFIG_FILE} records no catalog: pass the dataset "
+          f"(--dataset=DIR)")
+    # Memory-mapped: seed lookups touch a few rows, and the index keeps its own copy.
+    catalog = catalog_lib.load_catalog(dataset, mmap=True)
+    if index:
+      loaded = retrieval.load_index(index)
+    else:
+      loaded = _load_or_build_index(pipeline.get("index") or os.path.join(model_dir, INDEX_DIR),
+                                    catalog)
+    if guidance_scale is None:
+      # dict.fromkeys: both directories, in order, once each.
+      guidance_scale = _read_guidance(dict.fromkeys([root, model_dir]), catalog.domains)
+    return cls(generator, catalog, loaded, guidance_scale, num_samples, seed)
+
+  @property
+  def domains(self) -> list[str]:
+    return self.catalog.domains
+
+  def retrieve(self, seeds: Any, domain: Domain, k: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """The best k items for one seed set in `domain`, best first.
+
+    Args:
+      seeds: int [s] catalog item ids (excluded from the answer), or float [s, d] raw
+        embeddings of items that may not be in the catalog (L2-normalised here; nothing is
+        excluded). 1 <= s <= the model's max_context.
+      domain: a domain name of the catalog, or its id.
+      k: how many items, 1 <= k <= the number of items left after excluding the seeds.
+
+    Returns:
+      ids int64 [k] and scores float32 [k] (dot products with the query embedding).
+
+    Raises:
+      errors.UserError: bad seeds, domain or k.
+    """
+    context, exclude = self._parse_seeds(seeds, "")
+    ids, scores = self._answer([context], [exclude], [self._domain_id(domain, "")], k)
+    return ids[0], scores[0]
+
+  def retrieve_batch(self, seed_sets: Sequence[Any], domains: Domain | Sequence[Domain],
+                     k: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """`retrieve` for Q seed sets at once; rows equal Q separate `retrieve` calls.
+
+    Args:
+      seed_sets: Q seed sets as in `retrieve`, of any sizes and kinds (or an int [Q, s] or
+        float [Q, s, d] array).
+      domains: one domain for every seed set, or Q domains.
+      k: items per seed set.
+
+    Returns:
+      ids int64 [Q, k] and scores float32 [Q, k].
+
+    Raises:
+      errors.UserError: a bad seed set (named by its position), domain or k.
+    """
+    if isinstance(seed_sets, (str, bytes)) or not hasattr(seed_sets, "__len__"):
+      raise errors.UserError(f"seed_sets must be a list of seed sets, got {type(seed_sets)}")
+    if not len(seed_sets):
+      raise errors.UserError("seed_sets is empty: give at least one seed set")
+    if isinstance(domains, (str, int, np.integer)):
+      domains = [domains] * len(seed_sets)
+    if len(domains) != len(seed_sets):
+      raise errors.UserError(
+          f"{len(seed_sets)} seed sets but {len(domains)} domains: give one domain, or one "
+          f"per seed set")
+    parsed = [self._parse_seeds(s, f"seed set {q}: ") for q, s in enumerate(seed_sets)]
+    domain_ids = [self._domain_id(d, f"seed set {q}: ") for q, d in enumerate(domains)]
+    return self._answer([c for c, _ in parsed], [e for _, e in parsed], domain_ids, k)
+
+  def _parse_seeds(self, seeds: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(unit context float32 [s, d], item ids to exclude int [e]) of one seed set."""
+    try:
+      seeds = np.asarray(seeds)
+    except ValueError as e:  # ragged nested lists
+      raise errors.UserError(f"{where}seeds must be a list of ids or an [s, d] array: {e}") from e
+    if seeds.size == 0:
+      raise errors.UserError(f"{where}empty seed set: give at least one item id or embedding")
+    num_items, dim = self.catalog.num_items, self.catalog.dim
+    if np.issubdtype(seeds.dtype, np.integer):
+      if seeds.ndim != 1:
+        raise errors.UserError(
+            f"{where}item-id seeds must be a 1-D list of ids, got shape {seeds.shape}")
+      self._check_count(len(seeds), where)
+      bad = seeds[(seeds < 0) | (seeds >= num_items)]
+      if bad.size:
+        raise errors.UserError(
+            f"{where}unknown item id {bad[0]}: the catalog's ids are 0..{num_items - 1}")
+      return np.asarray(self.catalog.embeddings[seeds], np.float32), np.unique(seeds)
+    if not np.issubdtype(seeds.dtype, np.floating):
+      raise errors.UserError(
+          f"{where}seeds must be integer item ids or float embeddings, got dtype {seeds.dtype}")
+    if seeds.ndim != 2:
+      raise errors.UserError(
+          f"{where}seed embeddings must be a 2-D [s, {dim}] float array (one item: [1, {dim}]; "
+          f"item ids must be integers), got shape {seeds.shape}")
+    if seeds.shape[1] != dim:
+      raise errors.UserError(
+          f"{where}seed embeddings have dimension {seeds.shape[1]}, but the catalog and model "
+          f"have dimension {dim}")
+    self._check_count(len(seeds), where)
+    seeds = seeds.astype(np.float64)
+    norms = np.linalg.norm(seeds, axis=1)
+    bad = np.flatnonzero(~np.isfinite(norms) | (norms == 0))
+    if bad.size:
+      row = int(bad[0])
+      problem = "is not finite" if not np.isfinite(norms[row]) else "is all zeros"
+      raise errors.UserError(f"{where}seed embedding row {row} {problem}")
+    # Catalog embeddings are unit rows; the model only ever saw those.
+    return (seeds / norms[:, None]).astype(np.float32), np.zeros(0, np.int64)
+
+  def _check_count(self, num: int, where: str) -> None:
+    if num > self.max_context:
+      raise errors.UserError(
+          f"{where}{num} seeds, but the model takes at most {self.max_context} "
+          f"(its config.model.max_context)")
+
+  def _domain_id(self, domain: Domain, where: str) -> int:
+    if isinstance(domain, str):
+      try:
+        return self.catalog.domain_id(domain)
+      except errors.UserError as e:
+        raise errors.UserError(f"{where}{e}") from None
+    num = self.catalog.num_domains
+    if isinstance(domain, (int, np.integer)) and not isinstance(domain, bool) and (
+        0 <= domain < num):
+      return int(domain)
+    raise errors.UserError(
+        f"{where}unknown domain {domain!r}; known domains: {', '.join(self.domains)} "
+        f"(or their ids 0..{num - 1})")
+
+  def _answer(self, contexts: list[np.ndarray], excludes: list[np.ndarray],
+              domain_ids: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Samples, searches and merges parsed queries; ids int64 [Q, k], scores float32 [Q, k]."""
+    num_items = self.catalog.num_items
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+      raise errors.UserError(f"k must be an integer, got {k!r}")
+    most_excluded = max(len(e) for e in excludes)
+    if not 1 <= k <= num_items - most_excluded:
+      left = f" ({most_excluded} seed ids excluded)" if most_excluded else ""
+      raise errors.UserError(f"k must be in [1, {num_items - most_excluded}] (the catalog's "
+                             f"{num_items} items{left}), got {k}")
+    num = len(contexts)
+    # Padded to max_context (masked): the jitted sampler sees one context shape only.
+    context = np.zeros((num, self.max_context, self.catalog.dim), np.float32)
+    mask = np.zeros((num, self.max_context), bool)
+    exclude = np.full((num, self.max_context), -1, np.int64)
+    for q, (ctx, ex) in enumerate(zip(contexts, excludes)):
+      context[q, :len(ctx)], mask[q, :len(ctx)], exclude[q, :len(ex)] = ctx, True, ex
+    domain = np.asarray(domain_ids, np.int32)
+    model_domain = domain if self.conditioned else np.full(num, self.generator.num_domains)
+    samples = self.generator.sample(context, mask, model_domain, np.full(num, self.seed),
+                                    self.num_samples, self.guidance_scale[domain])
+    ids, scores = generative.search_samples(self.index, samples, exclude, k,
+                                            return_scores=True)
+    return ids.astype(np.int64), scores.astype(np.float32)
+
+
+def _read_json(path: str) -> Any:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise errors.UserError(f"{path}: cannot read as JSON ({e})") from e
+
+
+def _read_pipeline(root: str) -> dict[str, str]:
+  """{} for a training workdir; else pipeline.json's paths, resolved against `root`."""
+  if os.path.isfile(os.path.join(root, training.CONFIG_FILE)):
+    return {}
+  path = os.path.join(root, PIPELINE_FILE)
+  if not os.path.isfile(path):
+    raise errors.UserError(
+        f"{root}: neither a training workdir ({training.CONFIG_FILE}) nor a pipeline output "
+        f"directory ({PIPELINE_FILE})")
+  saved = _read_json(path)
+  if not isinstance(saved, dict) or not isinstance(saved.get("final_workdir"), str):
+    raise errors.UserError(f"{path}: expected a JSON object with a \"final_workdir\" path")
+  paths = {}
+  for key in ("final_workdir", "dataset", "index"):
+    value = saved.get(key)
+    if value is not None and not isinstance(value, str):
+      raise errors.UserError(f"{path}: \"{key}\" must be a path, got {value!r}")
+    if value:
+      paths[key] = os.path.join(root, value)
+  return paths
+
+
+def _load_or_build_index(path: str, catalog: catalog_lib.Catalog) -> retrieval.Index:
+  """Loads the index at `path`; builds (ScaNN) and saves it there if none is there yet."""
+  # No index.json: never saved, or a save that did not finish (index.json is written last).
+  if os.path.isfile(os.path.join(path, retrieval.META_FILE)):
+    return retrieval.load_index(path)
+  index = retrieval.build_index(catalog.embeddings, "scann")
+  index.save(path)
+  logging.info("No index at %s: built a ScaNN index of the %d catalog items and saved it there",
+               path, catalog.num_items)
+  return index
+
+
+def _read_guidance(directories: Sequence[str], domains: list[str]) -> dict[str, float] | None:
+  """The tuned scales of the first `guidance.json` in `directories`; None if there is none."""
+  for directory in directories:
+    path = os.path.join(directory, GUIDANCE_FILE)
+    if os.path.isfile(path):
+      saved = _read_json(path)
+      scales = saved.get("guidance_scale") if isinstance(saved, dict) else None
+      if not isinstance(scales, dict):
+        raise errors.UserError(
+            f"{path}: expected {{\"guidance_scale\": {{\"<domain>\": float, ...}}}}")
+      _domain_scales(scales, 1.0, domains, path)  # checked here, so errors name the file
+      logging.info("Guidance scales from %s: %s", path, scales)
+      return scales
+  return None
+
+
+def _domain_scales(scale: GuidanceScale | None, default: float, domains: list[str],
+                   what: str) -> np.ndarray:
+  """Per-domain guidance scales float32 [M] from a float, a dict or None (the default)."""
+  if scale is None:
+    scale = default
+  if isinstance(scale, Mapping):
+    unknown = sorted(set(scale) - set(domains))
+    if unknown:
+      raise errors.UserError(f"{what}: unknown domain(s) {', '.join(map(str, unknown))}; "
+                             f"known domains: {', '.join(domains)}")
+    values = [scale.get(name, default) for name in domains]
+  else:
+    values = [scale] * len(domains)
+  try:
+    out = np.asarray(values, np.float32)
+  except (TypeError, ValueError) as e:
+    raise errors.UserError(f"{what}: guidance scales must be numbers, got {values}") from e
+  if out.shape != (len(domains),) or not np.isfinite(out).all():
+    raise errors.UserError(f"{what}: guidance scales must be finite numbers, got {values}")
+  return out
