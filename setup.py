@@ -34,5 +34,8 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest==9.0.3"],
+        # pyarrow: reads Parquet item tables in `modit_jax.convert_catalog` (bring your own
+        # catalog). Optional because only that converter needs it; .npz tables need nothing.
+        "byo": ["pyarrow==25.0.1"],
     },
 )
