@@ -17,7 +17,6 @@ from ml_collections import config_flags
 
 from modit_jax import app
 from modit_jax import catalog as catalog_lib
-from modit_jax import evaluation
 from modit_jax import properties
 from modit_jax import synthetic
 
@@ -39,17 +38,11 @@ def main(argv: Sequence[str]) -> None:
   if not config.check_properties:
     print("property check skipped (config.check_properties = False)")
     return
-  check = evaluation.default_config()
-  check.methods = ",".join(properties.METHODS)
-  check.index_kind = check.oracle_index_kind = config.check_index_kind
-  check.num_resamples = 1000  # the CIs are not part of the properties
-  result = evaluation.evaluate(catalog, check)
-  found = properties.check(result, config.alpha, catalog.domains)
-  text = properties.table(found)
+  found, text, cells = properties.check_world(catalog, config)
   with open(os.path.join(_OUT.value, "properties.md"), "w") as f:
     f.write(text)
   print(text)
-  print(evaluation.headline_table(result.records))
+  print(cells)
   if not all(p.holds for p in found):
     if not config.properties_required:
       print("note: not every property holds; this variant does not require them "

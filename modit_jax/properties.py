@@ -9,7 +9,7 @@
 """
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -73,3 +73,22 @@ def table(properties: Sequence[Property]) -> str:
   lines += [f"| {p.name} | {p.measured} | {p.required} | {'yes' if p.holds else 'NO'} |"
             for p in properties]
   return "\n".join(lines) + "\n"
+
+
+def check_world(catalog: Any, world_config: Any) -> tuple[list[Property], str, str]:
+  """Evaluates the property methods on a synthetic world and checks the properties.
+
+  Args:
+    catalog: the loaded world (`catalog.Catalog`).
+    world_config: its `configs/synthetic.py` config (alpha, check_index_kind).
+
+  Returns:
+    (properties, their markdown table, the methods' 8-cell Joint@20 table).
+  """
+  check_config = evaluation_lib.default_config()
+  check_config.methods = ",".join(METHODS)
+  check_config.index_kind = check_config.oracle_index_kind = world_config.check_index_kind
+  check_config.num_resamples = 1000  # the CIs are not part of the properties
+  result = evaluation_lib.evaluate(catalog, check_config)
+  found = check(result, world_config.alpha, catalog.domains)
+  return found, table(found), evaluation_lib.headline_table(result.records)

@@ -1,0 +1,59 @@
+r"""The whole job: dataset, the four training stages with their ablations, evaluation, report.
+
+Launch (the README's main command runs this on the default synthetic world):
+  python -m modit_jax.pipeline --config=configs/pipeline.py --workdir=out/pipeline
+On your own catalog (see docs/byo_catalog.md):
+  python -m modit_jax.pipeline --config=configs/pipeline.py --config.dataset=DIR --workdir=OUT
+Variants: `configs/pipeline.py:tiny` (the tests' world and models), `:no_ablations` (the main
+methods only), combinable as `:tiny,no_ablations`.
+
+Every run is a stage config from configs/ (`runs.<name>.config` is `<file>:<variant>`) started
+from the run named in `runs.<name>.init_from`; `runs.<name>.method` is the evaluation method that
+reads it. A finished run is skipped when the pipeline is run again.
+"""
+
+import ml_collections
+
+from configs import evaluate as evaluate_config
+from configs import synthetic as synthetic_config
+from modit_jax import hppo
+
+
+def _run(config: str, init_from: str, method: str, ablation: bool = False,
+         num_steps: int = 0) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(config=config, init_from=init_from, method=method,
+                                        ablation=ablation, num_steps=num_steps))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the pipeline config; `arg`: comma-separated from tiny, no_ablations."""
+  tokens = {t for t in (arg or "").split(",") if t}
+  unknown = tokens - {"tiny", "no_ablations"}
+  if unknown:
+    raise ValueError(f"unknown pipeline variant(s) {sorted(unknown)}; use tiny, no_ablations")
+  tiny = "tiny" in tokens
+  variant = "tiny" if tiny else ""
+  with_variant = lambda name, extra="": f"{name}:{','.join(t for t in (variant, extra) if t)}"
+
+  c = ml_collections.ConfigDict()
+  c.dataset = ""                   # an existing catalog; "" generates `world` into OUT/dataset
+  c.world = synthetic_config.get_config(variant or None)
+  c.ablations = "no_ablations" not in tokens
+  c.runs = ml_collections.ConfigDict()
+  c.runs.pretrain = _run(with_variant("pretrain"), "", "pretrained_gr")
+  c.runs.cpt = _run(with_variant("cpt"), "pretrain", "modit_cpt")
+  c.runs.sft = _run(with_variant("sft"), "cpt", "modit_sft")
+  c.runs.hppo = _run(with_variant("hppo"), "sft", "modit_hppo")
+  c.runs.cpt_random = _run(with_variant("cpt", "random"), "pretrain", "order_random", True)
+  c.runs.cpt_reversed = _run(with_variant("cpt", "reversed"), "pretrain", "order_reversed",
+                             True)
+  c.runs.sft_only = _run(with_variant("sft"), "pretrain", "modit_sft_only", True)
+  for policy in hppo.POLICIES:
+    c.runs[f"hppo_no_{policy}"] = _run(with_variant("hppo", f"no_{policy}"), "sft",
+                                       f"hppo_no_{policy}", True)
+  c.final_run = "hppo"             # what `Retriever.from_workdir(OUT)` serves
+
+  c.evaluate = evaluate_config.get_config(variant or None)
+  c.evaluate.references = "pretrained_gr,modit_sft,strongest_baseline"
+  c.index_kind = "scann"           # OUT/index, the serving index of the Retriever
+  return c

@@ -1,0 +1,213 @@
+"""The one-command pipeline: dataset, training runs, serving index, evaluation and report.
+
+`run_pipeline(config, out)` lays out one directory:
+
+  OUT/dataset/        the catalog (generated from `config.world`, or `config.dataset` is used)
+  OUT/<run>/          one training workdir per run of `config.runs` (pretrain, cpt, sft, hppo,
+                      and the ablations), each resumable; a finished run is skipped
+  OUT/cache/          the predictor density and latent clusters, computed once for all runs
+  OUT/index/          the serialized ScaNN index of the whole catalog (for `Retriever`)
+  OUT/eval/           report.md, results.json, retrieved/ of the evaluation binary
+  OUT/report.md       the pipeline report: the 8-cell table, plots (OUT/plots/), timings
+  OUT/pipeline.json   what `Retriever.from_workdir(OUT)` reads: final run, dataset, index
+"""
+
+import importlib
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import ml_collections
+
+from modit_jax import catalog as catalog_lib
+from modit_jax import engine
+from modit_jax import errors
+from modit_jax import evaluation
+from modit_jax import properties
+from modit_jax import report
+from modit_jax import retrieval
+from modit_jax import retriever
+from modit_jax import synthetic
+from modit_jax import training
+
+DATASET_DIR = "dataset"
+INDEX_DIR = "index"
+EVAL_DIR = "eval"
+EVAL_INPUTS_FILE = "inputs.json"  # in OUT/eval: what the saved results were computed from
+CACHE_DIR = "cache"  # predictor density and latent clusters shared by the runs
+
+
+def stage_config(spec: str) -> ml_collections.ConfigDict:
+  """The config of `configs/<file>.py:<variant>` given as "<file>:<variant>"."""
+  name, _, variant = spec.partition(":")
+  try:
+    module = importlib.import_module(f"configs.{name}")
+  except ModuleNotFoundError:
+    raise errors.UserError(f"no stage config configs/{name}.py (run from the repository "
+                           "root, where configs/ is)") from None
+  try:
+    return module.get_config(variant or None)
+  except ValueError as e:
+    raise errors.UserError(f"configs/{name}.py:{variant}: {e}") from None
+
+
+def ordered_runs(config: ml_collections.ConfigDict) -> list[str]:
+  """Run names in an order where each run comes after the run it starts from."""
+  runs = {name: run for name, run in config.runs.items()
+          if config.ablations or not run.ablation}
+  order: list[str] = []
+
+  def visit(name: str, path: tuple[str, ...]) -> None:
+    if name in order:
+      return
+    if name in path:
+      raise errors.UserError(f"runs form a cycle: {' -> '.join(path + (name,))}")
+    if name not in runs:
+      raise errors.UserError(f"run {path[-1]!r} starts from unknown run {name!r}")
+    parent = runs[name].init_from
+    if parent:
+      visit(parent, path + (name,))
+    order.append(name)
+
+  for name in runs:
+    visit(name, ())
+  if config.final_run not in runs:
+    raise errors.UserError(f"final_run {config.final_run!r} is not among the runs "
+                           f"({', '.join(runs)})")
+  return order
+
+
+def _latest_step(workdir: str) -> int:
+  """The workdir's newest checkpoint step (0: none)."""
+  if not os.path.isdir(os.path.join(workdir, engine.CHECKPOINT_SUBDIR)):
+    return 0
+  checkpointer = engine.Checkpointer(workdir)
+  try:
+    return checkpointer.latest_step() or 0
+  finally:
+    checkpointer.close()
+
+
+def _dataset(config: ml_collections.ConfigDict, out: str, notes: list[str]) -> str:
+  if config.dataset:
+    catalog_lib.load_catalog(config.dataset)  # validate before hours of training
+    notes.append(f"dataset: `{os.path.abspath(config.dataset)}` (given)")
+    return config.dataset
+  path = os.path.join(out, DATASET_DIR)
+  if os.path.isfile(os.path.join(path, "manifest.json")):
+    logging.info("Reusing the dataset in %s", path)
+    notes.append(f"dataset: `{path}` (reused)")
+    return path
+  start = time.perf_counter()
+  synthetic.write_world(config.world, path)
+  catalog = catalog_lib.load_catalog(path)
+  note = f"dataset: `{path}`, generated in {time.perf_counter() - start:.0f} s"
+  if config.world.check_properties:
+    found, table, _ = properties.check_world(catalog, config.world)
+    with open(os.path.join(path, "properties.md"), "w") as f:
+      f.write(table)
+    failed = [p.name for p in found if not p.holds]
+    if failed and config.world.properties_required:
+      raise errors.UserError(f"the generated world fails required properties: {failed}; "
+                             f"see {path}/properties.md")
+    note += ("; all properties hold" if not failed else
+             f"; properties not holding (not required here): {len(failed)}")
+  notes.append(note)
+  return path
+
+
+def _train_runs(config: ml_collections.ConfigDict, dataset: str, out: str,
+                notes: list[str]) -> dict[str, str]:
+  workdirs = {}
+  for name in ordered_runs(config):
+    run = config.runs[name]
+    stage = stage_config(run.config)
+    stage.init_from = os.path.join(out, run.init_from) if run.init_from else ""
+    stage.data_cache = os.path.join(out, CACHE_DIR)
+    if run.num_steps:
+      stage.num_steps = int(run.num_steps)
+    workdir = os.path.join(out, name)
+    workdirs[name] = workdir
+    if _latest_step(workdir) >= stage.num_steps:
+      logging.info("Run %s is finished (%s); skipped", name, workdir)
+      notes.append(f"run `{name}` ({run.config}): finished earlier, skipped")
+      continue
+    logging.info("Run %s: %s from %s", name, run.config, stage.init_from or "scratch")
+    start = time.perf_counter()
+    training.train(stage, dataset, workdir)
+    notes.append(f"run `{name}` ({run.config}, {stage.num_steps} steps): "
+                 f"{time.perf_counter() - start:.0f} s")
+  return workdirs
+
+
+def _index(config: ml_collections.ConfigDict, dataset: str, out: str) -> str:
+  path = os.path.join(out, INDEX_DIR)
+  if not os.path.isfile(os.path.join(path, retrieval.META_FILE)):
+    embeddings = catalog_lib.load_catalog(dataset, mmap=True).embeddings
+    retrieval.build_index(embeddings, config.index_kind).save(path)
+  return path
+
+
+def _evaluate(config: ml_collections.ConfigDict, dataset: str, out: str,
+              workdirs: dict[str, str], notes: list[str]) -> dict[str, Any]:
+  eval_config = ml_collections.ConfigDict(config.evaluate.to_dict())
+  methods = evaluation.split_names(eval_config.methods, "methods")
+  for name, workdir in workdirs.items():
+    method = config.runs[name].method
+    eval_config.workdirs[method] = workdir
+    if method not in methods:
+      methods.append(method)
+  eval_config.methods = ",".join(methods)
+  eval_dir = os.path.join(out, EVAL_DIR)
+  # What the evaluation depends on besides the dataset: its config and each model's checkpoint.
+  inputs = {"config": json.loads(eval_config.to_json_best_effort()),
+            "checkpoints": {name: _latest_step(workdir) for name, workdir in workdirs.items()}}
+  inputs_path = os.path.join(eval_dir, EVAL_INPUTS_FILE)
+  results_path = os.path.join(eval_dir, "results.json")
+  if os.path.isfile(results_path) and os.path.isfile(inputs_path):
+    with open(inputs_path) as f:
+      if json.load(f) == inputs:
+        notes.append(f"evaluation of {len(methods)} methods: unchanged inputs, reused")
+        with open(results_path) as g:
+          return json.load(g)
+  start = time.perf_counter()
+  result = evaluation.evaluate(catalog_lib.load_catalog(dataset), eval_config)
+  evaluation.write(result, eval_dir, dataset)
+  with open(inputs_path, "w") as f:
+    json.dump(inputs, f, indent=1)
+  notes.append(f"evaluation of {len(methods)} methods: {time.perf_counter() - start:.0f} s")
+  with open(results_path) as f:
+    return json.load(f)
+
+
+def _write_serving_files(config: ml_collections.ConfigDict, out: str, dataset: str,
+                         results: dict[str, Any]) -> None:
+  """pipeline.json for `Retriever.from_workdir(OUT)`, and the final run's tuned guidance."""
+  final = config.runs[config.final_run]
+  knob = results.get("knobs", {}).get(final.method)
+  if knob:
+    with open(os.path.join(out, config.final_run, retriever.GUIDANCE_FILE), "w") as f:
+      json.dump({"guidance_scale": knob}, f, indent=1)
+  with open(os.path.join(out, retriever.PIPELINE_FILE), "w") as f:
+    json.dump({"final_workdir": config.final_run,
+               "dataset": os.path.relpath(os.path.abspath(dataset), os.path.abspath(out)),
+               "index": INDEX_DIR}, f, indent=1)
+
+
+def run_pipeline(config: ml_collections.ConfigDict, out: str) -> str:
+  """Runs everything into `out` (resumable); returns the path of OUT/report.md."""
+  start = time.perf_counter()
+  os.makedirs(out, exist_ok=True)
+  notes: list[str] = []
+  dataset = _dataset(config, out, notes)
+  workdirs = _train_runs(config, dataset, out, notes)
+  index_start = time.perf_counter()
+  _index(config, dataset, out)
+  notes.append(f"serving index ({config.index_kind}): {time.perf_counter() - index_start:.0f} s")
+  results = _evaluate(config, dataset, out, workdirs, notes)
+  _write_serving_files(config, out, dataset, results)
+  notes.append(f"total: {time.perf_counter() - start:.0f} s")
+  return report.write_pipeline_report(out, results, workdirs, title="MO-DiT+HPPO pipeline report",
+                                      notes=notes)

@@ -1,0 +1,104 @@
+"""The one-command pipeline on the tiny world: every run, evaluation, report, serving, re-run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import pipeline as pipeline_config
+from modit_jax import errors
+from modit_jax import retriever
+from modit_jax import workflow
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# One ablation of each kind keeps the test short; test_hppo.py checks every policy ablation config.
+_RUNS = ("pretrain", "cpt", "sft", "hppo", "cpt_random", "hppo_no_reference")
+
+
+def _fast_tiny_config(ablations: bool = True):
+  config = pipeline_config.get_config("tiny" if ablations else "tiny,no_ablations")
+  for name in list(config.runs):
+    if name not in _RUNS:
+      del config.runs[name]
+  for run in config.runs.values():
+    run.num_steps = 20  # wiring, not quality: tests/test_training.py checks learning
+  config.evaluate.num_resamples = 200
+  config.evaluate.guidance_grid = (1.0,)
+  return config
+
+
+@pytest.fixture(scope="module")
+def pipeline_out(tmp_path_factory, fast_compile):
+  del fast_compile
+  out = str(tmp_path_factory.mktemp("pipeline"))
+  workflow.run_pipeline(_fast_tiny_config(), out)
+  return out
+
+
+def test_pipeline_writes_everything(pipeline_out):
+  config = _fast_tiny_config()
+  with open(os.path.join(pipeline_out, "eval", "results.json")) as f:
+    results = json.load(f)
+  methods = {r["method"] for r in results["records"]}
+  # Every run's method and every baseline is evaluated.
+  assert {run.method for run in config.runs.values()} <= methods
+  assert {"seed_centroid", "centroid_global_shift", "rerank"} <= methods
+  report = open(os.path.join(pipeline_out, "report.md")).read()
+  for name in ("modit_hppo", "hppo_no_reference", "order_random", "modit_sft"):
+    assert name in report
+  pngs = [p for p in os.listdir(os.path.join(pipeline_out, "plots")) if p.endswith(".png")]
+  assert pngs and all(f"plots/{p}" in report for p in pngs)
+  for name in config.runs:
+    assert os.path.isfile(os.path.join(pipeline_out, name, "config.json"))
+
+
+def test_pipeline_output_serves_and_reruns(pipeline_out):
+  # A seed set of new raw embeddings (not in the catalog) is answered from OUT directly.
+  served = retriever.Retriever.from_workdir(pipeline_out)
+  rng = np.random.default_rng(0)
+  new_items = rng.normal(size=(5, served.catalog.dim)).astype(np.float32)
+  ids, scores = served.retrieve(new_items, served.catalog.domains[0], k=7)
+  assert ids.shape == (7,) and np.all(np.diff(scores) <= 1e-6)
+
+  # Re-running skips every finished run: no checkpoint is rewritten.
+  def checkpoint_mtimes():
+    return {name: os.path.getmtime(os.path.join(pipeline_out, name, "checkpoints"))
+            for name in _fast_tiny_config().runs}
+  before = checkpoint_mtimes()
+  workflow.run_pipeline(_fast_tiny_config(), pipeline_out)
+  assert checkpoint_mtimes() == before
+  report = open(os.path.join(pipeline_out, "report.md")).read()
+  assert "finished earlier, skipped" in report and "unchanged inputs, reused" in report
+
+
+def test_pipeline_binary_refuses_bad_input_without_traceback(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "modit_jax.pipeline", "--config=configs/pipeline.py:tiny",
+       f"--workdir={tmp_path / 'out'}", f"--config.dataset={tmp_path / 'missing'}"],
+      cwd=_REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith("error:")
+  assert "Traceback" not in proc.stderr
+
+
+def test_pipeline_config_errors(tmp_path):
+  config = _fast_tiny_config(ablations=False)
+  config.runs.sft.init_from = "nowhere"
+  with pytest.raises(errors.UserError, match="unknown run 'nowhere'"):
+    workflow.ordered_runs(config)
+  config = _fast_tiny_config(ablations=False)
+  config.runs.pretrain.init_from = "hppo"
+  with pytest.raises(errors.UserError, match="cycle"):
+    workflow.ordered_runs(config)
+  config = _fast_tiny_config(ablations=False)
+  config.dataset = str(tmp_path / "missing")
+  with pytest.raises(errors.UserError):
+    workflow.run_pipeline(config, str(tmp_path / "out"))
+  # Without ablations, only the four main runs are trained, in dependency order.
+  assert workflow.ordered_runs(_fast_tiny_config(ablations=False)) == [
+      "pretrain", "cpt", "sft", "hppo"]
