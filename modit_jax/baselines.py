@@ -82,11 +82,19 @@ def _embedding_method(name: str, embed: Callable[[catalog_lib.Queries], np.ndarr
 def tune_per_domain(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
                      grid: Sequence[float],
                      retrieve_train: Callable[[catalog_lib.Queries, float], np.ndarray],
-                     what: str) -> np.ndarray:
-  """For each domain, the grid value with the best mean oracle Joint@k on train queries."""
+                     what: str, max_queries: int = 0, seed: int = 0) -> np.ndarray:
+  """For each domain, the grid value with the best mean oracle Joint@k on train queries.
+
+  `max_queries` > 0 tunes on a seeded subset of that many train queries (for knobs whose every
+  trial is costly, such as a generative model's guidance scale).
+  """
   train = catalog.queries["train"]
   if len(train) == 0:
     raise errors.UserError(f"tuning the {what} needs train queries; queries_train.npz is empty")
+  if 0 < max_queries < len(train):
+    rows = np.sort(np.random.default_rng(seed).choice(len(train), max_queries, replace=False))
+    train = catalog_lib.Queries(seeds=train.seeds[rows], pattern=train.pattern[rows],
+                                domain=train.domain[rows])
   joint = np.stack([oracle.score_ids(retrieve_train(train, value), train)[f"joint@{oracle.k}"]
                     for value in grid])  # [G, Q]
   best = np.zeros(catalog.num_domains)

@@ -54,6 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.oracle_index_kind = "scann"
   c.margin = 0.05                     # Joint(w) > Joint(l) + margin
   c.pareto = True                     # keep a pair only if Purity(w) >= Purity(l)
+  c.min_winner_purity = 0.0           # and, if > 0, only if Purity(w) >= this
   c.beta = 200.0
   c.sft_weight = 0.0                  # optional SFT anchor: + sft_weight * e_theta(w)
   return c
@@ -73,7 +74,8 @@ def parse_policies(value: str) -> list[str]:
 
 
 def pareto_pairs(joint: np.ndarray, purity: np.ndarray, margin: float,
-                 pareto: bool = True) -> tuple[np.ndarray, dict[str, int]]:
+                 pareto: bool = True,
+                 min_winner_purity: float = 0.0) -> tuple[np.ndarray, dict[str, int]]:
   """Preference pairs of candidates, per query.
 
   Args:
@@ -81,11 +83,12 @@ def pareto_pairs(joint: np.ndarray, purity: np.ndarray, margin: float,
     purity: float [Q, C] oracle Purity@K.
     margin: a pair (w, l) needs joint[w] > joint[l] + margin.
     pareto: also require purity[w] >= purity[l] (the Pareto pair filter).
+    min_winner_purity: also require purity[w] >= this (0: no floor).
 
   Returns:
     (int64 [P, 3] rows (query, winner, loser) in (query, winner, loser) order, counts):
     counts has `candidate_pairs` (unordered pairs of distinct candidates), `margin_pairs`
-    (pairs passing the margin) and `kept_pairs` (after the Pareto filter).
+    (pairs passing the margin) and `kept_pairs` (after the Pareto filter and purity floor).
   """
   joint = np.asarray(joint, np.float64)
   purity = np.asarray(purity, np.float64)
@@ -94,6 +97,8 @@ def pareto_pairs(joint: np.ndarray, purity: np.ndarray, margin: float,
   num_queries, num_candidates = joint.shape
   better = joint[:, :, None] > joint[:, None, :] + margin           # [Q, w, l]
   keep = better & (purity[:, :, None] >= purity[:, None, :]) if pareto else better
+  if min_winner_purity > 0:
+    keep &= purity[:, :, None] >= min_winner_purity
   pairs = np.argwhere(keep).astype(np.int64)
   counts = {"candidate_pairs": num_queries * num_candidates * (num_candidates - 1) // 2,
             "margin_pairs": int(better.sum()), "kept_pairs": len(pairs)}
@@ -274,7 +279,8 @@ class CandidatePools:
     k = self._oracle.k
     joint = scores[f"joint@{k}"].reshape(num_q, num_c)
     purity = scores[f"purity@{k}"].reshape(num_q, num_c)
-    pairs, counts = pareto_pairs(joint, purity, float(hppo.margin), bool(hppo.pareto))
+    pairs, counts = pareto_pairs(joint, purity, float(hppo.margin), bool(hppo.pareto),
+                                 float(hppo.min_winner_purity))
     if not len(pairs):
       raise errors.UserError(
           f"HPPO pool {pool_index} has no preference pair after the margin "
@@ -292,10 +298,6 @@ class PairBatches:
     self._pool: Pool | None = None
     self._pool_index = -1
 
-  @property
-  def pool(self) -> Pool | None:
-    return self._pool
-
   def before_step(self, step: int, state: Any) -> dict[str, float] | None:
     """Rebuilds the pool from the policy at `step` when `step` starts a new pool period."""
     index = step // self._every
@@ -303,20 +305,22 @@ class PairBatches:
       return None
     pool = self._pools.build(engine.host_copy(state.params), index)
     self._pool, self._pool_index = pool, index
-    best = pool.joint.argmax(axis=1)
-    winners = np.bincount(best, minlength=len(pool.names))
-    by_policy: dict[str, float] = {}
-    for name, wins in zip(pool.names, winners):
-      key = "pool/best_share/" + name.split(":")[0]
-      by_policy[key] = by_policy.get(key, 0.0) + wins / len(best)
-    logging.info("HPPO pool %d at step %d: %d queries x %d candidates; pairs %d -> %d (margin) "
-                 "-> %d (Pareto); best mean Joint %.3f, policy g1 mean Joint %.3f", index, step,
-                 *pool.joint.shape, pool.counts["candidate_pairs"],
-                 pool.counts["margin_pairs"], pool.counts["kept_pairs"],
-                 pool.joint.max(axis=1).mean(), pool.joint[:, 0].mean())
-    return {f"pool/{k}": float(v) for k, v in pool.counts.items()} | by_policy | {
-        "pool/best_joint": float(pool.joint.max(axis=1).mean()),
-        "pool/mean_joint": float(pool.joint.mean())}
+    policy_of = np.array([name.split(":")[0] for name in pool.names])
+    best = policy_of[pool.joint.argmax(axis=1)]
+    scalars = {f"pool/{k}": float(v) for k, v in pool.counts.items()}
+    scalars["pool/best_joint"] = float(pool.joint.max(axis=1).mean())
+    for policy in dict.fromkeys(policy_of):
+      # Per policy: its candidates' mean Joint, and the share of queries it wins outright.
+      scalars[f"pool/mean_joint/{policy}"] = float(pool.joint[:, policy_of == policy].mean())
+      scalars[f"pool/best_share/{policy}"] = float(np.mean(best == policy))
+    logging.info(
+        "HPPO pool %d at step %d: %d queries x %d candidates; pairs %d -> %d (margin) -> %d "
+        "(Pareto); mean best Joint %.3f; mean Joint per policy %s", index, step,
+        *pool.joint.shape, pool.counts["candidate_pairs"], pool.counts["margin_pairs"],
+        pool.counts["kept_pairs"], scalars["pool/best_joint"],
+        {k.rsplit("/", 1)[1]: round(v, 3) for k, v in scalars.items()
+         if k.startswith("pool/mean_joint/")})
+    return scalars
 
   def __call__(self, step: int, process_index: int, process_count: int,
                batch_size: int) -> dict[str, np.ndarray]:

@@ -6,7 +6,9 @@ function) and which earlier checkpoint it starts from (`config.init_from`). The 
 `config.json` so that evaluation can rebuild the model that a checkpoint belongs to.
 """
 
+import hashlib
 import json
+import math
 import os
 from typing import Any, Callable
 
@@ -56,13 +58,14 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.model.learned_positions = False
 
   c.diffusion = ml_collections.ConfigDict()
-  c.diffusion.target_scale = 8.0    # sqrt(d) for d = 64: unit per-coordinate variance
+  c.diffusion.target_scale = 0.0    # 0: sqrt(d), unit per-coordinate variance (target_scale())
   c.diffusion.cond_drop_prob = 0.1
   c.diffusion.sample_steps = 8
   c.diffusion.guidance_scale = 1.0
 
   # Stages 2 and 3: latent clusters and the metric predictor (train items, observed labels).
   c.num_clusters = 400
+  c.data_cache = ""                 # directory reused across runs for the two below ("": none)
   c.metric_predictor = metric_predictor.default_config()
   c.cpt = ml_collections.ConfigDict()
   c.cpt.trajectory_length = 12
@@ -96,7 +99,6 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.model.width = 32
     c.model.depth = 2
     c.model.num_heads = 2
-    c.diffusion.target_scale = 5.66  # sqrt(32)
     c.diffusion.sample_steps = 4
     c.num_clusters = 30
     c.metric_predictor.num_steps = 300
@@ -130,13 +132,25 @@ def apply_fn(model: dit.DiT) -> Callable[..., jnp.ndarray]:
   return lambda params, *args: model.apply({"params": params}, *args)
 
 
+def target_scale(config: ml_collections.ConfigDict, dim: int) -> float:
+  """What unit targets are multiplied by: `diffusion.target_scale`, or sqrt(dim) when it is 0.
+
+  sqrt(d) gives the targets unit per-coordinate variance, the scale the noise schedule (and the
+  sampler's N(0, I) start) assume, whatever the catalog's dimension.
+  """
+  scale = float(config.diffusion.target_scale)
+  if scale < 0:
+    raise errors.UserError(f"diffusion.target_scale must be >= 0 (0: sqrt(d)); got {scale}")
+  return scale or math.sqrt(dim)
+
+
 def denoising_loss_fn(model: dit.DiT, config: ml_collections.ConfigDict):
   """The engine's `loss_fn(params, batch, rng)`: the denoising loss on batch targets.
 
   Targets are unit embeddings scaled by `config.diffusion.target_scale` (sqrt(d) gives unit
   per-coordinate variance, the scale the noise schedule assumes); samples are re-normalised.
   """
-  scale = float(config.diffusion.target_scale)
+  scale = target_scale(config, model.dim)
   null_domain = model.num_domains
   drop = float(config.diffusion.cond_drop_prob)
 
@@ -179,22 +193,60 @@ def run_dataset(workdir: str) -> str:
 
 
 def _trajectory_source(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog,
-                       workdir: str) -> trajectories.TrajectorySource:
-  """Stages 2-4's data path (predictor, latent clusters), with its diagnostics saved."""
-  trajectory_source, predictor = trajectories.build_source(
-      catalog, config.num_clusters, config.seed, config.metric_predictor)
-  _write_diagnostics(workdir, trajectory_source, predictor)
-  return trajectory_source
+                       dataset: str, workdir: str) -> trajectories.TrajectorySource:
+  """Stages 2-4's data path (predictor density, latent clusters), its diagnostics saved.
+
+  With `config.data_cache` (a directory), the path is computed once per (catalog, clusters,
+  seed, predictor config) and reused by every later run that shares them: the pipeline's
+  stages and ablations would otherwise each retrain the same predictor and k-means.
+  """
+  key = json.dumps({"dataset": os.path.abspath(dataset), "manifest": catalog.manifest,
+                    "num_clusters": config.num_clusters, "seed": config.seed,
+                    "predictor": config.metric_predictor.to_dict()}, sort_keys=True,
+                   default=str)
+  cache = (os.path.join(config.data_cache,
+                        f"source_{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
+           if config.data_cache else "")
+  if cache and os.path.isfile(cache):
+    logging.info("Reusing the predictor density and latent clusters cached in %s", cache)
+    with np.load(cache) as saved:
+      arrays = {name: saved[name] for name in saved.files}
+  else:
+    source, predictor = trajectories.build_source(
+        catalog, config.num_clusters, config.seed, config.metric_predictor)
+    validation = predictor.validation
+    arrays = dict(
+        train_items=source.train_items, assign=source.assign, density=source.density,
+        predictor_auc=np.array([v["auc"] for v in validation], np.float64),
+        predictor_ece=np.array([v["ece"] for v in validation], np.float64),
+        predictor_n=np.array([v["n_heldout"] for v in validation], np.int64))
+    if cache:
+      _save_npz_atomically(cache, arrays)
+  if jax.process_index() == 0:
+    # What evaluation reports about the data path (predictor validation, cluster agreement).
+    _save_npz_atomically(os.path.join(workdir, DIAGNOSTICS_FILE), arrays)
+  return trajectories.TrajectorySource(arrays["train_items"], arrays["assign"],
+                                       arrays["density"], catalog.embeddings)
+
+
+def _save_npz_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
+  """Readers never see a partial file (several processes may share a cache directory)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  partial = f"{path}.partial"
+  catalog_lib.save_npz(partial, **arrays)
+  os.replace(partial, path)
 
 
 def _batch_fn(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog,
-              null_domain: int, workdir: str) -> Callable[[int, int, int], dict[str, np.ndarray]]:
+              null_domain: int, dataset: str, workdir: str) -> Callable[[int, int, int], dict[str, np.ndarray]]:
   """The `batch_fn(step, process_index, process_count)` of stages 1-3."""
   if config.stage == "pretrain":
     source = data.SequencePrefixes(catalog.sequences, np.asarray(catalog.embeddings),
                                    config.model.max_context, null_domain, config.seed)
     return lambda step, pi, pc: source(step, config.batch_size, pi, pc)
-  trajectory_source = _trajectory_source(config, catalog, workdir)
+  trajectory_source = _trajectory_source(config, catalog, dataset, workdir)
   if config.stage == "cpt":
     if config.cpt.trajectory_length > config.model.max_context:
       raise errors.UserError(
@@ -210,23 +262,9 @@ def _batch_fn(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog,
   return lambda step, pi, pc: source(step, config.batch_size, pi, pc)
 
 
-def _write_diagnostics(workdir: str, source: trajectories.TrajectorySource,
-                       predictor: metric_predictor.MetricPredictor) -> None:
-  """Saves what evaluation reports about the data path: clusters and predictor validation."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(workdir, exist_ok=True)
-  validation = predictor.validation
-  catalog_lib.save_npz(
-      os.path.join(workdir, DIAGNOSTICS_FILE), train_items=source.train_items,
-      assign=source.assign,
-      predictor_auc=np.array([v["auc"] for v in validation], np.float64),
-      predictor_ece=np.array([v["ece"] for v in validation], np.float64),
-      predictor_n=np.array([v["n_heldout"] for v in validation], np.int64))
-
-
 def _hppo_loop_args(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog,
-                    model: dit.DiT, reference: Any, workdir: str) -> dict[str, Any]:
+                    model: dit.DiT, reference: Any, dataset: str,
+                    workdir: str) -> dict[str, Any]:
   """`train_loop` arguments of stage 4: DPO loss, pair batches, pool hook, frozen reference."""
   if not config.init_from:
     raise errors.UserError("the hppo stage starts from an SFT model: set config.init_from to "
@@ -237,13 +275,13 @@ def _hppo_loop_args(config: ml_collections.ConfigDict, catalog: catalog_lib.Cata
         f"config.checkpoint_every ({config.checkpoint_every}) must be a positive multiple of "
         f"hppo.pool_every ({every}): a resumed run rebuilds its pool at the checkpoint step")
   hppo.parse_policies(config.hppo.policies)
-  source = _trajectory_source(config, catalog, workdir)
+  source = _trajectory_source(config, catalog, dataset, workdir)
   oracle = oracle_lib.OnlineOracle(catalog, k=config.hppo.oracle_k,
                                    index_kind=config.hppo.oracle_index_kind)
   pools = hppo.CandidatePools(catalog, source, oracle, apply_fn(model), reference, config,
                               model.num_domains)
   batches = hppo.PairBatches(pools, config)
-  loss_fn = hppo.dpo_loss_fn(apply_fn(model), config.diffusion.target_scale, config.hppo.beta,
+  loss_fn = hppo.dpo_loss_fn(apply_fn(model), target_scale(config, model.dim), config.hppo.beta,
                              config.hppo.sft_weight)
   return dict(loss_fn=loss_fn, frozen_params=reference, before_step=batches.before_step,
               batch_fn=lambda step, pi, pc: batches(step, pi, pc, config.batch_size))
@@ -262,9 +300,9 @@ def train(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> engi
     init_params = jax.device_get(dit.init_params(model, jax.random.PRNGKey(config.seed)))
   if config.stage == "hppo":
     # The reference is the starting (SFT) model itself, kept frozen outside the state.
-    loop_args = _hppo_loop_args(config, catalog, model, init_params, workdir)
+    loop_args = _hppo_loop_args(config, catalog, model, init_params, dataset, workdir)
   else:
     loop_args = dict(loss_fn=denoising_loss_fn(model, config),
-                     batch_fn=_batch_fn(config, catalog, model.num_domains, workdir))
+                     batch_fn=_batch_fn(config, catalog, model.num_domains, dataset, workdir))
   write_run_config(workdir, config, catalog.dim, catalog.num_domains, dataset)
   return engine.train_loop(config, workdir, init_params=init_params, **loop_args)

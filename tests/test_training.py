@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -130,3 +131,29 @@ def test_cpt_then_sft_train_from_the_earlier_stage_and_evaluate(tiny, pretrained
   diag = result.meta["data_diagnostics"]["modit_sft"]
   assert 0.5 < diag["cluster_nmi"] <= 1.0
   assert set(diag["predictor"]) == set(cat.domains)
+
+
+def test_data_cache_is_reused_and_changes_nothing(tiny, pretrained, tmp_path, monkeypatch):
+  from configs import sft as sft_config  # pylint: disable=g-import-not-at-top
+  from modit_jax import trajectories  # pylint: disable=g-import-not-at-top
+
+  def sft(name, cache):
+    config = sft_config.get_config("tiny")
+    config.init_from, config.num_steps, config.data_cache = pretrained, 20, cache
+    return training.train(config, str(tiny), str(tmp_path / name))
+
+  plain = sft("plain", "")
+  first = sft("first", str(tmp_path / "cache"))
+  assert len(os.listdir(tmp_path / "cache")) == 1
+  # A second run with the same cache never recomputes the predictor and clusters.
+  monkeypatch.setattr(trajectories, "build_source",
+                      lambda *a, **k: pytest.fail("the cached data path was recomputed"))
+  second = sft("second", str(tmp_path / "cache"))
+  for state in (first, second):
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(plain.params)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with np.load(tmp_path / "plain" / training.DIAGNOSTICS_FILE) as x, np.load(
+      tmp_path / "second" / training.DIAGNOSTICS_FILE) as y:
+    assert sorted(x.files) == sorted(y.files)
+    for name in x.files:
+      np.testing.assert_array_equal(x[name], y[name])
