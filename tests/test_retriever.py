@@ -132,10 +132,11 @@ def test_calls_in_one_bucket_compile_once(retriever, cat):
     assert sum(compiles) >= 1, "the listener saw no compilation at all"
     compiles.clear()
     cache_size = retriever.generator._sample_seeded._cache_size()  # pylint: disable=protected-access
+    # Same bucket: 5..8 queries whose longest seed set has 5..8 seeds (contexts padded to 8).
     retriever.retrieve_batch([seeds[:2], seeds, seeds[:5], seeds[:1], seeds[:7], seeds[:3]],
                              ["safety", 0, 3, "length", "quality", 2], k=7)
-    retriever.retrieve_batch([_new_items(cat, seeds[:4])] * 8, "popularity", k=20)
-    retriever.retrieve_batch([np.arange(16)] * 7, "quality", k=3)
+    retriever.retrieve_batch([_new_items(cat, seeds[:6])] * 8, "popularity", k=20)
+    retriever.retrieve_batch([np.arange(5)] * 7, "quality", k=3)
     assert sum(compiles) == 0
     assert retriever.generator._sample_seeded._cache_size() == cache_size  # pylint: disable=protected-access
   finally:
