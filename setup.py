@@ -37,5 +37,8 @@ setuptools.setup(
         # pyarrow: reads Parquet item tables in `modit_jax.convert_catalog` (bring your own
         # catalog). Optional because only that converter needs it; .npz tables need nothing.
         "byo": ["pyarrow==25.0.1"],
+        # faiss-cpu: the HNSW and IVF-PQ baselines of bench/faiss_compare.py, which ScaNN is
+        # measured against. Benchmark-only: the library searches with ScaNN alone.
+        "bench": ["faiss-cpu==1.15.1"],
     },
 )

@@ -26,11 +26,11 @@ import time
 
 import numpy as np
 
+import common
 from modit_jax import catalog as catalog_lib
 from modit_jax import retrieval
 
 _SINGLE_THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-_GEN_CHUNK = 1 << 18  # rows generated at a time, to keep float64 temporaries small
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
@@ -49,45 +49,6 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
   # Internal: the single-threaded exact measurement, run in a child process.
   parser.add_argument("--exact_worker", default=None, help=argparse.SUPPRESS)
   return parser.parse_args(argv)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-  return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def synthetic_items(num_items: int, dim: int, clusters: int, seed: int) -> np.ndarray:
-  """A seeded Gaussian mixture on the unit sphere, float32 [num_items, dim]."""
-  rng = np.random.default_rng(seed)
-  centres = _unit(rng.normal(size=(clusters, dim)))
-  # Per-dimension spread 0.03-0.08: offsets of norm ~0.25-0.65, so clusters are distinct but
-  # each one holds a spread of neighbours at varied distances.
-  spread = rng.uniform(0.03, 0.08, size=clusters).astype(np.float32)
-  items = np.empty((num_items, dim), np.float32)
-  for start in range(0, num_items, _GEN_CHUNK):
-    stop = min(start + _GEN_CHUNK, num_items)
-    which = rng.integers(0, clusters, stop - start)
-    noise = rng.standard_normal((stop - start, dim), dtype=np.float32)
-    items[start:stop] = _unit(centres[which] + spread[which, None] * noise)
-  return items
-
-
-def near_queries(items: np.ndarray, num_queries: int, seed: int) -> np.ndarray:
-  """Queries near random items: item + N(0, 0.03^2) per dimension, normalised."""
-  rng = np.random.default_rng(seed + 1)
-  picks = rng.choice(items.shape[0], size=num_queries, replace=False)
-  noise = rng.standard_normal((num_queries, items.shape[1]), dtype=np.float32)
-  return _unit(items[picks] + 0.03 * noise)
-
-
-def _timed(fn, repeats: int) -> tuple[float, tuple[np.ndarray, np.ndarray]]:
-  """Median wall time of `repeats` calls after one warm-up call, and the last result."""
-  result = fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    result = fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)), result
 
 
 def _exact_single_thread(items: np.ndarray, queries: np.ndarray, k: int,
@@ -116,12 +77,6 @@ def _exact_worker(workdir: str, k: int) -> None:
     json.dump({"seconds": seconds}, f)
 
 
-def recall(found: np.ndarray, truth: np.ndarray) -> float:
-  """Mean share of each row of `truth` that appears in the same row of `found`."""
-  hits = (found[:, :, None] == truth[:, None, :]).any(axis=1)
-  return float(hits.mean())
-
-
 def bench_one(items: np.ndarray, queries: np.ndarray, args: argparse.Namespace) -> dict:
   """All measurements for one catalog."""
   n, k = items.shape[0], args.k
@@ -131,22 +86,22 @@ def bench_one(items: np.ndarray, queries: np.ndarray, args: argparse.Namespace) 
   build_s = time.perf_counter() - start
   exact_index = retrieval.build_index(items, "exact")
 
-  exact_par_s, (truth, _) = _timed(lambda: exact_index.search(queries, k, parallel=True), 1)
+  exact_par_s, (truth, _) = common.timed(lambda: exact_index.search(queries, k, parallel=True), 1)
   with tempfile.TemporaryDirectory(prefix="bench_retrieval_") as workdir:
     exact_single_s, single_ids = _exact_single_thread(items, queries, k, workdir)
   if not np.array_equal(single_ids, truth):
     print(f"  note: single-threaded exact differs from parallel exact on "
           f"{(single_ids != truth).any(axis=1).sum()} queries (float ties)")
 
-  scann_single_s, (ids_single, _) = _timed(
+  scann_single_s, (ids_single, _) = common.timed(
       lambda: scann_index.search(queries, k, parallel=False), args.repeats)
-  scann_par_s, (ids_par, _) = _timed(
+  scann_par_s, (ids_par, _) = common.timed(
       lambda: scann_index.search(queries, k, parallel=True), args.repeats)
   if not np.array_equal(ids_single, ids_par):
     print("  note: ScaNN single-threaded and parallel ids differ")
   return {
       "n": n, "dim": items.shape[1], "build_s": build_s, "params": scann_index.params,
-      "recall": recall(ids_par, truth),
+      "recall": common.recall(ids_par, truth),
       "scann_single_qps": num_queries / scann_single_s,
       "exact_single_qps": num_queries / exact_single_s,
       "scann_par_qps": num_queries / scann_par_s,
@@ -189,12 +144,12 @@ def main(argv: list[str]) -> None:
   else:
     for n in (int(s) for s in args.sizes.split(",")):
       catalogs.append((f"synthetic N={n:,} d={args.dim} clusters={args.clusters}",
-                       lambda n=n: synthetic_items(n, args.dim, args.clusters, args.seed)))
+                       lambda n=n: common.synthetic_items(n, args.dim, args.clusters, args.seed)))
   rows, num_queries = [], 0
   for name, make in catalogs:
     start = time.perf_counter()
     items = make()
-    queries = near_queries(items, min(args.queries, items.shape[0]), args.seed)
+    queries = common.near_queries(items, min(args.queries, items.shape[0]), args.seed)
     num_queries = queries.shape[0]
     print(f"{name}: data ready in {time.perf_counter() - start:.1f} s", flush=True)
     rows.append(bench_one(items, queries, args))

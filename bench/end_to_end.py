@@ -1,0 +1,303 @@
+"""End-to-end retrieval throughput: seed sets per second through `Retriever.retrieve_batch`.
+
+Run from the repository root:
+
+  python bench/end_to_end.py                           # N = 100k and 1M, random-init model
+  python bench/end_to_end.py --workdir=out/default/sft # a trained model
+  python bench/end_to_end.py --sizes=20000 --seed_sets=256 --batch_sizes=64,256 --rounds=2
+
+One answer is the serving path of `modit_jax.retrieve`: `Retriever.retrieve_batch` parses the
+seed ids, pads the contexts to the model's `max_context`, samples one query embedding per seed
+set by DDIM with the configured `sample_steps` and classifier-free guidance
+(`Generator.sample`), and searches it with ScaNN, the seeds excluded (`search_samples`). The
+bench builds that `Retriever` from in-memory parts through its constructor, so it measures the
+real calls, and it times in the same run:
+
+- end to end: `retrieve_batch` on batches of B seed sets (`--batch_sizes`);
+- sampling alone: `Generator.sample` with exactly the arguments `retrieve_batch` passes it
+  (per-query seeds, per-query guidance scales);
+- sampling alone through a plain `jax.jit(diffusion.sample_rows)` (one key per batch, as
+  `Generator` builds it), to show what the per-query seeding costs;
+- sampling alone with the context cut to the seed-set size instead of padded to
+  `max_context`, to show what the padding costs (`Generator.sample` compiles per length);
+- search alone: `search_samples` on the sampled queries, ScaNN, default parameters.
+The remainder of the end-to-end time is the Python around them (parsing, padding, merging).
+
+Guidance: the scale is a traced per-query array in `Generator.sample`, so serving always runs
+both classifier-free-guidance branches (conditional and null domain), whatever its value; the
+bench uses `--guidance_scale=2` to make that plain.
+
+Model: `--workdir` loads a trained one (its dim and domain count then set the catalog's). By
+default the bench makes a randomly initialised model of the default stage config
+(`training.default_config()`, stage "sft", so queries are domain-conditioned as served after
+SFT), saved as a step-0 checkpoint of a temporary training workdir and loaded by
+`Generator`. The throughput does not depend on the weights: the same matmuls run whatever their
+values. DiT's adaLN-Zero init zeroes the output layer, which would make every sample the zero
+vector (and a degenerate query for search), so every parameter gets N(0, 0.02^2) noise added.
+With such a model the queries are not meaningful embeddings, so the recall@k printed (ScaNN
+against `ExactIndex` on the generated queries, seeds excluded) speaks for ScaNN on arbitrary
+directions, not on a trained model's queries; pass `--workdir` for that. Next to it the bench
+prints ScaNN's recall@k on queries near catalog items (bench/retrieval.py's kind).
+
+Catalog: synthetic, d = 64 (bench/common.py's Gaussian mixture), 4 domains; each seed set is
+an item and its 7 nearest neighbours (exact), so seed sets are coherent as real ones are; one
+random domain per seed set.
+
+All functions are timed round-robin in one run (common.round_robin) and the fastest call is
+reported. The last lines are machine-readable:
+`seed_sets_per_s@N=<n>,batch=<b>=<x>` and `scann_recall@<k>@N=<n>=<x>`.
+"""
+
+import argparse
+import functools
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+import common
+from modit_jax import catalog as catalog_lib
+from modit_jax import diffusion
+from modit_jax import dit
+from modit_jax import engine
+from modit_jax import generative
+from modit_jax import retrieval
+from modit_jax import retriever as retriever_lib
+from modit_jax import training
+
+_TARGET_SEED_SETS_PER_S = 1000  # the issue's target, at 100k items on 2 cores
+_PARAM_NOISE = 0.02  # std of the noise on a random model's parameters (see the docstring)
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir", default=None,
+                      help="training workdir of a trained model; default: random-init model")
+  parser.add_argument("--sizes", default="100000,1000000", help="catalog sizes N")
+  parser.add_argument("--dim", type=int, default=64,
+                      help="embedding dimension (random model only; a workdir sets its own)")
+  parser.add_argument("--domains", type=int, default=4,
+                      help="number of domains (random model only)")
+  parser.add_argument("--clusters", type=int, default=3000, help="mixture components")
+  parser.add_argument("--seed_size", type=int, default=8, help="items per seed set")
+  parser.add_argument("--seed_sets", type=int, default=2048,
+                      help="seed sets per timed call (split into batches)")
+  parser.add_argument("--batch_sizes", default="256,1024",
+                      help="seed sets per retrieve_batch call")
+  parser.add_argument("--k", type=int, default=20, help="items per answer")
+  parser.add_argument("--guidance_scale", type=float, default=2.0)
+  parser.add_argument("--rounds", type=int, default=3, help="timed calls per function")
+  parser.add_argument("--seed", type=int, default=0)
+  return parser.parse_args(argv)
+
+
+def random_workdir(root: str, dim: int, num_domains: int, guidance_scale: float,
+                   seed: int) -> str:
+  """Writes a training workdir holding a random-init default model; returns its path."""
+  config = training.default_config()
+  config.stage = "sft"  # domain-conditioned, as served after SFT or HPPO
+  config.diffusion.guidance_scale = guidance_scale
+  model = training.make_model(config.model, dim, num_domains)
+  init_rng, noise_rng = jax.random.split(jax.random.PRNGKey(seed))
+  params = dit.init_params(model, init_rng)
+  # adaLN-Zero leaves the output layer at zero; noise makes the samples non-degenerate.
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(noise_rng, len(leaves))
+  params = jax.tree.unflatten(treedef, [
+      p + _PARAM_NOISE * jax.random.normal(key, p.shape, p.dtype)
+      for p, key in zip(leaves, keys)])
+  workdir = os.path.join(root, "random_model")
+  training.write_run_config(workdir, config, dim, num_domains)
+  checkpointer = engine.Checkpointer(workdir)
+  checkpointer.save(0, engine.create_train_state(params, engine.make_optimizer(config)),
+                    force=True)
+  checkpointer.close()
+  return workdir
+
+
+def synthetic_catalog(items: np.ndarray, num_domains: int, seed_size: int) -> catalog_lib.Catalog:
+  """An in-memory catalog of `items`: only what `Retriever` reads is real.
+
+  Patterns, attributes, splits, sequences and query files only matter to training and
+  evaluation; they are empty or zero here.
+  """
+  n, d = items.shape
+  manifest = {"format": catalog_lib.FORMAT, "num_items": n, "dim": d,
+              "domains": [f"domain{m}" for m in range(num_domains)], "seed_size": seed_size}
+  return catalog_lib.Catalog(
+      manifest=manifest, embeddings=items, patterns=np.zeros(n, np.int32),
+      attributes=np.zeros((n, num_domains), bool), observed=np.zeros((n, num_domains), bool),
+      item_split=np.zeros(n, np.int8), sequences=np.zeros((0, 2), np.int32), queries={})
+
+
+def seed_sets(items: np.ndarray, num: int, size: int, seed: int) -> np.ndarray:
+  """int [num, size]: random anchor items, each with its size - 1 nearest neighbours."""
+  rng = np.random.default_rng(seed + 3)
+  anchors = rng.choice(items.shape[0], size=num, replace=False)
+  ids, _ = retrieval.ExactIndex(items).search(items[anchors], size, parallel=True)
+  return ids.astype(np.int64)
+
+
+def main(argv: list[str]) -> None:
+  args = _parse_args(argv)
+  batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+  print(f"machine: {common.machine()}", flush=True)
+  print(f"JAX {jax.__version__} on {jax.devices()[0].platform}, "
+        f"{jax.device_count()} device(s)", flush=True)
+
+  with tempfile.TemporaryDirectory(prefix="bench_end_to_end_") as tmp:
+    if args.workdir:
+      generator = generative.Generator(args.workdir)
+      what = f"trained model {args.workdir}"
+    else:
+      generator = generative.Generator(random_workdir(
+          tmp, args.dim, args.domains, args.guidance_scale, args.seed))
+      what = "random-init model of training.default_config() (stage sft)"
+  model, dim, num_domains = generator.model, generator.dim, generator.num_domains
+  max_context = int(generator.config.model.max_context)
+  if args.seed_size > max_context:
+    raise SystemExit(f"--seed_size={args.seed_size} exceeds the model's max_context "
+                     f"{max_context}")
+  print(f"{what}: width {model.width}, depth {model.depth}, max_context {max_context}, "
+        f"d={dim}, {num_domains} domains; {generator.num_steps} DDIM steps, guidance "
+        f"{args.guidance_scale} (both CFG branches)", flush=True)
+
+  num = args.seed_sets
+  rng = np.random.default_rng(args.seed + 4)
+  domains = rng.integers(0, num_domains, num).astype(np.int32)
+  scales = np.full(num, args.guidance_scale, np.float32)
+  query_seeds = np.full(num, args.seed)  # what Retriever passes: one seed for every query
+  chunks = {b: [slice(s, min(s + b, num)) for s in range(0, num, b)] for b in batch_sizes}
+  plain_sample = jax.jit(functools.partial(
+      diffusion.sample_rows, apply=training.apply_fn(model), dim=dim,
+      num_steps=generator.num_steps, null_domain=num_domains))
+  fns, setups = {}, []
+  sizes = [int(s) for s in args.sizes.split(",")]
+  all_items = common.synthetic_items(max(sizes), dim, args.clusters, args.seed)
+  for n in sizes:
+    items = all_items[:n]  # nested catalogs: every prefix is a sample of the same mixture
+    start = time.perf_counter()
+    index = retrieval.build_index(items, "scann")
+    build_s = time.perf_counter() - start
+    ids = seed_sets(items, num, args.seed_size, args.seed)
+    catalog = synthetic_catalog(items, num_domains, args.seed_size)
+    retriever = retriever_lib.Retriever(generator, catalog, index, args.guidance_scale,
+                                        num_samples=1, seed=args.seed)
+    # The padded contexts, masks and excludes `retrieve_batch` builds, for the parts alone.
+    context = np.zeros((num, max_context, dim), np.float32)
+    context[:, :args.seed_size] = items[ids]
+    mask = np.zeros((num, max_context), bool)
+    mask[:, :args.seed_size] = True
+    exclude = np.full((num, max_context), -1, np.int64)
+    exclude[:, :args.seed_size] = np.sort(ids, axis=1)
+    dom = domains if retriever.conditioned else np.full(num, num_domains, np.int32)
+    # The query embeddings retrieve_batch makes for these seed sets (per-query seeds: they do
+    # not depend on the batch), for the search alone and for the recall.
+    samples = np.concatenate([  # in served batches: no compilation for a bucket of `num`
+        generator.sample(context[c], mask[c], dom[c], query_seeds[c], 1, scales[c])
+        for c in chunks[batch_sizes[-1]]])
+    exact = retrieval.ExactIndex(items)
+    near = common.near_queries(items, min(num, n), args.seed)
+    setups.append({
+        "n": n, "build_s": build_s, "index": index, "exclude": exclude, "samples": samples,
+        "exact_ids": generative.search_samples(exact, samples, exclude, args.k),
+        "near_recall": common.recall(index.search(near, args.k)[0],
+                                     exact.search(near, args.k)[0])})
+    print(f"N={n:,}: ScaNN built in {build_s:.1f} s; {num} seed sets of {args.seed_size}",
+          flush=True)
+
+    for b in batch_sizes:
+      fns[f"end to end N={n} B={b}"] = (
+          lambda r=retriever, b=b, ids=ids: [r.retrieve_batch(ids[c], domains[c], args.k)
+                                             for c in chunks[b]])
+    if n == sizes[0]:
+      # Sampling does not depend on N: timed once, on the first catalog's seed sets. A stage-1
+      # model is asked with the null domain, as Retriever does.
+      for b in batch_sizes:
+        fns[f"sample B={b}"] = (
+            lambda b=b, ctx=context, m=mask, d=dom: [
+                generator.sample(ctx[c], m[c], d[c], query_seeds[c], 1, scales[c])
+                for c in chunks[b]])
+        fns[f"sample_rows B={b}"] = (
+            lambda b=b, ctx=context, m=mask, d=dom: [
+                np.asarray(plain_sample(generator.params, ctx[c], m[c], d[c], scales[c],
+                                        jax.random.PRNGKey(args.seed)))
+                for c in chunks[b]])
+        fns[f"sample L={args.seed_size} B={b}"] = (
+            lambda b=b, ctx=context[:, :args.seed_size], m=mask[:, :args.seed_size], d=dom: [
+                generator.sample(ctx[c], m[c], d[c], query_seeds[c], 1, scales[c])
+                for c in chunks[b]])
+  for s in setups:
+    for b in batch_sizes:
+      fns[f"search N={s['n']} B={b}"] = (
+          lambda ix=s["index"], q=s["samples"], ex=s["exclude"], b=b: [
+              generative.search_samples(ix, q[c], ex[c], args.k, return_scores=True)
+              for c in chunks[b]])
+
+  print(f"timing {len(fns)} functions, {args.rounds} rounds, {num} seed sets per call "
+        f"(the first call of each compiles); {common.load()}", flush=True)
+  times, results = common.round_robin(fns, args.rounds)
+
+  flops = 2 * generator.num_steps * dit.flops_per_example(model, max_context)
+  flops_short = 2 * generator.num_steps * dit.flops_per_example(model, args.seed_size)
+  print()
+  print(f"{what}; {generator.num_steps} DDIM steps x 2 CFG branches; k={args.k}; "
+        f"{num} seed sets per call; fastest of {args.rounds} round-robin calls "
+        f"(median in brackets)")
+  print(f"sampling: {flops / 1e6:.0f} MFLOP per seed set (analytic, context padded to "
+        f"{max_context})")
+  print("| what | N | batch | seed sets/s | share of end to end |")
+  print("|---|---|---|---|---|")
+  rate = lambda name: (num / times[name][0], num / times[name][1])
+  summary = []
+  for s in setups:
+    n = s["n"]
+    for b in batch_sizes:
+      e2e = times[f"end to end N={n} B={b}"][0]
+      for name in (f"end to end N={n} B={b}", f"sample B={b}", f"search N={n} B={b}"):
+        fast, median = rate(name)
+        label = name.split(" N=")[0].split(" B=")[0]
+        print(f"| {label} | {n:,} | {b} | {fast:,.0f} ({median:,.0f}) "
+              f"| {times[name][0] / e2e:.0%} |")
+      other = e2e - times[f"sample B={b}"][0] - times[f"search N={n} B={b}"][0]
+      print(f"| other (parse, pad, merge) | {n:,} | {b} | | {other / e2e:.0%} |")
+      summary.append(f"seed_sets_per_s@N={n},batch={b}={num / e2e:.1f}")
+    e2e_ids = np.concatenate(
+        [ids for ids, _ in results[f"end to end N={n} B={batch_sizes[0]}"]], axis=0)
+    search_ids = np.concatenate(
+        [ids for ids, _ in results[f"search N={n} B={batch_sizes[0]}"]], axis=0)
+    if not np.array_equal(e2e_ids, search_ids):
+      print(f"  note: N={n:,}: retrieve_batch and search-alone ids differ on "
+            f"{(e2e_ids != search_ids).any(axis=1).sum()} seed sets")
+    s["recall"] = common.recall(e2e_ids, s["exact_ids"])
+    summary.append(f"scann_recall@{args.k}@N={n}={s['recall']:.4f}")
+  print("other = end to end - sample - search, each timed alone; on a busy machine it can come "
+        "out negative (noise)")
+  print()
+  print("sampling variants (N-independent):")
+  print("| sampler | batch | seed sets/s | analytic GFLOP/s |")
+  print("|---|---|---|---|")
+  for b in batch_sizes:
+    for name, note in ((f"sample B={b}", "Generator.sample, per-query seeds (as served)"),
+                       (f"sample_rows B={b}", "jit(diffusion.sample_rows), one key per batch"),
+                       (f"sample L={args.seed_size} B={b}",
+                        f"Generator.sample, context {args.seed_size} slots, not padded")):
+      fast, median = rate(name)
+      gflops = (flops_short if "L=" in name else flops) * fast / 1e9
+      print(f"| {note} | {b} | {fast:,.0f} ({median:,.0f}) | {gflops:.1f} |")
+  print()
+  for s in setups:
+    print(f"N={s['n']:,}: ScaNN build {s['build_s']:.1f} s, {s['index'].params}; "
+          f"recall@{args.k} vs exact: {s['recall']:.4f} on the generated queries, "
+          f"{s['near_recall']:.4f} on queries near items (bench/retrieval.py's)")
+  print(f"target: >= {_TARGET_SEED_SETS_PER_S} seed sets/s at 100k items on 2 cores with "
+        f"recall@20 >= 0.95")
+  print(f"machine at the end: {common.load()}")
+  print("\n".join(summary))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
