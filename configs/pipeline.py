@@ -52,6 +52,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.runs[f"hppo_no_{policy}"] = _run(with_variant("hppo", f"no_{policy}"), "sft",
                                        f"hppo_no_{policy}", True)
   c.final_run = "hppo"             # what `Retriever.from_workdir(OUT)` serves
+  # Catalog-dependent settings applied to every run (0: the stage configs' values, sized for the
+  # default world): the latent clusters (about the catalog's number of patterns) and the SFT
+  # context size (the catalog's seed_size).
+  c.num_clusters = 0
+  c.sft_context_size = 0
 
   c.evaluate = evaluate_config.get_config(variant or None)
   c.evaluate.references = "pretrained_gr,modit_sft,strongest_baseline"

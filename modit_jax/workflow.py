@@ -21,6 +21,7 @@ from typing import Any
 from absl import logging
 import ml_collections
 
+from modit_jax import baselines
 from modit_jax import catalog as catalog_lib
 from modit_jax import engine
 from modit_jax import errors
@@ -128,6 +129,10 @@ def _train_runs(config: ml_collections.ConfigDict, dataset: str, out: str,
     stage.data_cache = os.path.join(out, CACHE_DIR)
     if run.num_steps:
       stage.num_steps = int(run.num_steps)
+    if config.num_clusters:
+      stage.num_clusters = int(config.num_clusters)
+    if config.sft_context_size:
+      stage.sft.context_size = int(config.sft_context_size)
     workdir = os.path.join(out, name)
     workdirs[name] = workdir
     if _latest_step(workdir) >= stage.num_steps:
@@ -153,7 +158,12 @@ def _index(config: ml_collections.ConfigDict, dataset: str, out: str) -> str:
 def _evaluate(config: ml_collections.ConfigDict, dataset: str, out: str,
               workdirs: dict[str, str], notes: list[str]) -> dict[str, Any]:
   eval_config = ml_collections.ConfigDict(config.evaluate.to_dict())
+  catalog = catalog_lib.load_catalog(dataset)
   methods = evaluation.split_names(eval_config.methods, "methods")
+  if catalog.attribute_directions is None:
+    # The oracle yardstick reads the true attribute directions only a synthetic world has.
+    methods = [m for m in methods if m not in baselines.ORACLE_METHODS]
+    notes.append("oracle baselines skipped: the catalog has no true attribute directions")
   for name, workdir in workdirs.items():
     method = config.runs[name].method
     eval_config.workdirs[method] = workdir
@@ -173,7 +183,7 @@ def _evaluate(config: ml_collections.ConfigDict, dataset: str, out: str,
         with open(results_path) as g:
           return json.load(g)
   start = time.perf_counter()
-  result = evaluation.evaluate(catalog_lib.load_catalog(dataset), eval_config)
+  result = evaluation.evaluate(catalog, eval_config)
   evaluation.write(result, eval_dir, dataset)
   with open(inputs_path, "w") as f:
     json.dump(inputs, f, indent=1)
