@@ -59,6 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sft_context_size = 0
 
   c.evaluate = evaluate_config.get_config(variant or None)
-  c.evaluate.references = "pretrained_gr,modit_sft,strongest_baseline"
+  # order_random: does metric order beat random order; modit_hppo: what each policy ablation costs.
+  c.evaluate.references = "pretrained_gr,modit_sft,strongest_baseline,order_random,modit_hppo"
   c.index_kind = "scann"           # OUT/index, the serving index of the Retriever
   return c
