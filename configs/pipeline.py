@@ -33,7 +33,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown pipeline variant(s) {sorted(unknown)}; use tiny, no_ablations")
   tiny = "tiny" in tokens
   variant = "tiny" if tiny else ""
-  with_variant = lambda name, extra="": f"{name}:{','.join(t for t in (variant, extra) if t)}"
+  def with_variant(name: str, extra: str = "") -> str:
+    tokens = ",".join(t for t in (variant, extra) if t)
+    return f"{name}:{tokens}" if tokens else name
 
   c = ml_collections.ConfigDict()
   c.dataset = ""                   # an existing catalog; "" generates `world` into OUT/dataset
