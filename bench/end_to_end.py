@@ -7,7 +7,8 @@ Run from the repository root:
   python bench/end_to_end.py --sizes=20000 --seed_sets=256 --batch_sizes=64,256 --rounds=2
 
 One answer is the serving path of `modit_jax.retrieve`: `Retriever.retrieve_batch` parses the
-seed ids, pads the contexts to the model's `max_context`, samples one query embedding per seed
+seed ids, pads the contexts to the next power of two of the longest seed set (at most the
+model's `max_context`), samples one query embedding per seed
 set by DDIM with the configured `sample_steps` and classifier-free guidance
 (`Generator.sample`), and searches it with ScaNN, the seeds excluded (`search_samples`). The
 bench builds that `Retriever` from in-memory parts through its constructor, so it measures the
@@ -18,8 +19,8 @@ real calls, and it times in the same run:
   (per-query seeds, per-query guidance scales);
 - sampling alone through a plain `jax.jit(diffusion.sample_rows)` (one key per batch, as
   `Generator` builds it), to show what the per-query seeding costs;
-- sampling alone with the context cut to the seed-set size instead of padded to
-  `max_context`, to show what the padding costs (`Generator.sample` compiles per length);
+- sampling alone with the context padded to `max_context` (what serving did before it padded
+  to a power of two of the seed-set size), to show what that padding costs;
 - search alone: `search_samples` on the sampled queries, ScaNN, default parameters.
 The remainder of the end-to-end time is the Python around them (parsing, padding, merging).
 
@@ -161,6 +162,8 @@ def main(argv: list[str]) -> None:
   if args.seed_size > max_context:
     raise SystemExit(f"--seed_size={args.seed_size} exceeds the model's max_context "
                      f"{max_context}")
+  # Retriever pads a context to the next power of two of its longest seed set.
+  served = min(max_context, 1 << (args.seed_size - 1).bit_length())
   print(f"{what}: width {model.width}, depth {model.depth}, max_context {max_context}, "
         f"d={dim}, {num_domains} domains; {generator.num_steps} DDIM steps, guidance "
         f"{args.guidance_scale} (both CFG branches)", flush=True)
@@ -186,18 +189,20 @@ def main(argv: list[str]) -> None:
     catalog = synthetic_catalog(items, num_domains, args.seed_size)
     retriever = retriever_lib.Retriever(generator, catalog, index, args.guidance_scale,
                                         num_samples=1, seed=args.seed)
-    # The padded contexts, masks and excludes `retrieve_batch` builds, for the parts alone.
+    # The padded contexts, masks and excludes `retrieve_batch` builds, for the parts alone;
+    # padded to max_context too, for the padding variant.
     context = np.zeros((num, max_context, dim), np.float32)
     context[:, :args.seed_size] = items[ids]
     mask = np.zeros((num, max_context), bool)
     mask[:, :args.seed_size] = True
-    exclude = np.full((num, max_context), -1, np.int64)
+    exclude = np.full((num, served), -1, np.int64)
     exclude[:, :args.seed_size] = np.sort(ids, axis=1)
     dom = domains if retriever.conditioned else np.full(num, num_domains, np.int32)
     # The query embeddings retrieve_batch makes for these seed sets (per-query seeds: they do
     # not depend on the batch), for the search alone and for the recall.
     samples = np.concatenate([  # in served batches: no compilation for a bucket of `num`
-        generator.sample(context[c], mask[c], dom[c], query_seeds[c], 1, scales[c])
+        generator.sample(context[c, :served], mask[c, :served], dom[c], query_seeds[c], 1,
+                         scales[c])
         for c in chunks[batch_sizes[-1]]])
     exact = retrieval.ExactIndex(items)
     near = common.near_queries(items, min(num, n), args.seed)
@@ -218,16 +223,16 @@ def main(argv: list[str]) -> None:
       # model is asked with the null domain, as Retriever does.
       for b in batch_sizes:
         fns[f"sample B={b}"] = (
-            lambda b=b, ctx=context, m=mask, d=dom: [
+            lambda b=b, ctx=context[:, :served], m=mask[:, :served], d=dom: [
                 generator.sample(ctx[c], m[c], d[c], query_seeds[c], 1, scales[c])
                 for c in chunks[b]])
         fns[f"sample_rows B={b}"] = (
-            lambda b=b, ctx=context, m=mask, d=dom: [
+            lambda b=b, ctx=context[:, :served], m=mask[:, :served], d=dom: [
                 np.asarray(plain_sample(generator.params, ctx[c], m[c], d[c], scales[c],
                                         jax.random.PRNGKey(args.seed)))
                 for c in chunks[b]])
-        fns[f"sample L={args.seed_size} B={b}"] = (
-            lambda b=b, ctx=context[:, :args.seed_size], m=mask[:, :args.seed_size], d=dom: [
+        fns[f"sample L={max_context} B={b}"] = (
+            lambda b=b, ctx=context, m=mask, d=dom: [
                 generator.sample(ctx[c], m[c], d[c], query_seeds[c], 1, scales[c])
                 for c in chunks[b]])
   for s in setups:
@@ -241,14 +246,14 @@ def main(argv: list[str]) -> None:
         f"(the first call of each compiles); {common.load()}", flush=True)
   times, results = common.round_robin(fns, args.rounds)
 
-  flops = 2 * generator.num_steps * dit.flops_per_example(model, max_context)
-  flops_short = 2 * generator.num_steps * dit.flops_per_example(model, args.seed_size)
+  flops = 2 * generator.num_steps * dit.flops_per_example(model, served)
+  flops_padded = 2 * generator.num_steps * dit.flops_per_example(model, max_context)
   print()
   print(f"{what}; {generator.num_steps} DDIM steps x 2 CFG branches; k={args.k}; "
         f"{num} seed sets per call; fastest of {args.rounds} round-robin calls "
         f"(median in brackets)")
   print(f"sampling: {flops / 1e6:.0f} MFLOP per seed set (analytic, context padded to "
-        f"{max_context})")
+        f"{served} as served)")
   print("| what | N | batch | seed sets/s | share of end to end |")
   print("|---|---|---|---|---|")
   rate = lambda name: (num / times[name][0], num / times[name][1])
@@ -283,10 +288,10 @@ def main(argv: list[str]) -> None:
   for b in batch_sizes:
     for name, note in ((f"sample B={b}", "Generator.sample, per-query seeds (as served)"),
                        (f"sample_rows B={b}", "jit(diffusion.sample_rows), one key per batch"),
-                       (f"sample L={args.seed_size} B={b}",
-                        f"Generator.sample, context {args.seed_size} slots, not padded")):
+                       (f"sample L={max_context} B={b}",
+                        f"Generator.sample, context padded to max_context {max_context}")):
       fast, median = rate(name)
-      gflops = (flops_short if "L=" in name else flops) * fast / 1e9
+      gflops = (flops_padded if "L=" in name else flops) * fast / 1e9
       print(f"| {note} | {b} | {fast:,.0f} ({median:,.0f}) | {gflops:.1f} |")
   print()
   for s in setups:
