@@ -82,11 +82,14 @@ def _embedding_method(name: str, embed: Callable[[catalog_lib.Queries], np.ndarr
 def tune_per_domain(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
                      grid: Sequence[float],
                      retrieve_train: Callable[[catalog_lib.Queries, float], np.ndarray],
-                     what: str, max_queries: int = 0, seed: int = 0) -> np.ndarray:
+                     what: str, max_queries: int = 0, seed: int = 0,
+                     purity_tolerance: float = -1.0) -> np.ndarray:
   """For each domain, the grid value with the best mean oracle Joint@k on train queries.
 
   `max_queries` > 0 tunes on a seeded subset of that many train queries (for knobs whose every
-  trial is costly, such as a generative model's guidance scale).
+  trial is costly, such as a generative model's guidance scale). `purity_tolerance` >= 0 only
+  admits values whose mean train Purity@k is within it of the grid's best Purity@k (a
+  pattern-preserving choice); < 0 ignores purity.
   """
   train = catalog.queries["train"]
   if len(train) == 0:
@@ -95,16 +98,22 @@ def tune_per_domain(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracl
     rows = np.sort(np.random.default_rng(seed).choice(len(train), max_queries, replace=False))
     train = catalog_lib.Queries(seeds=train.seeds[rows], pattern=train.pattern[rows],
                                 domain=train.domain[rows])
-  joint = np.stack([oracle.score_ids(retrieve_train(train, value), train)[f"joint@{oracle.k}"]
-                    for value in grid])  # [G, Q]
+  scores = [oracle.score_ids(retrieve_train(train, value), train) for value in grid]
+  joint = np.stack([s[f"joint@{oracle.k}"] for s in scores])  # [G, Q]
+  purity = np.stack([s[f"purity@{oracle.k}"] for s in scores])
   best = np.zeros(catalog.num_domains)
   for m in range(catalog.num_domains):
     rows = train.domain == m
     if rows.any():
       means = joint[:, rows].mean(axis=1)
+      if purity_tolerance >= 0:
+        pure = purity[:, rows].mean(axis=1)
+        means = np.where(pure >= pure.max() - purity_tolerance, means, -np.inf)
       best[m] = grid[int(np.argmax(means))]
-      logging.info("%s for domain %s: %s (train Joint@%d %s)", what, catalog.domains[m],
-                   best[m], oracle.k, np.round(means, 3).tolist())
+      logging.info("%s for domain %s: %s (train Joint@%d %s, Purity@%d %s)", what,
+                   catalog.domains[m], best[m], oracle.k,
+                   np.round(joint[:, rows].mean(1), 3).tolist(), oracle.k,
+                   np.round(purity[:, rows].mean(1), 3).tolist())
   return best
 
 

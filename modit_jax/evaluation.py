@@ -60,6 +60,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Train queries the guidance is tuned on (0: all). Sampling every train query at every grid
   # value dominated evaluation time; 1000 (250 per domain) resolves the grid's differences.
   c.guidance_tune_queries = 1000
+  # >= 0: only guidance scales whose train Purity@k is within this of the grid's best are
+  # admitted (a pattern-preserving choice); < 0: the best train Joint@k, whatever its purity.
+  c.guidance_purity_tolerance = -1.0
   c.num_resamples = 10_000
   c.seed = 0
   return c

@@ -165,7 +165,8 @@ def fit(name: str, workdir: str, catalog: catalog_lib.Catalog,
     scales = baselines.tune_per_domain(
         catalog, oracle, grid,
         lambda q, g: oracle.search(samples(q, g, 1)[:, 0], q.seeds, oracle.k),
-        f"{name} guidance scale", max_queries=config.guidance_tune_queries, seed=config.seed)
+        f"{name} guidance scale", max_queries=config.guidance_tune_queries, seed=config.seed,
+        purity_tolerance=config.guidance_purity_tolerance)
     knob = dict(zip(catalog.domains, scales.tolist()))
 
   def retrieve(queries: catalog_lib.Queries, index: retrieval.Index, k: int) -> np.ndarray:

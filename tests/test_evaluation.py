@@ -140,3 +140,28 @@ def test_metric_predictor_learns_the_easy_domain(tiny):
   predictor = metric_predictor.train(cat.embeddings, cat.attributes, cat.observed, config)
   # Domain 0 leans mostly along a shared axis (a_m = 0.8): clearly learnable.
   assert predictor.validation[0]["auc"] > 0.75
+
+
+class _FixedOracle:
+  """An oracle stub: per grid value (read back from the 'retrieved' marker), fixed scores."""
+  k = 20
+
+  def __init__(self, scores):
+    self._scores = scores  # value -> (joint, purity)
+
+  def score_ids(self, retrieved, queries):
+    joint, purity = self._scores[float(retrieved)]
+    n = len(queries)
+    return {"joint@20": np.full(n, joint), "purity@20": np.full(n, purity)}
+
+
+def test_tuning_picks_best_joint_or_best_joint_within_purity_tolerance(tiny):
+  cat = catalog_lib.load_catalog(tiny)
+  # Value 8 has the best Joint but loses 0.1 purity; value 4 is within 0.02 of the purest.
+  oracle = _FixedOracle({1.0: (0.2, 1.00), 4.0: (0.5, 0.99), 8.0: (0.6, 0.90)})
+  tune = lambda tol: baselines.tune_per_domain(cat, oracle, [1.0, 4.0, 8.0],
+                                               lambda q, value: value, "knob",
+                                               purity_tolerance=tol)
+  np.testing.assert_array_equal(tune(-1.0), np.full(cat.num_domains, 8.0))
+  np.testing.assert_array_equal(tune(0.02), np.full(cat.num_domains, 4.0))
+  np.testing.assert_array_equal(tune(0.0), np.full(cat.num_domains, 1.0))
