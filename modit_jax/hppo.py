@@ -17,7 +17,7 @@ rebuild steps). See docs/hppo.md for the choices made here.
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 import jax
@@ -192,15 +192,13 @@ class CandidatePools:
     self._source = source
     self._oracle = oracle
     self._reference = jax.device_put(reference_params)
-    self._null_domain = null_domain
-    self._tail_fraction = float(config.sft.tail_fraction)
+    # The SFT stage's tail centroids (context size 1: only the centroids are used).
     self._tail_centroids = trajectories.TailCentroidTargets(
-        source, 1, self._tail_fraction, config.sft.low_fraction, null_domain,
+        source, 1, float(config.sft.tail_fraction), config.sft.low_fraction, null_domain,
         config.seed)
     self._row_of = np.full(catalog.num_items, -1, np.int64)
     self._row_of[source.train_items] = np.arange(len(source.train_items))
-    num = min(int(self._hppo.pool_queries), len(self._queries))
-    self._pool_size = num
+    self._pool_size = min(int(self._hppo.pool_queries), len(self._queries))
     self._sample = jax.jit(functools.partial(
         diffusion.sample_rows, apply=apply_fn, dim=catalog.dim,
         num_steps=int(config.diffusion.sample_steps), null_domain=null_domain))
@@ -222,8 +220,9 @@ class CandidatePools:
     return np.stack([self._tail_centroids.tail_centroid(int(c), int(m))
                      for c, m in zip(majority, queries.domain)])
 
-  def _model(self, params: Any, queries: catalog_lib.Queries, scales, num_noise: int,
-             pool_index: int, stream: int) -> tuple[list[np.ndarray], list[str]]:
+  def _model(self, params: Any, queries: catalog_lib.Queries, scales: Sequence[float],
+             num_noise: int, pool_index: int, stream: int) -> tuple[list[np.ndarray], list[str]]:
+    """Samples of `params` at each guidance scale and noise seed: (embeddings, names)."""
     context = np.asarray(self.embeddings[queries.seeds], np.float32)
     mask = np.ones(queries.seeds.shape, bool)
     out, names = [], []
