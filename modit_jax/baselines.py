@@ -95,9 +95,8 @@ def tune_per_domain(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracl
   if len(train) == 0:
     raise errors.UserError(f"tuning the {what} needs train queries; queries_train.npz is empty")
   if 0 < max_queries < len(train):
-    rows = np.sort(np.random.default_rng(seed).choice(len(train), max_queries, replace=False))
-    train = catalog_lib.Queries(seeds=train.seeds[rows], pattern=train.pattern[rows],
-                                domain=train.domain[rows])
+    train = train.take(
+        np.sort(np.random.default_rng(seed).choice(len(train), max_queries, replace=False)))
   scores = [oracle.score_ids(retrieve_train(train, value), train) for value in grid]
   joint = np.stack([s[f"joint@{oracle.k}"] for s in scores])  # [G, Q]
   purity = np.stack([s[f"purity@{oracle.k}"] for s in scores])

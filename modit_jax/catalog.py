@@ -53,6 +53,10 @@ class Queries:
   def __len__(self) -> int:
     return int(self.seeds.shape[0])
 
+  def take(self, rows: np.ndarray) -> "Queries":
+    """The queries at `rows` (an index array; repeats allowed), in that order."""
+    return Queries(seeds=self.seeds[rows], pattern=self.pattern[rows], domain=self.domain[rows])
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Catalog:

@@ -205,10 +205,8 @@ class CandidatePools:
 
   def _draw(self, pool_index: int) -> catalog_lib.Queries:
     rng = np.random.default_rng([self._config.seed, _POOL_STREAM, pool_index])
-    rows = np.sort(rng.choice(len(self._queries), self._pool_size, replace=False))
-    q = self._queries
-    return catalog_lib.Queries(seeds=q.seeds[rows], pattern=q.pattern[rows],
-                               domain=q.domain[rows])
+    return self._queries.take(
+        np.sort(rng.choice(len(self._queries), self._pool_size, replace=False)))
 
   def _tail(self, queries: catalog_lib.Queries) -> np.ndarray:
     """The tail centroid of each query's latent cluster (the seeds' majority) for its domain."""
@@ -271,9 +269,7 @@ class CandidatePools:
                              "candidate per query; pairs need at least 2")
     stacked = np.stack(candidates, axis=1).astype(np.float32)  # [Q, C, d]
     num_q, num_c = stacked.shape[:2]
-    flat = catalog_lib.Queries(seeds=np.repeat(queries.seeds, num_c, 0),
-                               pattern=np.repeat(queries.pattern, num_c),
-                               domain=np.repeat(queries.domain, num_c))
+    flat = queries.take(np.repeat(np.arange(num_q), num_c))  # row q * num_c + c
     scores = self._oracle.score(stacked.reshape(num_q * num_c, -1), flat)
     k = self._oracle.k
     joint = scores[f"joint@{k}"].reshape(num_q, num_c)

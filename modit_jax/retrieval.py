@@ -406,6 +406,22 @@ def build_index(embeddings: np.ndarray, kind: str = "scann", **overrides: Any) -
   return index
 
 
+def load_or_build_index(directory: str | os.PathLike, embeddings: np.ndarray,
+                        kind: str = "scann") -> Index:
+  """The index saved in `directory`; built (`kind`) from `embeddings` and saved there if none is.
+
+  A directory without `index.json` (never saved, or a save that did not finish: the meta file is
+  written last) counts as none.
+  """
+  if os.path.isfile(os.path.join(directory, META_FILE)):
+    return load_index(directory)
+  index = build_index(embeddings, kind)
+  index.save(directory)
+  logging.info("No index in %s: built a %s index of %d items and saved it there", directory,
+               kind, len(embeddings))
+  return index
+
+
 def load_index(directory: str | os.PathLike) -> Index:
   """Loads an index written by `Index.save`, from wherever the directory now is."""
   root = os.fspath(directory)

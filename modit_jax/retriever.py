@@ -116,8 +116,8 @@ class Retriever:
     if index:
       loaded = retrieval.load_index(index)
     else:
-      loaded = _load_or_build_index(pipeline.get("index") or os.path.join(model_dir, INDEX_DIR),
-                                    catalog)
+      loaded = retrieval.load_or_build_index(
+          pipeline.get("index") or os.path.join(model_dir, INDEX_DIR), catalog.embeddings)
     if guidance_scale is None:
       # dict.fromkeys: both directories, in order, once each.
       guidance_scale = _read_guidance(dict.fromkeys([root, model_dir]), catalog.domains)
@@ -296,18 +296,6 @@ def _read_pipeline(root: str) -> dict[str, str]:
     if value:
       paths[key] = os.path.join(root, value)
   return paths
-
-
-def _load_or_build_index(path: str, catalog: catalog_lib.Catalog) -> retrieval.Index:
-  """Loads the index at `path`; builds (ScaNN) and saves it there if none is there yet."""
-  # No index.json: never saved, or a save that did not finish (index.json is written last).
-  if os.path.isfile(os.path.join(path, retrieval.META_FILE)):
-    return retrieval.load_index(path)
-  index = retrieval.build_index(catalog.embeddings, "scann")
-  index.save(path)
-  logging.info("No index at %s: built a ScaNN index of the %d catalog items and saved it there",
-               path, catalog.num_items)
-  return index
 
 
 def _read_guidance(directories: Sequence[str], domains: list[str]) -> dict[str, float] | None:

@@ -176,20 +176,23 @@ def write_run_config(workdir: str, config: ml_collections.ConfigDict, dim: int,
     f.write("\n")
 
 
-def read_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, int, int]:
-  """(config, dim, num_domains) of a training workdir."""
+def _read_run_file(workdir: str) -> dict[str, Any]:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.isfile(path):
     raise errors.UserError(f"{workdir} is not a training workdir (no {CONFIG_FILE})")
   with open(path) as f:
-    saved = json.load(f)
+    return json.load(f)
+
+
+def read_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, int, int]:
+  """(config, dim, num_domains) of a training workdir."""
+  saved = _read_run_file(workdir)
   return ml_collections.ConfigDict(saved["config"]), saved["dim"], saved["num_domains"]
 
 
 def run_dataset(workdir: str) -> str:
   """The absolute catalog path a training workdir was trained on ("" if not recorded)."""
-  with open(os.path.join(workdir, CONFIG_FILE)) as f:
-    return json.load(f).get("dataset", "")
+  return _read_run_file(workdir).get("dataset", "")
 
 
 def _trajectory_source(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog,
@@ -222,15 +225,14 @@ def _trajectory_source(config: ml_collections.ConfigDict, catalog: catalog_lib.C
         predictor_n=np.array([v["n_heldout"] for v in validation], np.int64))
     if cache:
       _save_npz_atomically(cache, arrays)
-  if jax.process_index() == 0:
-    # What evaluation reports about the data path (predictor validation, cluster agreement).
-    _save_npz_atomically(os.path.join(workdir, DIAGNOSTICS_FILE), arrays)
+  # What evaluation reports about the data path (predictor validation, cluster agreement).
+  _save_npz_atomically(os.path.join(workdir, DIAGNOSTICS_FILE), arrays)
   return trajectories.TrajectorySource(arrays["train_items"], arrays["assign"],
                                        arrays["density"], catalog.embeddings)
 
 
 def _save_npz_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
-  """Readers never see a partial file (several processes may share a cache directory)."""
+  """Process 0 writes; readers never see a partial file (processes may share a cache)."""
   if jax.process_index() != 0:
     return
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -239,8 +241,8 @@ def _save_npz_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
   os.replace(partial, path)
 
 
-def _batch_fn(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog,
-              null_domain: int, dataset: str, workdir: str) -> Callable[[int, int, int], dict[str, np.ndarray]]:
+def _batch_fn(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog, null_domain: int,
+              dataset: str, workdir: str) -> Callable[[int, int, int], dict[str, np.ndarray]]:
   """The `batch_fn(step, process_index, process_count)` of stages 1-3."""
   if config.stage == "pretrain":
     source = data.SequencePrefixes(catalog.sequences, np.asarray(catalog.embeddings),

@@ -91,16 +91,20 @@ def _latest_step(workdir: str) -> int:
     checkpointer.close()
 
 
-def _dataset(config: ml_collections.ConfigDict, out: str, notes: list[str]) -> str:
+def _dataset(config: ml_collections.ConfigDict, out: str,
+             notes: list[str]) -> tuple[str, catalog_lib.Catalog]:
+  """(path, loaded catalog): the given one, OUT/dataset reused, or a generated world.
+
+  Loaded (so validated) here, before hours of training, and once for the whole pipeline.
+  """
   if config.dataset:
-    catalog_lib.load_catalog(config.dataset)  # validate before hours of training
     notes.append(f"dataset: `{os.path.abspath(config.dataset)}` (given)")
-    return config.dataset
+    return config.dataset, catalog_lib.load_catalog(config.dataset)
   path = os.path.join(out, DATASET_DIR)
   if os.path.isfile(os.path.join(path, "manifest.json")):
     logging.info("Reusing the dataset in %s", path)
     notes.append(f"dataset: `{path}` (reused)")
-    return path
+    return path, catalog_lib.load_catalog(path)
   start = time.perf_counter()
   synthetic.write_world(config.world, path)
   catalog = catalog_lib.load_catalog(path)
@@ -116,7 +120,7 @@ def _dataset(config: ml_collections.ConfigDict, out: str, notes: list[str]) -> s
     note += ("; all properties hold" if not failed else
              f"; properties not holding (not required here): {len(failed)}")
   notes.append(note)
-  return path
+  return path, catalog
 
 
 def _train_runs(config: ml_collections.ConfigDict, dataset: str, out: str,
@@ -147,18 +151,9 @@ def _train_runs(config: ml_collections.ConfigDict, dataset: str, out: str,
   return workdirs
 
 
-def _index(config: ml_collections.ConfigDict, dataset: str, out: str) -> str:
-  path = os.path.join(out, INDEX_DIR)
-  if not os.path.isfile(os.path.join(path, retrieval.META_FILE)):
-    embeddings = catalog_lib.load_catalog(dataset, mmap=True).embeddings
-    retrieval.build_index(embeddings, config.index_kind).save(path)
-  return path
-
-
-def _evaluate(config: ml_collections.ConfigDict, dataset: str, out: str,
-              workdirs: dict[str, str], notes: list[str]) -> dict[str, Any]:
+def _evaluate(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog, dataset: str,
+              out: str, workdirs: dict[str, str], notes: list[str]) -> dict[str, Any]:
   eval_config = ml_collections.ConfigDict(config.evaluate.to_dict())
-  catalog = catalog_lib.load_catalog(dataset)
   methods = evaluation.split_names(eval_config.methods, "methods")
   if catalog.attribute_directions is None:
     # The oracle yardstick reads the true attribute directions only a synthetic world has.
@@ -211,12 +206,13 @@ def run_pipeline(config: ml_collections.ConfigDict, out: str) -> str:
   start = time.perf_counter()
   os.makedirs(out, exist_ok=True)
   notes: list[str] = []
-  dataset = _dataset(config, out, notes)
+  dataset, catalog = _dataset(config, out, notes)
   workdirs = _train_runs(config, dataset, out, notes)
   index_start = time.perf_counter()
-  _index(config, dataset, out)
+  retrieval.load_or_build_index(os.path.join(out, INDEX_DIR), catalog.embeddings,
+                                config.index_kind)
   notes.append(f"serving index ({config.index_kind}): {time.perf_counter() - index_start:.0f} s")
-  results = _evaluate(config, dataset, out, workdirs, notes)
+  results = _evaluate(config, catalog, dataset, out, workdirs, notes)
   _write_serving_files(config, out, dataset, results)
   notes.append(f"total: {time.perf_counter() - start:.0f} s")
   return report.write_pipeline_report(out, results, workdirs, title="MO-DiT+HPPO pipeline report",

@@ -1,4 +1,4 @@
-"""Stage 4 (HPPO): Pareto pairs, the Diffusion-DPO loss, candidate pools, and the stage end to end."""
+"""Stage 4 (HPPO): Pareto pairs, the Diffusion-DPO loss, candidate pools, the stage end to end."""
 
 import dataclasses
 import json
