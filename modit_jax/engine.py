@@ -131,12 +131,28 @@ def learning_rate_at(config: Config, step: int) -> float:
 
 
 def create_train_state(params: PyTree, tx: optax.GradientTransformation) -> TrainState:
-  """A step-0 state; the EMA starts at the initial parameters."""
+  """A step-0 state; its EMA is the initial parameters until the first update replaces them."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     ema_params=params)
 
 
 # ----------------------------------------------------------------------------- train step
+
+
+def ema_weight(num_updates: jax.Array | int, decay: float) -> jax.Array:
+  """The weight of the newest parameters in the EMA after `num_updates` (>= 1) updates.
+
+  `(1 - decay) / (1 - decay**t)`: Adam's bias correction applied to the parameter average.
+  `ema_t = (1 - w_t) * ema_{t-1} + w_t * params_t` then equals the exponentially weighted
+  average of params_1..params_t with weights proportional to decay**(t - i), whatever ema_0
+  was (w_1 = 1). Without it an EMA started at the initial parameters keeps decay**t of them:
+  at decay 0.999, 37 % after 1000 updates, which would leave a from-scratch model's
+  zero-initialised output layers at two thirds of their trained size and a fine-tuned model
+  a third of the way back to the stage it started from.
+  """
+  t = jnp.asarray(num_updates, jnp.float32)
+  decay = jnp.float32(decay)  # both sides in float32, so that w_1 is exactly 1
+  return (1.0 - decay) / (1.0 - decay ** t)
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array,
@@ -158,8 +174,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
       `loss_fn` as its 4th argument when not None. They are not in the state, so the optimiser,
       the EMA and the checkpoints never see them, and no gradient is taken with respect to them.
     tx: the optimiser.
-    ema_decay: `ema <- decay * ema + (1 - decay) * params`, applied after the update; 0 makes
-      the EMA equal the parameters.
+    ema_decay: the EMA's decay, applied after the update with `ema_weight`: the EMA is the
+      bias-corrected average of the parameters after updates 1..t, so the starting
+      parameters never weigh in; 0 makes the EMA equal the parameters.
 
   Returns:
     The new state and metrics {"loss", "grad_norm" (before clipping), **aux}.
@@ -170,7 +187,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
       state.params, batch, step_rng, *extra)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+  weight = ema_weight(state.step + 1, ema_decay)
+  ema_params = jax.tree.map(lambda e, p: (1.0 - weight) * e + weight * p,
                             state.ema_params, params)
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,

@@ -180,26 +180,30 @@ def test_non_finite_loss_names_the_step(tmp_path):
   assert engine.Checkpointer(str(tmp_path)).latest_step() is None
 
 
-def test_ema(tmp_path):
+def test_ema_is_the_bias_corrected_average_of_the_updated_parameters(tmp_path):
   mesh = engine.make_mesh(1)
-  batch = engine.shard_batch(tiny.global_batch(0, 16), mesh)
   rng = jax.random.PRNGKey(0)
   for decay in (0.0, 0.9):
     tx = engine.make_optimizer(tiny.make_config())
-    init = engine.create_train_state(tiny.init_params(), tx)
+    state = engine.create_train_state(tiny.init_params(), tx)
     step_fn = jax.jit(functools.partial(engine.train_step, loss_fn=tiny.loss_fn, tx=tx,
                                         ema_decay=decay))
-    state, _ = step_fn(init, batch, rng)
-    if decay == 0.0:
-      _assert_trees_equal(state.ema_params, state.params)
-    else:
-      expected = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
-                              init.ema_params, state.params)
-      _assert_trees_close(state.ema_params, expected)
-      for e, p, i in zip(_leaves(state.ema_params), _leaves(state.params),
-                         _leaves(init.params)):
-        if not np.array_equal(p, i):
-          assert 0 < np.abs(e - i).max() < np.abs(p - i).max()
+    trajectory = []
+    for step in range(3):
+      state, _ = step_fn(state, engine.shard_batch(tiny.global_batch(step, 16), mesh), rng)
+      trajectory.append(state.params)
+      if step == 0:
+        # The first update replaces the starting parameters: they never weigh in.
+        _assert_trees_equal(state.ema_params, state.params)
+    # sum_i decay**(t - i) * params_i / sum_i decay**(t - i), over updates i = 1..t.
+    weights = np.array([decay ** (len(trajectory) - 1 - i) for i in range(len(trajectory))])
+    expected = jax.tree.map(lambda *ps: sum(w * p for w, p in zip(weights, ps)) / weights.sum(),
+                            *trajectory)
+    _assert_trees_close(state.ema_params, expected)
+    if decay:
+      # A real average: not the last parameters.
+      assert any(not np.allclose(e, p) for e, p in zip(_leaves(state.ema_params),
+                                                       _leaves(state.params)))
 
 
 def test_shard_batch_rejects_uneven_batch():
