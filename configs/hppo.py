@@ -27,11 +27,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # and an EMA that follows the policy within the run's few hundred steps.
   c.learning_rate = 1e-4
   c.warmup_steps = 20
-  c.num_steps = 400
+  c.num_steps = 200
+  c.hppo.pool_every = 50
   c.batch_size = 128
   c.ema_decay = 0.99
   c.log_every = 20
-  c.checkpoint_every = 200
+  c.checkpoint_every = 100
   if "tiny" in tokens:
     c.num_steps = 100
     c.batch_size = 32
