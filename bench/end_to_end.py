@@ -4,6 +4,7 @@ Run from the repository root:
 
   python bench/end_to_end.py                           # N = 100k and 1M, random-init model
   python bench/end_to_end.py --workdir=out/default/sft # a trained model
+  python bench/end_to_end.py --pipeline=out/default     # what `make main` serves, as served
   python bench/end_to_end.py --sizes=20000 --seed_sets=256 --batch_sizes=64,256 --rounds=2
 
 One answer is the serving path of `modit_jax.retrieve`: `Retriever.retrieve_batch` parses the
@@ -42,7 +43,11 @@ prints ScaNN's recall@k on queries near catalog items (bench/retrieval.py's kind
 
 Catalog: synthetic, d = 64 (bench/common.py's Gaussian mixture), 4 domains; each seed set is
 an item and its 7 nearest neighbours (exact), so seed sets are coherent as real ones are; one
-random domain per seed set.
+random domain per seed set. A trained model has never seen such a catalog, so its queries there
+say little about recall on the catalog it serves. `--pipeline=OUT` measures that instead:
+`Retriever.from_workdir(OUT)` (the pipeline's catalog, its saved ScaNN index, the final model
+and the guidance tuned per domain at evaluation), asked with the seed sets and domains of the
+catalog's evaluation queries (item and pattern holdout, cycled to `--seed_sets`).
 
 All functions are timed round-robin in one run (common.round_robin) and the fastest call is
 reported. The last lines are machine-readable:
@@ -77,6 +82,10 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", default=None,
                       help="training workdir of a trained model; default: random-init model")
+  parser.add_argument("--pipeline", default=None,
+                      help="a pipeline output directory (make main's out/default): serve its "
+                           "catalog, index, final model and tuned guidance, asked with its "
+                           "evaluation queries' seed sets; replaces --workdir and --sizes")
   parser.add_argument("--sizes", default="100000,1000000", help="catalog sizes N")
   parser.add_argument("--dim", type=int, default=64,
                       help="embedding dimension (random model only; a workdir sets its own)")
@@ -142,6 +151,43 @@ def seed_sets(items: np.ndarray, num: int, size: int, seed: int) -> np.ndarray:
   return ids.astype(np.int64)
 
 
+def _synthetic_catalogs(args: argparse.Namespace, generator: generative.Generator,
+                        num: int) -> list[dict]:
+  """One entry per `--sizes` N: nested mixture catalogs, a ScaNN index, random domains."""
+  rng = np.random.default_rng(args.seed + 4)
+  domains = rng.integers(0, generator.num_domains, num).astype(np.int32)
+  scales = np.full(num, args.guidance_scale, np.float32)
+  sizes = [int(s) for s in args.sizes.split(",")]
+  all_items = common.synthetic_items(max(sizes), generator.dim, args.clusters, args.seed)
+  entries = []
+  for n in sizes:
+    items = all_items[:n]  # nested catalogs: every prefix is a sample of the same mixture
+    start = time.perf_counter()
+    index = retrieval.build_index(items, "scann")
+    build_s = time.perf_counter() - start
+    catalog = synthetic_catalog(items, generator.num_domains, args.seed_size)
+    retriever = retriever_lib.Retriever(generator, catalog, index, args.guidance_scale,
+                                        num_samples=1, seed=args.seed)
+    entries.append({"n": n, "items": items, "build_s": build_s, "retriever": retriever,
+                    "ids": seed_sets(items, num, args.seed_size, args.seed),
+                    "domains": domains, "scales": scales})
+  return entries
+
+
+def _pipeline_catalog(retriever: retriever_lib.Retriever, num: int) -> dict:
+  """The pipeline's catalog and index, its evaluation queries cycled to `num` seed sets."""
+  catalog = retriever.catalog
+  seeds = np.concatenate([catalog.queries[s].seeds for s in ("item_holdout", "pattern_holdout")])
+  domains = np.concatenate([catalog.queries[s].domain
+                            for s in ("item_holdout", "pattern_holdout")])
+  rows = np.arange(num) % len(seeds)
+  domains = domains[rows].astype(np.int32)
+  return {"n": catalog.num_items, "items": np.asarray(catalog.embeddings), "build_s": None,
+          "retriever": retriever, "ids": seeds[rows].astype(np.int64), "domains": domains,
+          # As retrieve_batch asks: each query at its domain's tuned scale.
+          "scales": retriever.guidance_scale[domains].astype(np.float32)}
+
+
 def main(argv: list[str]) -> None:
   args = _parse_args(argv)
   batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -149,8 +195,13 @@ def main(argv: list[str]) -> None:
   print(f"JAX {jax.__version__} on {jax.devices()[0].platform}, "
         f"{jax.device_count()} device(s)", flush=True)
 
+  pipeline = (retriever_lib.Retriever.from_workdir(args.pipeline) if args.pipeline
+              else None)
   with tempfile.TemporaryDirectory(prefix="bench_end_to_end_") as tmp:
-    if args.workdir:
+    if pipeline is not None:
+      generator = pipeline.generator
+      what = f"final model of the pipeline {args.pipeline}"
+    elif args.workdir:
       generator = generative.Generator(args.workdir)
       what = f"trained model {args.workdir}"
     else:
@@ -159,44 +210,40 @@ def main(argv: list[str]) -> None:
       what = "random-init model of training.default_config() (stage sft)"
   model, dim, num_domains = generator.model, generator.dim, generator.num_domains
   max_context = int(generator.config.model.max_context)
-  if args.seed_size > max_context:
-    raise SystemExit(f"--seed_size={args.seed_size} exceeds the model's max_context "
-                     f"{max_context}")
+  num = args.seed_sets
+  if pipeline is not None:
+    catalogs = [_pipeline_catalog(pipeline, num)]
+    guidance = ", ".join(f"{name} {scale:g}" for name, scale in
+                         zip(pipeline.domains, pipeline.guidance_scale))
+  else:
+    catalogs = _synthetic_catalogs(args, generator, num)
+    guidance = f"{args.guidance_scale:g}"
+  seed_size = catalogs[0]["ids"].shape[1]
+  if seed_size > max_context:
+    raise SystemExit(f"seed sets of {seed_size} exceed the model's max_context {max_context}")
   # Retriever pads a context to the next power of two of its longest seed set.
-  served = min(max_context, 1 << (args.seed_size - 1).bit_length())
+  served = min(max_context, 1 << (seed_size - 1).bit_length())
   print(f"{what}: width {model.width}, depth {model.depth}, max_context {max_context}, "
         f"d={dim}, {num_domains} domains; {generator.num_steps} DDIM steps, guidance "
-        f"{args.guidance_scale} (both CFG branches)", flush=True)
+        f"{guidance} (both CFG branches)", flush=True)
 
-  num = args.seed_sets
-  rng = np.random.default_rng(args.seed + 4)
-  domains = rng.integers(0, num_domains, num).astype(np.int32)
-  scales = np.full(num, args.guidance_scale, np.float32)
   query_seeds = np.full(num, args.seed)  # what Retriever passes: one seed for every query
   chunks = {b: [slice(s, min(s + b, num)) for s in range(0, num, b)] for b in batch_sizes}
   plain_sample = jax.jit(functools.partial(
       diffusion.sample_rows, apply=training.apply_fn(model), dim=dim,
       num_steps=generator.num_steps, null_domain=num_domains))
   fns, setups = {}, []
-  sizes = [int(s) for s in args.sizes.split(",")]
-  all_items = common.synthetic_items(max(sizes), dim, args.clusters, args.seed)
-  for n in sizes:
-    items = all_items[:n]  # nested catalogs: every prefix is a sample of the same mixture
-    start = time.perf_counter()
-    index = retrieval.build_index(items, "scann")
-    build_s = time.perf_counter() - start
-    ids = seed_sets(items, num, args.seed_size, args.seed)
-    catalog = synthetic_catalog(items, num_domains, args.seed_size)
-    retriever = retriever_lib.Retriever(generator, catalog, index, args.guidance_scale,
-                                        num_samples=1, seed=args.seed)
+  for entry in catalogs:
+    n, items, ids, domains = entry["n"], entry["items"], entry["ids"], entry["domains"]
+    retriever, scales = entry["retriever"], entry["scales"]
     # The padded contexts, masks and excludes `retrieve_batch` builds, for the parts alone;
     # padded to max_context too, for the padding variant.
     context = np.zeros((num, max_context, dim), np.float32)
-    context[:, :args.seed_size] = items[ids]
+    context[:, :seed_size] = items[ids]
     mask = np.zeros((num, max_context), bool)
-    mask[:, :args.seed_size] = True
+    mask[:, :seed_size] = True
     exclude = np.full((num, served), -1, np.int64)
-    exclude[:, :args.seed_size] = np.sort(ids, axis=1)
+    exclude[:, :seed_size] = np.sort(ids, axis=1)
     dom = domains if retriever.conditioned else np.full(num, num_domains, np.int32)
     # The query embeddings retrieve_batch makes for these seed sets (per-query seeds: they do
     # not depend on the batch), for the search alone and for the recall.
@@ -206,34 +253,34 @@ def main(argv: list[str]) -> None:
         for c in chunks[batch_sizes[-1]]])
     exact = retrieval.ExactIndex(items)
     near = common.near_queries(items, min(num, n), args.seed)
+    index = retriever.index
     setups.append({
-        "n": n, "build_s": build_s, "index": index, "exclude": exclude, "samples": samples,
-        "exact_ids": generative.search_samples(exact, samples, exclude, args.k),
+        "n": n, "build_s": entry["build_s"], "index": index, "exclude": exclude,
+        "samples": samples, "exact_ids": generative.search_samples(exact, samples, exclude, args.k),
         "near_recall": common.recall(index.search(near, args.k)[0],
                                      exact.search(near, args.k)[0])})
-    print(f"N={n:,}: ScaNN built in {build_s:.1f} s; {num} seed sets of {args.seed_size}",
-          flush=True)
+    print(f"N={n:,}: {num} seed sets of {seed_size}", flush=True)
 
     for b in batch_sizes:
       fns[f"end to end N={n} B={b}"] = (
-          lambda r=retriever, b=b, ids=ids: [r.retrieve_batch(ids[c], domains[c], args.k)
-                                             for c in chunks[b]])
-    if n == sizes[0]:
+          lambda r=retriever, b=b, ids=ids, domains=domains: [
+              r.retrieve_batch(ids[c], domains[c], args.k) for c in chunks[b]])
+    if entry is catalogs[0]:
       # Sampling does not depend on N: timed once, on the first catalog's seed sets. A stage-1
       # model is asked with the null domain, as Retriever does.
       for b in batch_sizes:
         fns[f"sample B={b}"] = (
-            lambda b=b, ctx=context[:, :served], m=mask[:, :served], d=dom: [
-                generator.sample(ctx[c], m[c], d[c], query_seeds[c], 1, scales[c])
+            lambda b=b, ctx=context[:, :served], m=mask[:, :served], d=dom, sc=scales: [
+                generator.sample(ctx[c], m[c], d[c], query_seeds[c], 1, sc[c])
                 for c in chunks[b]])
         fns[f"sample_rows B={b}"] = (
-            lambda b=b, ctx=context[:, :served], m=mask[:, :served], d=dom: [
-                np.asarray(plain_sample(generator.params, ctx[c], m[c], d[c], scales[c],
+            lambda b=b, ctx=context[:, :served], m=mask[:, :served], d=dom, sc=scales: [
+                np.asarray(plain_sample(generator.params, ctx[c], m[c], d[c], sc[c],
                                         jax.random.PRNGKey(args.seed)))
                 for c in chunks[b]])
         fns[f"sample L={max_context} B={b}"] = (
-            lambda b=b, ctx=context, m=mask, d=dom: [
-                generator.sample(ctx[c], m[c], d[c], query_seeds[c], 1, scales[c])
+            lambda b=b, ctx=context, m=mask, d=dom, sc=scales: [
+                generator.sample(ctx[c], m[c], d[c], query_seeds[c], 1, sc[c])
                 for c in chunks[b]])
   for s in setups:
     for b in batch_sizes:
@@ -295,7 +342,8 @@ def main(argv: list[str]) -> None:
       print(f"| {note} | {b} | {fast:,.0f} ({median:,.0f}) | {gflops:.1f} |")
   print()
   for s in setups:
-    print(f"N={s['n']:,}: ScaNN build {s['build_s']:.1f} s, {s['index'].params}; "
+    built = "loaded" if s["build_s"] is None else f"build {s['build_s']:.1f} s"
+    print(f"N={s['n']:,}: ScaNN {built}, {s['index'].params}; "
           f"recall@{args.k} vs exact: {s['recall']:.4f} on the generated queries, "
           f"{s['near_recall']:.4f} on queries near items (bench/retrieval.py's)")
   print(f"target: >= {_TARGET_SEED_SETS_PER_S} seed sets/s at 100k items on 2 cores with "
