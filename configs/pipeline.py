@@ -61,7 +61,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sft_context_size = 0
 
   c.evaluate = evaluate_config.get_config(variant or None)
-  # order_random: does metric order beat random order; modit_hppo: what each policy ablation costs.
-  c.evaluate.references = "pretrained_gr,modit_sft,strongest_baseline,order_random,modit_hppo"
+  # order_random, order_reversed: does metric order beat them; modit_hppo: what each policy
+  # ablation costs.
+  c.evaluate.references = ",".join([
+      "pretrained_gr", "modit_sft", "strongest_baseline", "order_random", "order_reversed",
+      "modit_hppo"])
   c.index_kind = "scann"           # OUT/index, the serving index of the Retriever
   return c
