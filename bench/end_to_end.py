@@ -69,6 +69,7 @@ from modit_jax import catalog as catalog_lib
 from modit_jax import diffusion
 from modit_jax import dit
 from modit_jax import engine
+from modit_jax import evaluation
 from modit_jax import generative
 from modit_jax import retrieval
 from modit_jax import retriever as retriever_lib
@@ -177,11 +178,10 @@ def _synthetic_catalogs(args: argparse.Namespace, generator: generative.Generato
 def _pipeline_catalog(retriever: retriever_lib.Retriever, num: int) -> dict:
   """The pipeline's catalog and index, its evaluation queries cycled to `num` seed sets."""
   catalog = retriever.catalog
-  seeds = np.concatenate([catalog.queries[s].seeds for s in ("item_holdout", "pattern_holdout")])
-  domains = np.concatenate([catalog.queries[s].domain
-                            for s in ("item_holdout", "pattern_holdout")])
+  queries = [catalog.queries[split] for split in evaluation.EVAL_SPLITS]
+  seeds = np.concatenate([q.seeds for q in queries])
   rows = np.arange(num) % len(seeds)
-  domains = domains[rows].astype(np.int32)
+  domains = np.concatenate([q.domain for q in queries])[rows].astype(np.int32)
   return {"n": catalog.num_items, "items": np.asarray(catalog.embeddings), "build_s": None,
           "retriever": retriever, "ids": seeds[rows].astype(np.int64), "domains": domains,
           # As retrieve_batch asks: each query at its domain's tuned scale.
