@@ -43,8 +43,12 @@ def default_config() -> ml_collections.ConfigDict:
   """The `config.hppo` fields (training.default_config embeds them)."""
   c = ml_collections.ConfigDict()
   c.policies = ",".join(POLICIES)     # the candidate-policy ablation removes one
-  c.policy_guidance = (1.0, 4.0, 8.0, 16.0)
-  c.policy_noise_seeds = 2            # samples per guidance scale
+  # One on-policy sample per query, at a scale inside the range evaluation picks for SFT and
+  # HPPO on train queries (4-12). More policy candidates (1, 4, 8, 16 x 2 noise seeds) lowered
+  # the oracle's train-query Joint@20: samples far from the operating point are easy losers
+  # that DPO spends its updates on (docs/hppo.md, "Policy share").
+  c.policy_guidance = (6.0,)          # the last scale is also the interpolations' endpoint
+  c.policy_noise_seeds = 1            # samples per guidance scale
   c.reference_guidance = (1.0, 8.0)
   c.tail_extrapolation = (1.0, 1.5, 2.0)  # seed centroid + a * (tail centroid - seed centroid)
   c.interpolation_weights = (0.5,)
@@ -258,7 +262,8 @@ class CandidatePools:
     add("seed_centroid", [centroid], ["mean"])
     add("tail_centroid", [centroid + a * (tail - centroid) for a in hppo.tail_extrapolation],
         [f"a{a:g}" for a in hppo.tail_extrapolation])
-    # Interpolations toward the policy's most guided sample, from either heuristic anchor.
+    # Interpolations toward the policy's sample at the last `policy_guidance` scale, from either
+    # heuristic anchor.
     top = policy[(len(hppo.policy_guidance) - 1) * int(hppo.policy_noise_seeds)]
     weights = list(hppo.interpolation_weights)
     add("interpolation",
