@@ -8,6 +8,9 @@ Order ablation (`order_random`, `order_reversed`): `configs/cpt.py:random` and
 `configs/cpt.py:reversed` (combine with `tiny` as `configs/cpt.py:tiny,random`).
 Trajectories: items of one latent cluster (k-means over train items), ordered by the metric
 predictor's density for domain m; context = a prefix, target = the next item, domain token = m.
+The model has learned positions, so it sees the prefix's order (every order variant has them, so
+the ablation changes the order alone); at inference its seeds are put in ascending density by
+the metric predictor saved with the run. Stage 3 drops the position table (seed sets).
 """
 
 import ml_collections
@@ -23,4 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.stage = "cpt"
   c.init_from = "out/default/pretrain"
   c.cpt.order = orders[-1] if orders else "metric"
+  # Without positions the model sees a prefix as a set; order then reaches it only through
+  # which item is the target (docs/decisions.md, "Learned positions in stage 2").
+  c.model.learned_positions = True
   return c

@@ -7,6 +7,7 @@ of it), so evaluating many query files, or serving many calls, does not recompil
 """
 
 import functools
+import os
 
 import jax
 import ml_collections
@@ -18,6 +19,7 @@ from modit_jax import diffusion
 from modit_jax import engine
 from modit_jax import errors
 from modit_jax import hppo
+from modit_jax import metric_predictor
 from modit_jax import oracle as oracle_lib
 from modit_jax import retrieval
 from modit_jax import training
@@ -39,6 +41,11 @@ class Generator:
         num_steps=self.num_steps, null_domain=self.num_domains)
     self._sample = jax.jit(sample_rows)
     self._sample_seeded = jax.jit(functools.partial(self._seeded_rows, sample_rows))
+    # A model with learned positions was trained on contexts in ascending predicted density
+    # for the domain (stage-2 trajectories): its seeds are ordered the same way here.
+    self.context_predictor = None
+    if self.config.model.learned_positions:
+      self.context_predictor = _saved_predictor(workdir)
 
   @staticmethod
   def _seeded_rows(sample_rows, params, context, context_mask, domain, guidance_scale, seeds,
@@ -82,6 +89,8 @@ class Generator:
     to `padded_size(Q)`, so only a new (bucket, L) compiles.
     """
     scale = self.guidance_scale if guidance_scale is None else guidance_scale
+    if self.context_predictor is not None:
+      context, context_mask = self.order_context(context, context_mask, domain)
     num = context.shape[0]
     padded = self.padded_size(num)
     pad = lambda x: np.concatenate([x, np.zeros((padded - num,) + x.shape[1:], x.dtype)])
@@ -102,6 +111,41 @@ class Generator:
         x = self._sample_seeded(self.params, ctx, mask, dom, scale, seeds, np.int32(s))
       out.append(np.asarray(x)[:num])
     return np.stack(out, axis=1)
+
+
+  def order_context(self, context: np.ndarray, context_mask: np.ndarray, domain: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Contexts in ascending predicted density for each row's domain, padding last.
+
+    Rows asked with the null domain keep their order (no domain defines one).
+    """
+    context = np.asarray(context, np.float32)
+    context_mask = np.asarray(context_mask, bool)
+    domain = np.asarray(domain)
+    num, length = context_mask.shape
+    density = self.context_predictor.predict(context.reshape(num * length, -1))
+    density = density.reshape(num, length, -1)
+    real = domain < self.num_domains
+    key = np.take_along_axis(density, np.minimum(domain, self.num_domains - 1)[:, None, None],
+                             2)[..., 0]
+    key = np.where(real[:, None], key, np.arange(length, dtype=np.float32)[None, :])
+    # Stable: ties keep the caller's order. Padded slots sort after every real one.
+    order = np.lexsort((np.where(context_mask, key, 0), ~context_mask), axis=1)
+    return (np.take_along_axis(context, order[..., None], 1),
+            np.take_along_axis(context_mask, order, 1))
+
+
+def _saved_predictor(workdir: str) -> metric_predictor.MetricPredictor:
+  """The metric predictor saved with a stage 2-3 run (training.DIAGNOSTICS_FILE)."""
+  path = os.path.join(workdir, training.DIAGNOSTICS_FILE)
+  if os.path.isfile(path):
+    with np.load(path) as saved:
+      if metric_predictor.has_saved(saved.files):
+        return metric_predictor.MetricPredictor.from_arrays(
+            {name: saved[name] for name in saved.files})
+  raise errors.UserError(
+      f"the model in {workdir} has learned positions and orders its seeds by the metric "
+      f"predictor, but {path} holds no saved predictor: retrain the run with this version")
 
 
 def search_samples(index: retrieval.Index, queries: np.ndarray, seeds: np.ndarray,

@@ -13,6 +13,7 @@ reported per domain.
 import dataclasses
 from typing import Any
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ import scipy.stats
 from modit_jax import errors
 
 _PREDICT_BATCH = 65536
+_PARAM_PREFIX = "predictor_param/"
 
 
 class PredictorMLP(nn.Module):
@@ -66,6 +68,31 @@ class MetricPredictor:
     out = [np.asarray(apply(self.params, jnp.asarray(embeddings[i:i + _PREDICT_BATCH])))
            for i in range(0, len(embeddings), _PREDICT_BATCH)]
     return np.concatenate(out) if out else np.zeros((0, self.num_domains), np.float32)
+
+  def to_arrays(self) -> dict[str, np.ndarray]:
+    """The parameters as flat named arrays (for an .npz next to a model that needs them)."""
+    flat = traverse_util.flatten_dict(jax.device_get(self.params), sep="/")
+    arrays = {f"{_PARAM_PREFIX}{name}": np.asarray(value) for name, value in flat.items()}
+    arrays[f"{_PARAM_PREFIX}hidden"] = np.asarray(self.hidden, np.int64)
+    return arrays
+
+  @classmethod
+  def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "MetricPredictor":
+    """The predictor `to_arrays` wrote (validation is not stored: it is reported elsewhere)."""
+    hidden_key = f"{_PARAM_PREFIX}hidden"
+    if hidden_key not in arrays:
+      raise errors.UserError("no saved metric predictor in these arrays")
+    flat = {name[len(_PARAM_PREFIX):]: np.asarray(value) for name, value in arrays.items()
+            if name.startswith(_PARAM_PREFIX) and name != hidden_key}
+    params = traverse_util.unflatten_dict(flat, sep="/")
+    hidden = tuple(int(h) for h in arrays[hidden_key])
+    num_domains = int(params[f"Dense_{len(hidden)}"]["bias"].shape[0])
+    return cls(params, num_domains, hidden, [])
+
+
+def has_saved(names: Any) -> bool:
+  """Whether an .npz with these array names holds a predictor `to_arrays` wrote."""
+  return f"{_PARAM_PREFIX}hidden" in names
 
 
 def train(embeddings: np.ndarray, attributes: np.ndarray, observed: np.ndarray,

@@ -31,7 +31,8 @@ from modit_jax import trajectories
 
 STAGES = ("pretrain", "cpt", "sft", "hppo")
 CONFIG_FILE = "config.json"
-DIAGNOSTICS_FILE = "data_diagnostics.npz"  # latent clusters and predictor validation
+# Latent clusters, the metric predictor's validation and its parameters.
+DIAGNOSTICS_FILE = "data_diagnostics.npz"
 
 
 def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -55,8 +56,8 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.model.num_heads = 4
   c.model.mlp_ratio = 4
   c.model.max_context = 16
-  # Raw sequences are walks in random order and seed sets are sets: no positions. Stage 2's
-  # order still shapes what is learnt: the target is the item after a density-ordered prefix.
+  # Raw sequences are walks in random order and seed sets are sets: no positions, except in
+  # stage 2 (configs/cpt.py), whose trajectories are ordered.
   c.model.learned_positions = False
 
   c.diffusion = ml_collections.ConfigDict()
@@ -212,11 +213,14 @@ def _trajectory_source(config: ml_collections.ConfigDict, catalog: catalog_lib.C
   cache = (os.path.join(config.data_cache,
                         f"source_{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
            if config.data_cache else "")
+  arrays = {}
   if cache and os.path.isfile(cache):
-    logging.info("Reusing the predictor density and latent clusters cached in %s", cache)
     with np.load(cache) as saved:
-      arrays = {name: saved[name] for name in saved.files}
-  else:
+      # A cache written before the predictor's parameters were saved is built again.
+      if metric_predictor.has_saved(saved.files):
+        logging.info("Reusing the predictor density and latent clusters cached in %s", cache)
+        arrays = {name: saved[name] for name in saved.files}
+  if not arrays:
     source, predictor = trajectories.build_source(
         catalog, config.num_clusters, config.seed, config.metric_predictor)
     validation = predictor.validation
@@ -224,10 +228,12 @@ def _trajectory_source(config: ml_collections.ConfigDict, catalog: catalog_lib.C
         train_items=source.train_items, assign=source.assign, density=source.density,
         predictor_auc=np.array([v["auc"] for v in validation], np.float64),
         predictor_ece=np.array([v["ece"] for v in validation], np.float64),
-        predictor_n=np.array([v["n_heldout"] for v in validation], np.int64))
+        predictor_n=np.array([v["n_heldout"] for v in validation], np.int64),
+        **predictor.to_arrays())
     if cache:
       _save_npz_atomically(cache, arrays)
-  # What evaluation reports about the data path (predictor validation, cluster agreement).
+  # What evaluation reports about the data path (predictor validation, cluster agreement),
+  # and the predictor that orders a learned-positions model's context at inference.
   _save_npz_atomically(os.path.join(workdir, DIAGNOSTICS_FILE), arrays)
   return trajectories.TrajectorySource(arrays["train_items"], arrays["assign"],
                                        arrays["density"], catalog.embeddings)
@@ -262,7 +268,9 @@ def _batch_fn(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog, n
   else:
     source = trajectories.TailCentroidTargets(
         trajectory_source, config.sft.context_size, config.sft.tail_fraction,
-        config.sft.low_fraction, null_domain, config.seed)
+        config.sft.low_fraction, null_domain, config.seed,
+        # A model with positions reads its context in ascending density, as inference gives it.
+        context_order="metric" if config.model.learned_positions else "random")
   return lambda step, pi, pc: source(step, config.batch_size, pi, pc)
 
 
@@ -291,6 +299,32 @@ def _hppo_loop_args(config: ml_collections.ConfigDict, catalog: catalog_lib.Cata
               batch_fn=lambda step, pi, pc: batches(step, pi, pc, config.batch_size))
 
 
+def _fit_to_model(restored: Any, model: dit.DiT, config: ml_collections.ConfigDict) -> Any:
+  """An earlier stage's parameters, fitted to this stage's model.
+
+  The only difference allowed is the learned position table (`context_pos`): stage 2 adds one
+  to a stage-1 model (freshly initialised), and stage 3 drops it (seed sets have no order).
+  Anything else that differs is a wrong `init_from` and is refused.
+  """
+  shapes = jax.eval_shape(lambda: dit.init_params(model, jax.random.PRNGKey(config.seed)))
+  fitted = dict(restored)
+  if "context_pos" in fitted and "context_pos" not in shapes:
+    logging.info("Dropping the learned positions of %s: this model has none", config.init_from)
+    del fitted["context_pos"]
+  if "context_pos" in shapes and "context_pos" not in fitted:
+    logging.info("Adding freshly initialised learned positions to %s", config.init_from)
+    fresh = dit.init_params(model, jax.random.PRNGKey(config.seed))
+    fitted["context_pos"] = np.asarray(jax.device_get(fresh["context_pos"]))
+  expected = jax.tree.map(lambda x: tuple(x.shape), shapes)
+  found = jax.tree.map(lambda x: tuple(np.shape(x)), fitted)
+  if found != expected:
+    raise errors.UserError(
+        f"the checkpoint in {config.init_from} does not fit this stage's model (width "
+        f"{model.width}, depth {model.depth}, d {model.dim}, {model.num_domains} domains): "
+        "start from a run of the same model config")
+  return fitted
+
+
 def train(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> engine.TrainState:
   """Trains the stage `config.stage` on the catalog at `dataset` into `workdir` (resumable)."""
   if config.stage not in STAGES:
@@ -299,9 +333,13 @@ def train(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> engi
   model = make_model(config.model, catalog.dim, catalog.num_domains)
   if config.init_from:
     logging.info("Initialising from %s", config.init_from)
-    init_params = engine.restore_params(config.init_from, use_ema=True)
+    init_params = _fit_to_model(engine.restore_params(config.init_from, use_ema=True), model,
+                                config)
   else:
     init_params = jax.device_get(dit.init_params(model, jax.random.PRNGKey(config.seed)))
+  if config.stage == "hppo" and config.model.learned_positions:
+    raise errors.UserError("the hppo stage does not support model.learned_positions: its pools "
+                           "and pairs give the model seed sets in no order")
   if config.stage == "hppo":
     # The reference is the starting (SFT) model itself, kept frozen outside the state.
     loop_args = _hppo_loop_args(config, catalog, model, init_params, dataset, workdir)

@@ -140,6 +140,13 @@ def test_metric_predictor_learns_the_easy_domain(tiny):
   predictor = metric_predictor.train(cat.embeddings, cat.attributes, cat.observed, config)
   # Domain 0 leans mostly along a shared axis (a_m = 0.8): clearly learnable.
   assert predictor.validation[0]["auc"] > 0.75
+  # Saved and loaded (as a learned-positions model's run does), it predicts the same.
+  arrays = predictor.to_arrays()
+  assert metric_predictor.has_saved(arrays) and not metric_predictor.has_saved({"auc": 0})
+  loaded = metric_predictor.MetricPredictor.from_arrays(arrays)
+  assert (loaded.num_domains, loaded.hidden) == (predictor.num_domains, predictor.hidden)
+  np.testing.assert_array_equal(loaded.predict(cat.embeddings[:100]),
+                                predictor.predict(cat.embeddings[:100]))
 
 
 class _FixedOracle:

@@ -203,6 +203,10 @@ def test_hppo_config_errors(tiny_world, sft_workdir, tmp_path):
   with pytest.raises(errors.UserError, match="multiple of hppo.pool_every"):
     training.train(_hppo_config(sft_workdir, checkpoint_every=30), str(tiny_world),
                    str(tmp_path / "b"))
+  positions = _hppo_config(sft_workdir)
+  positions.model.learned_positions = True
+  with pytest.raises(errors.UserError, match="learned_positions"):
+    training.train(positions, str(tiny_world), str(tmp_path / "c"))
 
 
 def test_pool_never_reads_held_out_truth(tiny_world, sft_workdir):
