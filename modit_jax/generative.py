@@ -112,7 +112,6 @@ class Generator:
       out.append(np.asarray(x)[:num])
     return np.stack(out, axis=1)
 
-
   def order_context(self, context: np.ndarray, context_mask: np.ndarray, domain: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Contexts in ascending predicted density for each row's domain, padding last.
