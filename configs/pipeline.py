@@ -55,10 +55,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                        f"hppo_no_{policy}", True)
   c.final_run = "hppo"             # what `Retriever.from_workdir(OUT)` serves
   # Catalog-dependent settings applied to every run (0: the stage configs' values, sized for the
-  # default world): the latent clusters (about the catalog's number of patterns) and the SFT
-  # context size (the catalog's seed_size).
+  # default world): the latent clusters (about the catalog's number of patterns) and the
+  # catalog's seed-set size, which sets the SFT context size and the CPT trajectory length.
   c.num_clusters = 0
-  c.sft_context_size = 0
+  c.seed_size = 0
 
   c.evaluate = evaluate_config.get_config(variant or None)
   # order_random, order_reversed: does metric order beat them; modit_hppo: what each policy

@@ -71,7 +71,10 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.data_cache = ""                 # directory reused across runs for the two below ("": none)
   c.metric_predictor = metric_predictor.default_config()
   c.cpt = ml_collections.ConfigDict()
-  c.cpt.trajectory_length = 12
+  # Items per trajectory after the first: the seed-set size, so every position a seed takes at
+  # inference was trained. Shorter trajectories take bigger steps in density; 12 scored lower
+  # on train queries (docs/decisions.md, "Stages 2 and 3").
+  c.cpt.trajectory_length = 8
   c.cpt.order = "metric"            # metric | random | reversed (the order ablation)
   c.sft = ml_collections.ConfigDict()
   c.sft.context_size = 8            # as many as a query's seeds

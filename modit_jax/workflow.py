@@ -135,8 +135,9 @@ def _train_runs(config: ml_collections.ConfigDict, dataset: str, out: str,
       stage.num_steps = int(run.num_steps)
     if config.num_clusters:
       stage.num_clusters = int(config.num_clusters)
-    if config.sft_context_size:
-      stage.sft.context_size = int(config.sft_context_size)
+    if config.seed_size:
+      stage.sft.context_size = int(config.seed_size)
+      stage.cpt.trajectory_length = int(config.seed_size)
     workdir = os.path.join(out, name)
     workdirs[name] = workdir
     if _latest_step(workdir) >= stage.num_steps:

@@ -11,6 +11,7 @@ import pytest
 from configs import pipeline as pipeline_config
 from modit_jax import errors
 from modit_jax import retriever
+from modit_jax import training
 from modit_jax import workflow
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,12 +123,16 @@ def test_pipeline_runs_on_a_converted_catalog(tmp_path, fast_compile):
 
   config = _fast_tiny_config(ablations=False)
   config.dataset = str(tmp_path / "dataset")
-  config.num_clusters, config.sft_context_size = 12, 3
+  config.num_clusters, config.seed_size = 12, 3
   config.evaluate.rerank_pool_grid = (20, 40)
   workflow.run_pipeline(config, str(tmp_path / "out"))
   with open(tmp_path / "out" / "eval" / "results.json") as f:
     methods = {r["method"] for r in json.load(f)["records"]}
   assert {"modit_hppo", "modit_sft", "rerank"} <= methods and "oracle_shift" not in methods
+  # The catalog's seed-set size reaches the stages that depend on it.
+  cpt_config = training.read_run_config(str(tmp_path / "out" / "cpt"))[0]
+  sft_config = training.read_run_config(str(tmp_path / "out" / "sft"))[0]
+  assert cpt_config.cpt.trajectory_length == 3 and sft_config.sft.context_size == 3
   report = open(tmp_path / "out" / "report.md").read()
   assert "oracle baselines skipped" in report
   assert not os.path.exists(tmp_path / "out" / "dataset")  # the given catalog is used in place
