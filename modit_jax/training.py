@@ -71,8 +71,8 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.data_cache = ""                 # directory reused across runs for the two below ("": none)
   c.metric_predictor = metric_predictor.default_config()
   c.cpt = ml_collections.ConfigDict()
-  # Items per trajectory after the first: the seed-set size, so every position a seed takes at
-  # inference was trained. Shorter trajectories take bigger steps in density; 12 scored lower
+  # The longest trajectory prefix (a trajectory has one item more): the seed-set size, so every
+  # position a seed takes at inference was trained. Shorter trajectories take bigger steps in density; 12 scored lower
   # on train queries (docs/decisions.md, "Stages 2 and 3").
   c.cpt.trajectory_length = 8
   c.cpt.order = "metric"            # metric | random | reversed (the order ablation)
