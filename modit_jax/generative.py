@@ -89,13 +89,14 @@ class Generator:
     to `padded_size(Q)`, so only a new (bucket, L) compiles.
     """
     scale = self.guidance_scale if guidance_scale is None else guidance_scale
-    if self.context_predictor is not None:
-      context, context_mask = self.order_context(context, context_mask, domain)
     num = context.shape[0]
     padded = self.padded_size(num)
     pad = lambda x: np.concatenate([x, np.zeros((padded - num,) + x.shape[1:], x.dtype)])
     ctx, mask = pad(np.asarray(context, np.float32)), pad(np.asarray(context_mask, bool))
     dom = pad(np.asarray(domain, np.int32))
+    if self.context_predictor is not None:
+      # After padding: the predictor then also compiles once per bucket.
+      ctx, mask = self.order_context(ctx, mask, dom)
     scale = pad(np.broadcast_to(np.asarray(scale, np.float32), (num,)))
     seeds = None
     if np.ndim(seed):

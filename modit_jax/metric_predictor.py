@@ -11,7 +11,8 @@ reported per domain.
 """
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, Callable
 
 from flax import traverse_util
 import flax.linen as nn
@@ -40,6 +41,14 @@ class PredictorMLP(nn.Module):
     return nn.Dense(self.num_domains)(x)
 
 
+@functools.lru_cache(maxsize=None)
+def _probabilities_fn(num_domains: int, hidden: tuple[int, ...]) -> Callable[..., jnp.ndarray]:
+  """The jitted `(params, x) -> probabilities` of one architecture, built once: a fresh jit per
+  `predict` call would trace and compile again on every call (Generator calls it per batch)."""
+  model = PredictorMLP(num_domains, hidden)
+  return jax.jit(lambda p, x: jax.nn.sigmoid(model.apply({"params": p}, x)))
+
+
 def default_config() -> ml_collections.ConfigDict:
   """The predictor's training settings (embedded in stage and evaluation configs)."""
   c = ml_collections.ConfigDict()
@@ -63,8 +72,7 @@ class MetricPredictor:
 
   def predict(self, embeddings: np.ndarray) -> np.ndarray:
     """float32 [N, M] attribute probabilities for float32 [N, d] embeddings."""
-    model = PredictorMLP(self.num_domains, self.hidden)
-    apply = jax.jit(lambda p, x: jax.nn.sigmoid(model.apply({"params": p}, x)))
+    apply = _probabilities_fn(self.num_domains, self.hidden)
     out = [np.asarray(apply(self.params, jnp.asarray(embeddings[i:i + _PREDICT_BATCH])))
            for i in range(0, len(embeddings), _PREDICT_BATCH)]
     return np.concatenate(out) if out else np.zeros((0, self.num_domains), np.float32)

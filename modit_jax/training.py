@@ -72,8 +72,8 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.metric_predictor = metric_predictor.default_config()
   c.cpt = ml_collections.ConfigDict()
   # The longest trajectory prefix (a trajectory has one item more): the seed-set size, so every
-  # position a seed takes at inference was trained. Shorter trajectories take bigger steps in density; 12 scored lower
-  # on train queries (docs/decisions.md, "Stages 2 and 3").
+  # position a seed takes at inference was trained. Shorter trajectories take bigger steps in
+  # density; 12 scored lower on train queries (docs/decisions.md, "Stages 2 and 3").
   c.cpt.trajectory_length = 8
   c.cpt.order = "metric"            # metric | random | reversed (the order ablation)
   c.sft = ml_collections.ConfigDict()
@@ -332,6 +332,9 @@ def train(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> engi
   """Trains the stage `config.stage` on the catalog at `dataset` into `workdir` (resumable)."""
   if config.stage not in STAGES:
     raise errors.UserError(f"unknown stage {config.stage!r}; known: {', '.join(STAGES)}")
+  if config.stage == "hppo" and config.model.learned_positions:
+    raise errors.UserError("the hppo stage does not support model.learned_positions: its pools "
+                           "and pairs give the model seed sets in no order")
   catalog = catalog_lib.load_catalog(dataset)
   model = make_model(config.model, catalog.dim, catalog.num_domains)
   if config.init_from:
@@ -340,9 +343,6 @@ def train(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> engi
                                 config)
   else:
     init_params = jax.device_get(dit.init_params(model, jax.random.PRNGKey(config.seed)))
-  if config.stage == "hppo" and config.model.learned_positions:
-    raise errors.UserError("the hppo stage does not support model.learned_positions: its pools "
-                           "and pairs give the model seed sets in no order")
   if config.stage == "hppo":
     # The reference is the starting (SFT) model itself, kept frozen outside the state.
     loop_args = _hppo_loop_args(config, catalog, model, init_params, dataset, workdir)
