@@ -40,6 +40,9 @@ _CHECK_ROWS = 1 << 18
 # Below this many items partitioning makes no sense (a handful of tiny leaves), so ScaNN
 # scores every item exactly; that is also exact, so small test catalogs get exact answers.
 _BRUTE_FORCE_BELOW = 2000
+# The fewest items (in expectation: leaves x mean leaf size) a default ScaNN query scores: what
+# 6 % of the leaves are at 100k items (19 of 316), where recall@20 is 0.99 (scann_params).
+_MIN_ITEMS_SEARCHED = 6000
 # Queries per ScaNN work unit in parallel batched search (ScaNN's own default).
 _SCANN_PARALLEL_BATCH = 256
 
@@ -204,11 +207,14 @@ def scann_params(num_items: int) -> dict[str, Any]:
   configuration the ScaNN authors recommend for normalised embeddings and dot product:
   - a k-means tree with ~sqrt(N) leaves (balances the cost of scoring the leaf centres
     against the cost of scoring the items in the searched leaves);
-  - search ~6 % of the leaves (at least 12): with clustered data the top-50 of a query sits
-    in a few neighbouring leaves, and at this fraction recall@20 is >= 0.99 in
-    bench/retrieval.py at 100k and 1M items and 1.0 on the default synthetic world. Data
-    whose neighbourhoods straddle many leaves (clusters much smaller than k) needs more:
-    override `leaves_to_search` and check the recall against `ExactIndex`;
+  - search ~6 % of the leaves, and never fewer than `_MIN_ITEMS_SEARCHED` items: with
+    clustered data the top-50 of a query sits in a few neighbouring leaves, and at 6 %
+    recall@20 is >= 0.99 in bench/retrieval.py at 100k and 1M items and 1.0 on the default
+    synthetic world. Below ~100k items 6 % of the leaves is too few items: a query's
+    neighbours straddle more leaves than that (recall@20 0.65 at 10k with 12 leaves,
+    docs/benchmarks.md). The floor keeps a small catalog's query as thorough as a 100k
+    catalog's, at about its cost. Data whose neighbourhoods straddle many leaves still
+    needs more: override `leaves_to_search` and check the recall against `ExactIndex`;
   - anisotropic (score-aware) quantisation with 2 dimensions per 16-centre block
     (threshold 0.2), the accurate end of ScaNN's speed/recall trade-off;
   - exact float32 re-ranking of the best 250 quantised candidates, so returned scores are
@@ -229,10 +235,11 @@ def scann_params(num_items: int) -> dict[str, Any]:
 def _tree_ah_params(num_items: int) -> dict[str, Any]:
   """The tree + asymmetric hashing parameters of `scann_params` (see there)."""
   num_leaves = max(2, round(math.sqrt(num_items)))
+  leaves_for_floor = math.ceil(_MIN_ITEMS_SEARCHED * num_leaves / num_items)
   return {
       "algorithm": "tree_ah",
       "num_leaves": num_leaves,
-      "leaves_to_search": min(num_leaves, max(12, math.ceil(0.06 * num_leaves))),
+      "leaves_to_search": min(num_leaves, max(leaves_for_floor, math.ceil(0.06 * num_leaves))),
       # k-means on a sample: beyond ~250k points the leaf centres barely move.
       "training_sample_size": min(num_items, 250_000),
       "dims_per_block": 2,
