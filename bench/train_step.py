@@ -5,11 +5,13 @@ Run from the repository root:
   python bench/train_step.py                       # the default stage-1 model, batch 256
   python bench/train_step.py --batch=1024 --rounds=10
   python bench/train_step.py --xla_flags=--xla_cpu_multi_thread_eigen=false
+  python bench/train_step.py --width=256 --variants=dtype=bfloat16   # f32 and mixed precision
 
 One run measures, on the default JAX device:
 
 1. the float32 matmul peak: a jitted `jnp.dot` of square matrices of a few sizes; the best
-   FLOP/s any size reaches;
+   FLOP/s any size reaches. For a bfloat16 model (`--dtype` or a `dtype=` variant) also the
+   bfloat16 peak, with float32 accumulation and output as the model's matmuls have;
 2. the train step exactly as `modit_jax.train` builds it (`training.make_model`,
    `training.denoising_loss_fn`, `engine.make_optimizer`, `engine.create_train_state`,
    `engine.jit_train_step` over `engine.make_mesh()`, donated state), on a random batch of unit
@@ -25,7 +27,8 @@ The machine may be shared, and other jobs only ever add time. So every measureme
 at a time, waited for, and the measurements take turns (round-robin, `--rounds` rounds) so that
 each one sees the same quiet and busy spells; the fastest call of each is reported (the median
 is shown too). The last line is `fraction_of_peak=<x>`: the full step's analytic FLOP/s
-(3 * forward FLOPs * batch / fastest step, device batch) over the matmul peak.
+(3 * forward FLOPs * batch / fastest step, device batch) over the float32 matmul peak, whatever
+the model's dtype; a bfloat16 step's fraction of the bfloat16 peak is printed above it.
 """
 
 import argparse
@@ -65,6 +68,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--depth", type=int, default=None, help="default: the config's")
   parser.add_argument("--heads", type=int, default=None, help="default: the config's")
   parser.add_argument("--batch", type=int, default=None, help="default: the config's")
+  parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                      help="the model's compute dtype (default: the config's model.dtype); "
+                      "with bfloat16 the bfloat16 matmul peak is measured too")
   parser.add_argument("--context", type=int, default=None,
                       help="context length L (default: the config's max_context)")
   parser.add_argument("--steps", type=int, default=30,
@@ -78,8 +84,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
                       help="time only the matmul peak and the full step")
   parser.add_argument("--variants", default="",
                       help="';'-separated extra full steps timed in the same round-robin, each "
-                      "a space-separated list of key=value: batch=N and/or XLA compiler "
-                      "options, e.g. 'batch=512;xla_cpu_multi_thread_eigen=false'")
+                      "a space-separated list of key=value: batch=N, dtype=bfloat16 (the "
+                      "model's compute dtype) and/or XLA compiler options, e.g. "
+                      "'batch=512;dtype=bfloat16;xla_cpu_multi_thread_eigen=false'")
   parser.add_argument("--xla_flags", default="",
                       help="appended to XLA_FLAGS before the backend starts (e.g. "
                       "--xla_cpu_multi_thread_eigen=false)")
@@ -102,21 +109,37 @@ def _load_config(path: str, args: argparse.Namespace) -> Any:
       setattr(config.model, field, getattr(args, flag))
   if args.batch is not None:
     config.batch_size = args.batch
+  if args.dtype is not None:
+    config.model.dtype = args.dtype
   return config
 
 
-def _parse_variant(spec: str) -> tuple[int | None, dict[str, Any]]:
-  """(batch or None, XLA compiler options) of a `--variants` entry."""
-  batch, options = None, {}
+def _parse_variant(spec: str) -> tuple[int | None, str | None, dict[str, Any]]:
+  """(batch or None, model dtype or None, XLA compiler options) of a `--variants` entry."""
+  batch, dtype, options = None, None, {}
   for item in spec.split():
     key, _, value = item.partition("=")
     if key == "batch":
       batch = int(value)
+    elif key == "dtype":
+      dtype = value
     elif value.lower() in ("true", "false"):
       options[key] = value.lower() == "true"
     else:
       options[key] = int(value) if value.lstrip("-").isdigit() else value
-  return batch, options
+  return batch, dtype, options
+
+
+def _build_step(config: Any, mesh: Any) -> tuple[Any, ...]:
+  """(model, loss_fn, tx, params, host_state, shardings, jitted step) as modit_jax.train has."""
+  model = training.make_model(config.model, _D, _NUM_DOMAINS)
+  loss_fn = training.denoising_loss_fn(model, config)
+  tx = engine.make_optimizer(config)
+  params = jax.device_get(dit.init_params(model, jax.random.PRNGKey(config.seed)))
+  host_state = jax.device_get(jax.jit(functools.partial(engine.create_train_state, tx=tx))(params))
+  shardings = engine.param_sharding(host_state, mesh, fsdp=bool(config.fsdp))
+  step_fn = engine.jit_train_step(loss_fn, tx, config.ema_decay, mesh, shardings)
+  return model, loss_fn, tx, params, host_state, shardings, step_fn
 
 
 def _random_batch(batch: int, context: int, seed: int) -> dict[str, np.ndarray]:
@@ -187,13 +210,15 @@ def step_dots(fn: Callable[..., Any], *args: Any) -> list[Any]:
 def dot_group_fns(eqns: list[Any]) -> list[tuple[int, tuple, Any, float, Callable[[], Any]]]:
   """One timed function per distinct matmul of `eqns`: (count, shapes, dims, FLOPs, fn)."""
   groups = collections.Counter(
-      (tuple(tuple(v.aval.shape) for v in eqn.invars), eqn.params["dimension_numbers"])
+      (tuple(tuple(v.aval.shape) for v in eqn.invars), tuple(v.aval.dtype for v in eqn.invars),
+       eqn.params["dimension_numbers"], eqn.params.get("preferred_element_type"))
       for eqn in eqns)
   out = []
-  for (shapes, dims), count in groups.items():
-    lhs = jax.random.normal(jax.random.PRNGKey(0), shapes[0], jnp.float32)
-    rhs = jax.random.normal(jax.random.PRNGKey(1), shapes[1], jnp.float32)
-    dot = jax.jit(functools.partial(lax.dot_general, dimension_numbers=dims))
+  for (shapes, dtypes, dims, out_dtype), count in groups.items():
+    lhs = jax.random.normal(jax.random.PRNGKey(0), shapes[0], dtypes[0])
+    rhs = jax.random.normal(jax.random.PRNGKey(1), shapes[1], dtypes[1])
+    dot = jax.jit(functools.partial(lax.dot_general, dimension_numbers=dims,
+                                    preferred_element_type=out_dtype))
     out_size = jax.eval_shape(dot, lhs, rhs).size
     flops = 2.0 * out_size * math.prod(shapes[0][d] for d in dims[0][0])
     out.append((count, shapes, dims, flops, functools.partial(dot, lhs, rhs)))
@@ -278,20 +303,15 @@ def main(argv: list[str]) -> None:
     jax.config.update("jax_default_matmul_precision", args.matmul_precision)
 
   config = _load_config(args.config, args)
+  model_dtype = config.model.get("dtype", "float32")
   batch_size, context_len = int(config.batch_size), int(config.model.max_context)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs; "
         f"jax {jax.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
         f"matmul precision {jax.config.jax_default_matmul_precision or 'default'}")
 
   # The step exactly as modit_jax.train / engine.train_loop build it.
-  model = training.make_model(config.model, _D, _NUM_DOMAINS)
-  loss_fn = training.denoising_loss_fn(model, config)
-  tx = engine.make_optimizer(config)
   mesh = engine.make_mesh()
-  params = jax.device_get(dit.init_params(model, jax.random.PRNGKey(config.seed)))
-  host_state = jax.device_get(jax.jit(functools.partial(engine.create_train_state, tx=tx))(params))
-  shardings = engine.param_sharding(host_state, mesh, fsdp=bool(config.fsdp))
-  step_fn = engine.jit_train_step(loss_fn, tx, config.ema_decay, mesh, shardings)
+  model, loss_fn, tx, params, host_state, shardings, step_fn = _build_step(config, mesh)
   rng = engine.device_put_global(jax.random.PRNGKey(config.seed), engine.replicated(mesh))
   batch_np = _random_batch(batch_size, context_len, config.seed)
   batch = engine.shard_batch(batch_np, mesh)
@@ -299,7 +319,8 @@ def main(argv: list[str]) -> None:
   fwd_flops = dit.flops_per_example(model, context_len)
   step_flops = 3 * fwd_flops * batch_size
   print(f"model: width {model.width}, depth {model.depth}, heads {model.num_heads}, "
-        f"context {context_len} ({context_len + 2} tokens), {num_params / 1e6:.2f}M params; "
+        f"context {context_len} ({context_len + 2} tokens), {num_params / 1e6:.2f}M params, "
+        f"compute {model_dtype}; "
         f"batch {batch_size}; forward {fwd_flops / 1e6:.1f} MFLOP/example (analytic)")
 
   compiled_step = step_fn.lower(host_state, batch, rng).compile()
@@ -316,15 +337,23 @@ def main(argv: list[str]) -> None:
         state, engine.shard_batch(batch_np, mesh) if host_batch else batch, rng)
     return state, metrics
 
+  peak_dtypes = ["float32", model_dtype]
   # Extra steps, compiled here and timed in the same round-robin so that they see the same load.
   variant_batch = {}
   variant_fns = {}
   for spec in filter(None, (x.strip() for x in args.variants.split(";"))):
-    v_batch_size, options = _parse_variant(spec)
+    v_batch_size, v_dtype, options = _parse_variant(spec)
     v_batch_size = v_batch_size or batch_size
     v_batch = engine.shard_batch(_random_batch(v_batch_size, context_len, config.seed), mesh)
-    v_step = step_fn.lower(host_state, v_batch, rng).compile(compiler_options=options or None)
-    v_state = [engine.device_put_global(host_state, shardings)]
+    v_host_state, v_shardings, v_step_fn = host_state, shardings, step_fn
+    if v_dtype:
+      v_config = config.copy_and_resolve_references()
+      v_config.model.dtype = v_dtype
+      _, _, _, _, v_host_state, v_shardings, v_step_fn = _build_step(v_config, mesh)
+      peak_dtypes.append(v_dtype)
+    v_step = v_step_fn.lower(v_host_state, v_batch, rng).compile(
+        compiler_options=options or None)
+    v_state = [engine.device_put_global(v_host_state, v_shardings)]
 
     def v_call(v_step=v_step, v_state=v_state, v_batch=v_batch):
       v_state[0], v_metrics = v_step(v_state[0], v_batch, rng)
@@ -334,12 +363,20 @@ def main(argv: list[str]) -> None:
     variant_fns[f"step [{spec}]"] = (v_call, 3 * fwd_flops * v_batch_size, _cost_flops(v_step))
 
   # name -> (function, analytic FLOPs, XLA FLOPs); timed round-robin below.
-  peak_dot = jax.jit(jnp.dot)
+  # The float32 peak is the issue's yardstick whatever the model's dtype; a bfloat16 model is
+  # also held against the bfloat16 peak (float32 accumulation and output, as the model's
+  # matmuls), which on bf16 hardware is several times higher.
+  peak_dot = jax.jit(functools.partial(jnp.dot, preferred_element_type=jnp.float32))
   measured = {}
-  for n in (int(s) for s in args.matmul_sizes.split(",")):
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    measured[f"matmul {n}x{n}"] = (functools.partial(peak_dot, a, b), 2.0 * n ** 3, float("nan"))
+  peak_names = collections.defaultdict(list)
+  for dtype_name in dict.fromkeys(peak_dtypes):
+    dtype = training.COMPUTE_DTYPES[dtype_name]
+    for n in (int(s) for s in args.matmul_sizes.split(",")):
+      a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+      b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+      name = f"matmul {n}x{n}" + ("" if dtype_name == "float32" else f" {dtype_name}")
+      measured[name] = (functools.partial(peak_dot, a, b), 2.0 * n ** 3, float("nan"))
+      peak_names[dtype_name].append(name)
   measured["full step (device batch)"] = (functools.partial(step, False), step_flops,
                                           _cost_flops(compiled_step))
   measured.update(variant_fns)
@@ -396,8 +433,9 @@ def main(argv: list[str]) -> None:
     print(f"profile of 3 steps written to {args.profile_dir}")
     profile_summary(args.profile_dir, compiled_step.as_text(), 3)
 
-  peak_names = [name for name in measured if name.startswith("matmul ")]
-  peak = max(measured[name][1] / times[name][0] for name in peak_names)
+  peaks = {dtype_name: max(measured[name][1] / times[name][0] for name in names)
+           for dtype_name, names in peak_names.items()}
+  peak = peaks["float32"]
   step_s = times["full step (device batch)"][0]
   rows = [name for name in measured if not name.startswith("dot")]
   if dots:
@@ -410,7 +448,7 @@ def main(argv: list[str]) -> None:
   print()
   print(f"fastest call of {rounds} (median); FLOP/s and share of peak from the fastest call")
   print(f"{'':34s} {'ms/call':>17s} {'examples/s':>10s} {'GFLOP':>7s} {'XLA GFLOP':>9s} "
-        f"{'GFLOP/s':>7s} {'of peak':>7s}")
+        f"{'GFLOP/s':>7s} {'of f32 peak':>11s}")
   for name in rows:
     (best, median), (_, flops, xla) = times[name], measured[name]
     rate = flops / best
@@ -419,7 +457,7 @@ def main(argv: list[str]) -> None:
     examples = f"{variant_batch.get(name, batch_size) / best:10.1f}" if per_example else " " * 10
     xla_text = f"{xla / 1e9:9.2f}" if np.isfinite(xla) else " " * 9
     print(f"{name:34s} {ms} {examples} {flops / 1e9:7.2f} {xla_text} {rate / 1e9:7.1f} "
-          f"{rate / peak:7.3f}")
+          f"{rate / peak:11.3f}")
   if dots:
     print()
     print(f"the step's {len(eqns)} matmuls alone: {dots_s * 1e3:.1f} ms = "
@@ -440,6 +478,13 @@ def main(argv: list[str]) -> None:
         f"{step_flops / step_s / 1e9:.1f} GFLOP/s (analytic 3x forward {step_flops / 1e9:.2f} "
         f"GFLOP/step; XLA cost analysis {measured['full step (device batch)'][2] / 1e9:.2f}); "
         f"matmul peak {peak / 1e9:.1f} GFLOP/s")
+  for dtype_name, dtype_peak in peaks.items():
+    if dtype_name != "float32":
+      print(f"{dtype_name} matmul peak {dtype_peak / 1e9:.1f} GFLOP/s "
+            f"({dtype_peak / peak:.2f}x the float32 peak)")
+  if model_dtype != "float32":
+    print(f"the {model_dtype} step reaches {step_flops / step_s / peaks[model_dtype]:.3f} of the "
+          f"{model_dtype} peak")
   print(f"fraction_of_peak={fraction:.3f}")
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 
 # The sinusoidal time embedding sees t * _TIME_SCALE, so t in [0, 1] spans the usual DDPM range of
@@ -38,6 +39,61 @@ def timestep_embedding(t: jnp.ndarray, dim: int) -> jnp.ndarray:
   return emb
 
 
+@jax.custom_vjp
+def _low_precision_matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+  """x[..., k] @ w[k, n] on low-precision operands, accumulated and returned in float32.
+
+  A low-precision output (Flax's plain `dtype=bfloat16`) sends XLA:CPU to a slow matmul: on an
+  AMX CPU a bfloat16 x bfloat16 -> float32 matmul ran 5-6x faster than float32, and
+  bfloat16 -> bfloat16 no faster (docs/benchmarks.md). The custom VJP keeps the backward's
+  matmuls on the same fast path; JAX's own rule would give them low-precision outputs.
+  """
+  return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+
+
+def _low_precision_matmul_fwd(x, w):
+  return _low_precision_matmul(x, w), (x, w)
+
+
+def _low_precision_matmul_bwd(residuals, g):
+  x, w = residuals
+  dx = lax.dot_general(g.astype(w.dtype), w, (((g.ndim - 1,), (1,)), ((), ())),
+                       preferred_element_type=jnp.float32)
+  # dw contracts every leading (row) axis of x and g.
+  leading = tuple(range(x.ndim - 1))
+  rows = ((leading, leading), ((), ()))
+  if jax.default_backend() == "cpu" and x.ndim < 3:
+    # XLA:CPU runs a matmul contracting one leading axis in float32 whatever its operands'
+    # dtype, so it gets float32 operands rather than a round trip through bfloat16. With two
+    # or more contracted axes XLA transposes the operands into a standard low-precision
+    # matmul, 2x faster than float32 here (docs/benchmarks.md). Chosen at trace time: the
+    # model runs on the default backend.
+    dw = lax.dot_general(x.astype(jnp.float32), g, rows)
+  else:
+    dw = lax.dot_general(x, g.astype(x.dtype), rows, preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
+
+
+def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """`nn.Dense`'s `dot_general` for a low-precision dtype: see `_low_precision_matmul`."""
+  del precision, preferred_element_type  # float32 accumulation is the point
+  if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())):
+    raise ValueError(f"expected a Dense contraction, got {dimension_numbers}")
+  return _low_precision_matmul(lhs, rhs)
+
+
+def _dense(features: int, dtype: Any, name: str,
+           kernel_init: nn.initializers.Initializer = _dense_init) -> nn.Dense:
+  """A Dense layer computing in `dtype`; low-precision dtypes accumulate in float32."""
+  mixed = jnp.dtype(dtype) != jnp.float32
+  return nn.Dense(features, dtype=dtype, kernel_init=kernel_init, name=name,
+                  dot_general=_dense_dot_general if mixed else None)
+
+
 def _modulate(x: jnp.ndarray, shift: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
   # `1 + scale` so a zero-initialised adaLN leaves the normalised activations unchanged.
   return x * (1 + scale[:, None, :]) + shift[:, None, :]
@@ -58,7 +114,7 @@ class _Attention(nn.Module):
   def __call__(self, x: jnp.ndarray, key_mask: jnp.ndarray) -> jnp.ndarray:
     b, n, _ = x.shape
     head_dim = self.width // self.num_heads
-    qkv = nn.Dense(3 * self.width, dtype=self.dtype, kernel_init=_dense_init, name="qkv")(x)
+    qkv = _dense(3 * self.width, self.dtype, "qkv")(x)
     qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
     # A split (not three index ops): its gradient is one concatenate instead of three
     # full-size zero pads and their sum (bench/train_step.py, docs/benchmarks.md).
@@ -71,7 +127,7 @@ class _Attention(nn.Module):
     logits = jnp.where(key_mask[:, None, None, :], logits, _MASK_VALUE)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, q.shape[1], self.width)
-    return nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init, name="proj")(out)
+    return _dense(self.width, self.dtype, "proj")(out)
 
 
 class _Block(nn.Module):
@@ -85,7 +141,7 @@ class _Block(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, c: jnp.ndarray, key_mask: jnp.ndarray) -> jnp.ndarray:
     # Zero-init: every gate starts at 0, so each block starts as the identity.
-    mod = nn.Dense(6 * self.width, dtype=self.dtype, kernel_init=_zeros, name="adaLN")(nn.silu(c))
+    mod = _dense(6 * self.width, self.dtype, "adaLN", _zeros)(nn.silu(c))
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
     h = nn.LayerNorm(use_scale=False, use_bias=False, epsilon=1e-6, dtype=self.dtype,
                      name="norm1")(x)
@@ -97,10 +153,9 @@ class _Block(nn.Module):
     h = nn.LayerNorm(use_scale=False, use_bias=False, epsilon=1e-6, dtype=self.dtype,
                      name="norm2")(x)
     h = _modulate(h, shift_m, scale_m)
-    h = nn.Dense(self.mlp_ratio * self.width, dtype=self.dtype, kernel_init=_dense_init,
-                 name="fc1")(h)
+    h = _dense(self.mlp_ratio * self.width, self.dtype, "fc1")(h)
     h = nn.gelu(h, approximate=True)
-    h = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init, name="fc2")(h)
+    h = _dense(self.width, self.dtype, "fc2")(h)
     return x + gate_m[:, None, :] * h
 
 
@@ -117,7 +172,9 @@ class DiT(nn.Module):
     max_context: largest context length L accepted.
     learned_positions: add a learned position embedding to context tokens (ordered
       trajectories); without it the output is invariant to permuting the context (seed sets).
-    dtype: compute dtype; params are always float32 and the output is float32.
+    dtype: compute dtype. Params are always float32 and so is the output. With bfloat16, every
+      Dense layer multiplies bfloat16 operands and accumulates in float32 (mixed precision);
+      layer norms, the softmax and the residual stream stay float32.
   """
   dim: int
   num_domains: int
@@ -153,10 +210,8 @@ class DiT(nn.Module):
     # Zero the padded slots so that even non-finite garbage there cannot leak through 0 * inf.
     context = jnp.where(context_mask[..., None], context, 0)
 
-    query_tok = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init,
-                         name="query_embed")(x_t)[:, None, :]
-    context_tok = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init,
-                           name="context_embed")(context)
+    query_tok = _dense(self.width, self.dtype, "query_embed")(x_t)[:, None, :]
+    context_tok = _dense(self.width, self.dtype, "context_embed")(context)
     if self.learned_positions:
       pos = self.param("context_pos", nn.initializers.normal(0.02),
                        (self.max_context, self.width))
@@ -170,10 +225,8 @@ class DiT(nn.Module):
     key_mask = jnp.concatenate([ones, context_mask, ones], axis=1)
 
     c = timestep_embedding(t, self.width).astype(self.dtype)
-    c = nn.Dense(self.width, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02),
-                 name="time_mlp1")(c)
-    c = nn.Dense(self.width, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02),
-                 name="time_mlp2")(nn.silu(c))
+    c = _dense(self.width, self.dtype, "time_mlp1", nn.initializers.normal(0.02))(c)
+    c = _dense(self.width, self.dtype, "time_mlp2", nn.initializers.normal(0.02))(nn.silu(c))
 
     for i in range(self.depth):
       x = _Block(self.width, self.num_heads, self.mlp_ratio, self.dtype,
@@ -182,13 +235,12 @@ class DiT(nn.Module):
 
     # Final layer only at the query token: that is where the prediction is read.
     h = x[:, 0:1, :]
-    mod = nn.Dense(2 * self.width, dtype=self.dtype, kernel_init=_zeros,
-                   name="final_adaLN")(nn.silu(c))
+    mod = _dense(2 * self.width, self.dtype, "final_adaLN", _zeros)(nn.silu(c))
     shift, scale = jnp.split(mod, 2, axis=-1)
     h = nn.LayerNorm(use_scale=False, use_bias=False, epsilon=1e-6, dtype=self.dtype,
                      name="final_norm")(h)
     h = _modulate(h, shift, scale)
-    out = nn.Dense(self.dim, dtype=self.dtype, kernel_init=_zeros, name="out")(h[:, 0])
+    out = _dense(self.dim, self.dtype, "out", _zeros)(h[:, 0])
     return out.astype(jnp.float32)
 
 

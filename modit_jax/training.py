@@ -59,6 +59,10 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # Raw sequences are walks in random order and seed sets are sets: no positions, except in
   # stage 2 (configs/cpt.py), whose trajectories are ordered.
   c.model.learned_positions = False
+  # Compute dtype of the DiT: float32 or bfloat16 (mixed precision: params, optimiser state,
+  # softmax and loss stay float32). bfloat16 runs matmuls 2-3x faster where the hardware has
+  # bf16 units (TPU, GPU tensor cores, CPUs with AMX); docs/benchmarks.md has the measurements.
+  c.model.dtype = "float32"
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.target_scale = 0.0    # 0: sqrt(d), unit per-coordinate variance (target_scale())
@@ -125,12 +129,21 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
   return c
 
 
+# `model.dtype` names; a config saved before the field existed means float32.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 def make_model(model_config: ml_collections.ConfigDict, dim: int, num_domains: int) -> dit.DiT:
   """The DiT of `model_config` for embeddings of `dim` and `num_domains` domains."""
+  dtype_name = model_config.get("dtype", "float32")
+  if dtype_name not in COMPUTE_DTYPES:
+    raise errors.UserError(f"model.dtype must be one of {', '.join(COMPUTE_DTYPES)}; "
+                           f"got {dtype_name!r}")
   return dit.DiT(dim=dim, num_domains=num_domains, width=model_config.width,
                  depth=model_config.depth, num_heads=model_config.num_heads,
                  mlp_ratio=model_config.mlp_ratio, max_context=model_config.max_context,
-                 learned_positions=model_config.learned_positions)
+                 learned_positions=model_config.learned_positions,
+                 dtype=COMPUTE_DTYPES[dtype_name])
 
 
 def apply_fn(model: dit.DiT) -> Callable[..., jnp.ndarray]:

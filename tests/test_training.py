@@ -100,6 +100,13 @@ def test_train_binary_refuses_unknown_stage_without_traceback(tiny, tmp_path):
   assert "Traceback" not in proc.stderr
 
 
+def test_unknown_model_dtype_is_a_clear_error():
+  config = pretrain_config.get_config("tiny")
+  config.model.dtype = "float16"
+  with pytest.raises(errors.UserError, match="model.dtype must be one of float32, bfloat16"):
+    training.make_model(config.model, 8, 3)
+
+
 def test_generative_method_without_workdir_is_a_clear_error(tiny):
   cat = catalog_lib.load_catalog(tiny)
   config = evaluate_config.get_config("tiny")
