@@ -88,7 +88,11 @@ def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_el
 
 def _dense(features: int, dtype: Any, name: str,
            kernel_init: nn.initializers.Initializer = _dense_init) -> nn.Dense:
-  """A Dense layer computing in `dtype`; low-precision dtypes accumulate in float32."""
+  """A Dense layer whose matmul takes `dtype` operands; its output is always float32.
+
+  Only the Dense layers see `dtype`: everything between them (residual stream, layer norms,
+  modulation, attention softmax) runs in float32, the inputs and parameters' dtype.
+  """
   mixed = jnp.dtype(dtype) != jnp.float32
   return nn.Dense(features, dtype=dtype, kernel_init=kernel_init, name=name,
                   dot_general=_dense_dot_general if mixed else None)
@@ -121,11 +125,11 @@ class _Attention(nn.Module):
     q, k, v = (a[:, :, 0] for a in jnp.split(qkv, 3, axis=2))
     if self.query_only:
       q = q[:, :1]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
     # Padded keys are never attended to, so they cannot reach any real token (in particular the
-    # query token the output is read from). The softmax stays in float32 for low-precision dtypes.
+    # query token the output is read from).
     logits = jnp.where(key_mask[:, None, None, :], logits, _MASK_VALUE)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    weights = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, q.shape[1], self.width)
     return _dense(self.width, self.dtype, "proj")(out)
 
@@ -143,15 +147,13 @@ class _Block(nn.Module):
     # Zero-init: every gate starts at 0, so each block starts as the identity.
     mod = _dense(6 * self.width, self.dtype, "adaLN", _zeros)(nn.silu(c))
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mod, 6, axis=-1)
-    h = nn.LayerNorm(use_scale=False, use_bias=False, epsilon=1e-6, dtype=self.dtype,
-                     name="norm1")(x)
+    h = nn.LayerNorm(use_scale=False, use_bias=False, epsilon=1e-6, name="norm1")(x)
     h = _Attention(self.width, self.num_heads, self.dtype, self.query_only, name="attn")(
         _modulate(h, shift_a, scale_a), key_mask)
     if self.query_only:
       x = x[:, :1]
     x = x + gate_a[:, None, :] * h
-    h = nn.LayerNorm(use_scale=False, use_bias=False, epsilon=1e-6, dtype=self.dtype,
-                     name="norm2")(x)
+    h = nn.LayerNorm(use_scale=False, use_bias=False, epsilon=1e-6, name="norm2")(x)
     h = _modulate(h, shift_m, scale_m)
     h = _dense(self.mlp_ratio * self.width, self.dtype, "fc1")(h)
     h = nn.gelu(h, approximate=True)
@@ -172,9 +174,9 @@ class DiT(nn.Module):
     max_context: largest context length L accepted.
     learned_positions: add a learned position embedding to context tokens (ordered
       trajectories); without it the output is invariant to permuting the context (seed sets).
-    dtype: compute dtype. Params are always float32 and so is the output. With bfloat16, every
-      Dense layer multiplies bfloat16 operands and accumulates in float32 (mixed precision);
-      layer norms, the softmax and the residual stream stay float32.
+    dtype: the Dense layers' matmul operand dtype. With bfloat16 (mixed precision) they
+      multiply bfloat16 operands and accumulate in float32. Everything else, params and the
+      output included, is float32.
   """
   dim: int
   num_domains: int
@@ -215,16 +217,15 @@ class DiT(nn.Module):
     if self.learned_positions:
       pos = self.param("context_pos", nn.initializers.normal(0.02),
                        (self.max_context, self.width))
-      context_tok = context_tok + pos[None, :length].astype(context_tok.dtype)
-    domain_tok = nn.Embed(self.num_domains + 1, self.width, dtype=self.dtype,
+      context_tok = context_tok + pos[None, :length]
+    domain_tok = nn.Embed(self.num_domains + 1, self.width,
                           embedding_init=nn.initializers.normal(0.02),
                           name="domain_embed")(domain)[:, None, :]
-    x = jnp.concatenate([query_tok, context_tok.astype(query_tok.dtype),
-                         domain_tok.astype(query_tok.dtype)], axis=1)
+    x = jnp.concatenate([query_tok, context_tok, domain_tok], axis=1)
     ones = jnp.ones((x.shape[0], 1), bool)
     key_mask = jnp.concatenate([ones, context_mask, ones], axis=1)
 
-    c = timestep_embedding(t, self.width).astype(self.dtype)
+    c = timestep_embedding(t, self.width)
     c = _dense(self.width, self.dtype, "time_mlp1", nn.initializers.normal(0.02))(c)
     c = _dense(self.width, self.dtype, "time_mlp2", nn.initializers.normal(0.02))(nn.silu(c))
 
@@ -237,11 +238,9 @@ class DiT(nn.Module):
     h = x[:, 0:1, :]
     mod = _dense(2 * self.width, self.dtype, "final_adaLN", _zeros)(nn.silu(c))
     shift, scale = jnp.split(mod, 2, axis=-1)
-    h = nn.LayerNorm(use_scale=False, use_bias=False, epsilon=1e-6, dtype=self.dtype,
-                     name="final_norm")(h)
+    h = nn.LayerNorm(use_scale=False, use_bias=False, epsilon=1e-6, name="final_norm")(h)
     h = _modulate(h, shift, scale)
-    out = _dense(self.dim, self.dtype, "out", _zeros)(h[:, 0])
-    return out.astype(jnp.float32)
+    return _dense(self.dim, self.dtype, "out", _zeros)(h[:, 0])
 
 
 def tiny(dim: int, num_domains: int, **overrides: Any) -> DiT:
