@@ -113,6 +113,52 @@ def test_bfloat16_parameter_gradients_agree_with_float32():
   assert abs(np.linalg.norm(flat16) / np.linalg.norm(flat32) - 1) < 0.01
 
 
+def test_bfloat16_train_step_sharded_matches_single_device():
+  # The custom VJP under the engine's jitted step: batch split over 8 devices, weight
+  # gradients summed across them, against one device. Accumulation order may differ between
+  # layouts and bfloat16 rounds what it feeds the matmuls, hence rtol 1e-3. A gradient missing
+  # its cross-device sum would come from 2 of the 16 examples and point elsewhere; the first
+  # Adam updates are about +-lr per parameter, so a flipped sign moves a parameter by 2e-2.
+  from configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
+  from modit_jax import engine, training  # pylint: disable=g-import-not-at-top,g-multiple-import
+  config = pretrain_config.get_config("tiny")
+  config.model.dtype = "bfloat16"
+  config.batch_size = 16
+  config.warmup_steps = 1  # full-size updates from the first step, so parameters really move
+  config.learning_rate = 1e-2
+  model = training.make_model(config.model, DIM, NUM_DOMAINS)
+  loss_fn = training.denoising_loss_fn(model, config)
+  tx = engine.make_optimizer(config)
+  host_state = engine.create_train_state(dit.init_params(model, jax.random.PRNGKey(0)), tx)
+  rng = np.random.default_rng(0)
+  batches = [{"context": rng.normal(size=(16, 5, DIM)).astype(np.float32),
+              "context_mask": rng.random((16, 5)) < 0.8,
+              "domain": rng.integers(0, NUM_DOMAINS + 1, 16).astype(np.int32),
+              "target": rng.normal(size=(16, DIM)).astype(np.float32)} for _ in range(3)]
+
+  def run(num_devices):
+    mesh = engine.make_mesh(num_devices)
+    shardings = engine.param_sharding(host_state, mesh, fsdp=False)
+    state = engine.device_put_global(host_state, shardings)
+    step_fn = engine.jit_train_step(loss_fn, tx, config.ema_decay, mesh, shardings)
+    key = engine.device_put_global(jax.random.PRNGKey(1), engine.replicated(mesh))
+    losses = []
+    for batch in batches:
+      state, metrics = step_fn(state, engine.shard_batch(batch, mesh), key)
+      losses.append(float(metrics["loss"]))
+    return jax.device_get(state.params), losses
+
+  single, single_losses = run(1)
+  sharded, sharded_losses = run(8)
+  # The steps moved the parameters by far more than the tolerance below.
+  moved = [np.abs(a - b).max() for a, b in zip(jax.tree_util.tree_leaves(single),
+                                                jax.tree_util.tree_leaves(host_state.params))]
+  assert min(moved) > 1e-3, min(moved)
+  np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-3)
+  for a, b in zip(jax.tree_util.tree_leaves(sharded), jax.tree_util.tree_leaves(single)):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize("learned_positions", [False, True])
 def test_padding_invariance(learned_positions):
   params, apply = _perturbed(learned_positions)
