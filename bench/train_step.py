@@ -122,6 +122,9 @@ def _parse_variant(spec: str) -> tuple[int | None, str | None, dict[str, Any]]:
     if key == "batch":
       batch = int(value)
     elif key == "dtype":
+      if value not in training.COMPUTE_DTYPES:
+        raise SystemExit(f"--variants: dtype must be one of {', '.join(training.COMPUTE_DTYPES)}; "
+                         f"got {value!r}")
       dtype = value
     elif value.lower() in ("true", "false"):
       options[key] = value.lower() == "true"

@@ -9,7 +9,10 @@ import pytest
 
 from conftest import perturb
 
+from configs import pretrain as pretrain_config
 from modit_jax import dit
+from modit_jax import engine
+from modit_jax import training
 
 DIM = 8
 NUM_DOMAINS = 3
@@ -119,8 +122,6 @@ def test_bfloat16_train_step_sharded_matches_single_device():
   # layouts and bfloat16 rounds what it feeds the matmuls, hence rtol 1e-3. A gradient missing
   # its cross-device sum would come from 2 of the 16 examples and point elsewhere; the first
   # Adam updates are about +-lr per parameter, so a flipped sign moves a parameter by 2e-2.
-  from configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
-  from modit_jax import engine, training  # pylint: disable=g-import-not-at-top,g-multiple-import
   config = pretrain_config.get_config("tiny")
   config.model.dtype = "bfloat16"
   config.batch_size = 16
