@@ -270,7 +270,8 @@ def test_scann_params_scale_with_the_catalog():
     params = retrieval.scann_params(num_items)
     items_per_leaf = num_items / params["num_leaves"]
     assert params["leaves_to_search"] <= params["num_leaves"]
-    assert min(num_items, 6000) <= params["leaves_to_search"] * items_per_leaf < 6000 + items_per_leaf
+    searched = params["leaves_to_search"] * items_per_leaf
+    assert min(num_items, 6000) <= searched < 6000 + items_per_leaf
 
 
 def test_scann_default_search_keeps_recall_on_a_small_catalog():
