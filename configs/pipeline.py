@@ -59,6 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # catalog's seed-set size, which sets the SFT context size and the CPT trajectory length.
   c.num_clusters = 0
   c.seed_size = 0
+  # Every run's `model.dtype` ("": the stage configs' float32); bfloat16 is mixed precision,
+  # faster on accelerators and CPUs with bfloat16 units (docs/engine.md).
+  c.model_dtype = ""
 
   c.evaluate = evaluate_config.get_config(variant or None)
   # order_random, order_reversed: does metric order beat them; modit_hppo: what each policy

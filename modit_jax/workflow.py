@@ -138,6 +138,8 @@ def _train_runs(config: ml_collections.ConfigDict, dataset: str, out: str,
     if config.seed_size:
       stage.sft.context_size = int(config.seed_size)
       stage.cpt.trajectory_length = int(config.seed_size)
+    if config.model_dtype:
+      stage.model.dtype = config.model_dtype
     workdir = os.path.join(out, name)
     workdirs[name] = workdir
     if _latest_step(workdir) >= stage.num_steps:
@@ -205,6 +207,10 @@ def _write_serving_files(config: ml_collections.ConfigDict, out: str, dataset: s
 def run_pipeline(config: ml_collections.ConfigDict, out: str) -> str:
   """Runs everything into `out` (resumable); returns the path of OUT/report.md."""
   start = time.perf_counter()
+  # Checked before the dataset is made, which can take minutes.
+  if config.model_dtype and config.model_dtype not in training.COMPUTE_DTYPES:
+    raise errors.UserError(f"model_dtype must be empty or one of "
+                           f"{', '.join(training.COMPUTE_DTYPES)}; got {config.model_dtype!r}")
   os.makedirs(out, exist_ok=True)
   notes: list[str] = []
   dataset, catalog = _dataset(config, out, notes)

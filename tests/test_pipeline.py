@@ -100,6 +100,11 @@ def test_pipeline_config_errors(tmp_path):
   config.dataset = str(tmp_path / "missing")
   with pytest.raises(errors.UserError):
     workflow.run_pipeline(config, str(tmp_path / "out"))
+  config = _fast_tiny_config(ablations=False)
+  config.model_dtype = "float16"
+  with pytest.raises(errors.UserError, match="model_dtype must be empty or one of"):
+    workflow.run_pipeline(config, str(tmp_path / "out_dtype"))
+  assert not os.path.exists(tmp_path / "out_dtype")  # refused before any work
   # Without ablations, only the four main runs are trained, in dependency order.
   assert workflow.ordered_runs(_fast_tiny_config(ablations=False)) == [
       "pretrain", "cpt", "sft", "hppo"]
@@ -124,6 +129,7 @@ def test_pipeline_runs_on_a_converted_catalog(tmp_path, fast_compile):
   config = _fast_tiny_config(ablations=False)
   config.dataset = str(tmp_path / "dataset")
   config.num_clusters, config.seed_size = 12, 3
+  config.model_dtype = "bfloat16"  # the pipeline end to end in mixed precision
   config.evaluate.rerank_pool_grid = (20, 40)
   workflow.run_pipeline(config, str(tmp_path / "out"))
   with open(tmp_path / "out" / "eval" / "results.json") as f:
@@ -133,6 +139,7 @@ def test_pipeline_runs_on_a_converted_catalog(tmp_path, fast_compile):
   cpt_config = training.read_run_config(str(tmp_path / "out" / "cpt"))[0]
   sft_config = training.read_run_config(str(tmp_path / "out" / "sft"))[0]
   assert cpt_config.cpt.trajectory_length == 3 and sft_config.sft.context_size == 3
+  assert cpt_config.model.dtype == sft_config.model.dtype == "bfloat16"
   report = open(tmp_path / "out" / "report.md").read()
   assert "oracle baselines skipped" in report
   assert not os.path.exists(tmp_path / "out" / "dataset")  # the given catalog is used in place
