@@ -59,9 +59,10 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # Raw sequences are walks in random order and seed sets are sets: no positions, except in
   # stage 2 (configs/cpt.py), whose trajectories are ordered.
   c.model.learned_positions = False
-  # Compute dtype of the DiT: float32 or bfloat16 (mixed precision: params, optimiser state,
-  # softmax and loss stay float32). bfloat16 runs matmuls 2-3x faster where the hardware has
-  # bf16 units (TPU, GPU tensor cores, CPUs with AMX); docs/benchmarks.md has the measurements.
+  # Compute dtype of the DiT's Dense matmuls: float32 or bfloat16 (mixed precision: params,
+  # optimiser state, norms, softmax and loss stay float32). Worth it where the hardware has
+  # bf16 units (TPU, GPU tensor cores, CPUs with AMX): on this 2-core AMX CPU the matmuls ran
+  # 4-6x and the train step 1.34-1.87x faster (docs/benchmarks.md).
   c.model.dtype = "float32"
 
   c.diffusion = ml_collections.ConfigDict()
