@@ -15,7 +15,8 @@ One run measures, on the default JAX device:
 2. the train step exactly as `modit_jax.train` builds it (`training.make_model`,
    `training.denoising_loss_fn`, `engine.make_optimizer`, `engine.create_train_state`,
    `engine.jit_train_step` over `engine.make_mesh()`, donated state), on a random batch of unit
-   embeddings with every context slot real;
+   embeddings with every context slot real. On CPU the mesh has the binaries' default number
+   of devices (`engine.configure_cpu_devices`; `--cpu_devices` changes it);
 3. a breakdown: the loss alone (forward), value-and-grad (forward + backward), the optimiser +
    EMA tail alone, the full step with the batch already on the device and with the batch sent
    from the host every step (as `engine.train_loop` does), and every matmul of the step (the
@@ -85,11 +86,15 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--variants", default="",
                       help="';'-separated extra full steps timed in the same round-robin, each "
                       "a space-separated list of key=value: batch=N, dtype=bfloat16 (the "
-                      "model's compute dtype) and/or XLA compiler options, e.g. "
-                      "'batch=512;dtype=bfloat16;xla_cpu_multi_thread_eigen=false'")
+                      "model's compute dtype), devices=N (a mesh of the first N devices) "
+                      "and/or XLA compiler options, e.g. "
+                      "'batch=512;dtype=bfloat16;devices=1;xla_cpu_multi_thread_eigen=false'")
   parser.add_argument("--xla_flags", default="",
                       help="appended to XLA_FLAGS before the backend starts (e.g. "
                       "--xla_cpu_multi_thread_eigen=false)")
+  parser.add_argument("--cpu_devices", type=int, default=None,
+                      help="JAX devices on CPU, as the binaries' --cpu_devices (default: theirs, "
+                      f"{engine.DEFAULT_CPU_DEVICES}); the step is data-parallel over them")
   parser.add_argument("--matmul_precision", default="",
                       help="jax_default_matmul_precision (e.g. highest); empty: JAX's default")
   parser.add_argument("--profile_dir", default="",
@@ -114,13 +119,18 @@ def _load_config(path: str, args: argparse.Namespace) -> Any:
   return config
 
 
-def _parse_variant(spec: str) -> tuple[int | None, str | None, dict[str, Any]]:
-  """(batch or None, model dtype or None, XLA compiler options) of a `--variants` entry."""
-  batch, dtype, options = None, None, {}
+def _parse_variant(spec: str) -> tuple[int | None, int | None, str | None, dict[str, Any]]:
+  """(batch, devices, model dtype (each None if not set), XLA options) of a `--variants` entry."""
+  batch, devices, dtype, options = None, None, None, {}
   for item in spec.split():
     key, _, value = item.partition("=")
     if key == "batch":
       batch = int(value)
+    elif key == "devices":
+      devices = int(value)
+      if not 1 <= devices <= jax.device_count():
+        raise SystemExit(f"--variants: devices={devices}, but this process has "
+                         f"{jax.device_count()} (see --cpu_devices)")
     elif key == "dtype":
       if value not in training.COMPUTE_DTYPES:
         raise SystemExit(f"--variants: dtype must be one of {', '.join(training.COMPUTE_DTYPES)}; "
@@ -130,7 +140,7 @@ def _parse_variant(spec: str) -> tuple[int | None, str | None, dict[str, Any]]:
       options[key] = value.lower() == "true"
     else:
       options[key] = int(value) if value.lstrip("-").isdigit() else value
-  return batch, dtype, options
+  return batch, devices, dtype, options
 
 
 def _build_step(config: Any, mesh: Any) -> tuple[Any, ...]:
@@ -159,12 +169,16 @@ def _random_batch(batch: int, context: int, seed: int) -> dict[str, np.ndarray]:
           "target": unit(batch, _D)}
 
 
-def _cost_flops(compiled: Any) -> float:
-  """'flops' of a compiled function's XLA cost analysis (NaN when XLA gives none)."""
+def _cost_flops(compiled: Any, num_devices: int = 1) -> float:
+  """'flops' of a compiled function's XLA cost analysis (NaN when XLA gives none).
+
+  XLA analyses the per-device program of a sharded function, which every device of the mesh
+  runs: `num_devices` gives the work of all of them together.
+  """
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
     cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", float("nan")))
+  return num_devices * float((cost or {}).get("flops", float("nan")))
 
 
 def _once(fn: Callable[[], Any]) -> float:
@@ -302,6 +316,7 @@ def main(argv: list[str]) -> None:
   # XLA reads XLA_FLAGS once, when the backend starts (the first device use, not the import).
   if args.xla_flags:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+  engine.configure_cpu_devices(args.cpu_devices)
   if args.matmul_precision:
     jax.config.update("jax_default_matmul_precision", args.matmul_precision)
 
@@ -345,25 +360,28 @@ def main(argv: list[str]) -> None:
   variant_batch = {}
   variant_fns = {}
   for spec in filter(None, (x.strip() for x in args.variants.split(";"))):
-    v_batch_size, v_dtype, options = _parse_variant(spec)
+    v_batch_size, v_devices, v_dtype, options = _parse_variant(spec)
     v_batch_size = v_batch_size or batch_size
-    v_batch = engine.shard_batch(_random_batch(v_batch_size, context_len, config.seed), mesh)
+    v_mesh = mesh if v_devices is None else engine.make_mesh(v_devices)
+    v_batch = engine.shard_batch(_random_batch(v_batch_size, context_len, config.seed), v_mesh)
+    v_rng = engine.device_put_global(jax.random.PRNGKey(config.seed), engine.replicated(v_mesh))
     v_host_state, v_shardings, v_step_fn = host_state, shardings, step_fn
-    if v_dtype:
+    if v_dtype or v_devices is not None:
       v_config = config.copy_and_resolve_references()
-      v_config.model.dtype = v_dtype
-      _, _, _, _, v_host_state, v_shardings, v_step_fn = _build_step(v_config, mesh)
-      peak_dtypes.append(v_dtype)
-    v_step = v_step_fn.lower(v_host_state, v_batch, rng).compile(
+      v_config.model.dtype = v_dtype or model_dtype
+      _, _, _, _, v_host_state, v_shardings, v_step_fn = _build_step(v_config, v_mesh)
+      peak_dtypes.append(v_config.model.dtype)
+    v_step = v_step_fn.lower(v_host_state, v_batch, v_rng).compile(
         compiler_options=options or None)
     v_state = [engine.device_put_global(v_host_state, v_shardings)]
 
-    def v_call(v_step=v_step, v_state=v_state, v_batch=v_batch):
-      v_state[0], v_metrics = v_step(v_state[0], v_batch, rng)
+    def v_call(v_step=v_step, v_state=v_state, v_batch=v_batch, v_rng=v_rng):
+      v_state[0], v_metrics = v_step(v_state[0], v_batch, v_rng)
       return v_metrics
 
     variant_batch[f"step [{spec}]"] = v_batch_size
-    variant_fns[f"step [{spec}]"] = (v_call, 3 * fwd_flops * v_batch_size, _cost_flops(v_step))
+    variant_fns[f"step [{spec}]"] = (v_call, 3 * fwd_flops * v_batch_size,
+                                            _cost_flops(v_step, v_mesh.size))
 
   # name -> (function, analytic FLOPs, XLA FLOPs); timed round-robin below.
   # The float32 peak is the issue's yardstick whatever the model's dtype; a bfloat16 model is
@@ -381,7 +399,7 @@ def main(argv: list[str]) -> None:
       measured[name] = (functools.partial(peak_dot, a, b), 2.0 * n ** 3, float("nan"))
       peak_names[dtype_name].append(name)
   measured["full step (device batch)"] = (functools.partial(step, False), step_flops,
-                                          _cost_flops(compiled_step))
+                                          _cost_flops(compiled_step, mesh.size))
   measured.update(variant_fns)
   dots = []
   if not args.no_breakdown:
@@ -410,13 +428,14 @@ def main(argv: list[str]) -> None:
       return norm
 
     measured["forward (loss)"] = (functools.partial(fwd, params, batch, step_rng),
-                                  fwd_flops * batch_size, _cost_flops(fwd))
+                                  fwd_flops * batch_size, _cost_flops(fwd, mesh.size))
     measured["forward+backward (grad)"] = (functools.partial(grad, params, batch, step_rng),
-                                           step_flops, _cost_flops(grad))
-    measured["optimiser+EMA tail"] = (tail_call, 0.0, _cost_flops(tail_jit))
+                                           step_flops, _cost_flops(grad, mesh.size))
+    measured["optimiser+EMA tail"] = (tail_call, 0.0, _cost_flops(tail_jit, mesh.size))
     measured["full step (host batch)"] = (functools.partial(step, True), step_flops,
-                                          _cost_flops(compiled_step))
+                                          _cost_flops(compiled_step, mesh.size))
     # Every matmul of the step alone: what the step would cost if nothing else took time.
+    # At their global (unsharded) shapes on one device, whatever the mesh.
     eqns = step_dots(functools.partial(engine.train_step, loss_fn=loss_fn, tx=tx,
                                        ema_decay=config.ema_decay), host_state, batch_np, rng)
     dots = dot_group_fns(eqns)
@@ -444,9 +463,9 @@ def main(argv: list[str]) -> None:
   if dots:
     dots_s = sum(d[0] * times[f"dot{i}"][0] for i, d in enumerate(dots))
     dots_flops = sum(count * flops for count, _, _, flops, _ in dots)
-    times["step's matmuls, each alone"] = (dots_s, float("nan"))
-    measured["step's matmuls, each alone"] = (None, dots_flops, float("nan"))
-    rows.append("step's matmuls, each alone")
+    times["step's matmuls alone, 1 device"] = (dots_s, float("nan"))
+    measured["step's matmuls alone, 1 device"] = (None, dots_flops, float("nan"))
+    rows.append("step's matmuls alone, 1 device")
 
   print()
   print(f"fastest call of {rounds} (median); FLOP/s and share of peak from the fastest call")
@@ -463,7 +482,8 @@ def main(argv: list[str]) -> None:
           f"{rate / peak:11.3f}")
   if dots:
     print()
-    print(f"the step's {len(eqns)} matmuls alone: {dots_s * 1e3:.1f} ms = "
+    print(f"the step's {len(eqns)} matmuls, each alone at its global shape on one device: "
+          f"{dots_s * 1e3:.1f} ms = "
           f"{100 * dots_s / step_s:.0f}% of the step at {dots_flops / dots_s / 1e9:.1f} GFLOP/s; "
           f"everything else: {(step_s - dots_s) * 1e3:.1f} ms. Largest totals:")
     order = sorted(range(len(dots)), key=lambda i: -dots[i][0] * times[f"dot{i}"][0])

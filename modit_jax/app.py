@@ -1,13 +1,22 @@
-"""Shared start-up for every binary: absl flags, logging, user-error handling."""
+"""Shared start-up for every binary: absl flags, logging, JAX's CPU devices, user errors."""
 
 import logging as std_logging
 import sys
 from typing import Callable, Sequence
 
 from absl import app
+from absl import flags
 from absl import logging
 
+from modit_jax import engine
 from modit_jax import errors
+
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", None,
+    "JAX devices the CPU is split into; training is data-parallel over them (batch sizes must "
+    f"be divisible by it). Default: {engine.DEFAULT_CPU_DEVICES}, unless XLA_FLAGS "
+    "(--xla_force_host_platform_device_count) or JAX_NUM_CPU_DEVICES set it. No effect on "
+    "GPU or TPU.")
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -29,6 +38,8 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
       sys.stderr.write(f"error: unexpected positional arguments: {' '.join(argv[1:])}\n")
       sys.exit(2)
     try:
+      # Before main: the device count is fixed when JAX first touches a device.
+      engine.configure_cpu_devices(_CPU_DEVICES.value)
       main(argv)
     except errors.UserError as e:
       logging.flush()

@@ -251,3 +251,51 @@ def test_two_processes_match_single_process(tmp_path):
   for path, leaf in jax.tree_util.tree_leaves_with_path(expected):
     np.testing.assert_allclose(got[jax.tree_util.keystr(path)], np.asarray(leaf),
                                rtol=1e-5, atol=1e-6)
+
+
+def _cpu_device_count(count, **env) -> int:
+  """jax.device_count() in a fresh process after `engine.configure_cpu_devices(count)`."""
+  clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+  code = ("import sys; from modit_jax import engine; engine.configure_cpu_devices(eval(sys.argv[1]));"
+          " import jax; print(jax.device_count())")
+  result = subprocess.run([sys.executable, "-c", code, repr(count)], cwd=REPO, text=True,
+                          env=dict(clean, JAX_PLATFORMS="cpu", **env), capture_output=True,
+                          check=True)
+  return int(result.stdout.split()[-1])
+
+
+@pytest.mark.parametrize("count, env, expected", [
+    (None, {}, engine.DEFAULT_CPU_DEVICES),
+    (2, {}, 2),
+    (None, {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, 3),  # kept
+    (2, {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, 2),     # the flag wins
+    (None, {"JAX_NUM_CPU_DEVICES": "5"}, 5),
+])
+def test_configure_cpu_devices(count, env, expected):
+  assert _cpu_device_count(count, **env) == expected
+
+
+def test_configure_cpu_devices_rejects_nonpositive_counts():
+  with pytest.raises(errors.UserError, match="at least 1"):
+    engine.configure_cpu_devices(0)
+
+
+def test_train_binary_splits_the_cpu_and_names_the_flag_on_an_uneven_batch(tiny_world,
+                                                                            tmp_path):
+  clean = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+  def train(*flags):
+    return subprocess.run(
+        [sys.executable, "-m", "modit_jax.train", "--config=configs/pretrain.py:tiny",
+         f"--dataset={tiny_world}", f"--workdir={tmp_path / 'run'}", "--config.num_steps=2",
+         "--config.warmup_steps=1", "--config.batch_size=12", *flags],
+        cwd=REPO, env=dict(clean, JAX_PLATFORMS="cpu"), text=True, capture_output=True)
+
+  ok = train("--cpu_devices=3")
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  assert "on 3 cpu device(s)" in ok.stderr
+  uneven = train("--cpu_devices=5")
+  assert uneven.returncode == 2
+  assert uneven.stderr.strip().splitlines()[-1] == (
+      "error: config.batch_size=12 must be divisible by the number of devices (5) "
+      "(on CPU, --cpu_devices sets how many)")
