@@ -251,6 +251,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def local_row_shardings(num_rows: int) -> tuple[jax.sharding.Sharding, jax.sharding.Sharding]:
+  """(rows, replicated) shardings that run a jitted row-wise function on every local device.
+
+  For inference whose rows are independent (sampling): arrays with `num_rows` leading rows
+  placed with `rows` are split over this process's devices, and everything else placed with
+  `replicated` is copied to each, so the devices share the rows. When the rows do not split
+  evenly, or there is one device, both are the first local device.
+  """
+  devices = jax.local_devices()
+  if len(devices) > 1 and num_rows % len(devices) == 0:
+    mesh = Mesh(np.array(devices), (DATA_AXIS,))
+    return NamedSharding(mesh, P(DATA_AXIS)), NamedSharding(mesh, P())
+  single = jax.sharding.SingleDeviceSharding(devices[0])
+  return single, single
+
+
 def device_put_global(tree: PyTree, shardings: PyTree) -> PyTree:
   """Places host values, identical on every process, as global arrays with `shardings`.
 

@@ -33,7 +33,8 @@ class Generator:
   def __init__(self, workdir: str, num_steps: int | None = None):
     self.config, self.dim, self.num_domains = training.read_run_config(workdir)
     self.model = training.make_model(self.config.model, self.dim, self.num_domains)
-    self.params = jax.device_put(engine.restore_params(workdir, use_ema=True))
+    self.params = engine.restore_params(workdir, use_ema=True)
+    self._placed_params = {}  # sharding -> self.params placed with it
     self.num_steps = int(num_steps or self.config.diffusion.sample_steps)
     self.guidance_scale = float(self.config.diffusion.guidance_scale)
     sample_rows = functools.partial(
@@ -103,13 +104,23 @@ class Generator:
       if np.shape(seed) != (num,):
         raise ValueError(f"per-query seeds must have shape ({num},), got {np.shape(seed)}")
       seeds = pad(np.asarray(seed, np.int32))
+    # Rows are split over the local devices (on CPU, --cpu_devices of them): each row's sample
+    # depends only on its own inputs and key, so the split does not change it.
+    rows, replicated = engine.local_row_shardings(padded)
+    ctx, mask, dom, scale = jax.device_put((ctx, mask, dom, scale), rows)
+    if replicated not in self._placed_params:
+      self._placed_params[replicated] = jax.device_put(self.params, replicated)
+    params = self._placed_params[replicated]
+    if seeds is not None:
+      seeds = jax.device_put(seeds, rows)
     out = []
     for s in range(num_samples):
       if seeds is None:
-        rng = jax.random.fold_in(jax.random.PRNGKey(seed), s)
-        x = self._sample(self.params, ctx, mask, dom, scale, rng)
+        rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(seed), s), replicated)
+        x = self._sample(params, ctx, mask, dom, scale, rng)
       else:
-        x = self._sample_seeded(self.params, ctx, mask, dom, scale, seeds, np.int32(s))
+        x = self._sample_seeded(params, ctx, mask, dom, scale, seeds,
+                                jax.device_put(np.int32(s), replicated))
       out.append(np.asarray(x)[:num])
     return np.stack(out, axis=1)
 

@@ -195,7 +195,7 @@ class CandidatePools:
     self.embeddings = catalog.embeddings
     self._source = source
     self._oracle = oracle
-    self._reference = jax.device_put(reference_params)
+    self._reference = reference_params
     # The SFT stage's tail centroids (context size 1: only the centroids are used).
     self._tail_centroids = trajectories.TailCentroidTargets(
         source, 1, float(config.sft.tail_fraction), config.sft.low_fraction, null_domain,
@@ -225,16 +225,20 @@ class CandidatePools:
   def _model(self, params: Any, queries: catalog_lib.Queries, scales: Sequence[float],
              num_noise: int, pool_index: int, stream: int) -> tuple[list[np.ndarray], list[str]]:
     """Samples of `params` at each guidance scale and noise seed: (embeddings, names)."""
-    context = np.asarray(self.embeddings[queries.seeds], np.float32)
-    mask = np.ones(queries.seeds.shape, bool)
+    # The pool's rows are split over the local devices (see Generator.sample).
+    rows, replicated = engine.local_row_shardings(len(queries))
+    context, mask, domain = jax.device_put(
+        (np.asarray(self.embeddings[queries.seeds], np.float32),
+         np.ones(queries.seeds.shape, bool), queries.domain.astype(np.int32)), rows)
+    params = jax.device_put(params, replicated)
     out, names = [], []
     for scale in scales:
       for n in range(num_noise):
         rng = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(
             jax.random.PRNGKey(self._config.seed), stream), pool_index), n)
-        g = np.full(len(queries), float(scale), np.float32)
-        out.append(np.asarray(self._sample(params, context, mask, queries.domain.astype(np.int32),
-                                           g, rng)))
+        g = jax.device_put(np.full(len(queries), float(scale), np.float32), rows)
+        out.append(np.asarray(self._sample(params, context, mask, domain, g,
+                                           jax.device_put(rng, replicated))))
         names.append(f"g{scale:g}/n{n}")
     return out, names
 

@@ -11,6 +11,7 @@ import pytest
 
 from configs import sft as sft_config
 from modit_jax import catalog as catalog_lib
+from modit_jax import engine
 from modit_jax import errors
 from modit_jax import generative
 from modit_jax import retrieval
@@ -93,6 +94,24 @@ def test_new_item_embeddings_answer_and_exclude_nothing(retriever, cat):
   by_embedding, _ = retriever.retrieve(cat.embeddings[seeds], domain, k=20 + len(seeds))
   by_id, _ = retriever.retrieve(seeds, domain, k=20)
   np.testing.assert_array_equal(by_embedding[~np.isin(by_embedding, seeds)][:20], by_id)
+
+
+@pytest.mark.parametrize("seed", [3, np.arange(16)], ids=["batch_seed", "per_query_seeds"])
+def test_sampling_splits_rows_over_devices_without_changing_them(retriever, cat, seed,
+                                                                monkeypatch):
+  generator = retriever.generator
+  queries = cat.queries["item_holdout"]
+  args = (cat.embeddings[queries.seeds[:16]], np.ones((16, queries.seeds.shape[1]), bool),
+          queries.domain[:16])
+  assert 16 % jax.local_device_count() == 0 and jax.local_device_count() > 1
+  split = generator.sample(*args, seed=seed, num_samples=2)
+  placed = generator._placed_params  # pylint: disable=protected-access
+  assert any(len(s.device_set) == jax.local_device_count() for s in placed)
+  first = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  monkeypatch.setattr(engine, "local_row_shardings", lambda num_rows: (first, first))
+  single = generator.sample(*args, seed=seed, num_samples=2)
+  np.testing.assert_allclose(split, single, atol=1e-5)
+  assert not np.allclose(split[:, 0], split[:, 1])  # two different samples per query
 
 
 def test_batch_rows_equal_single_calls(retriever, cat):
