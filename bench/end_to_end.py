@@ -6,6 +6,10 @@ Run from the repository root:
   python bench/end_to_end.py --workdir=out/default/sft # a trained model
   python bench/end_to_end.py --pipeline=out/default     # what `make main` serves, as served
   python bench/end_to_end.py --sizes=20000 --seed_sets=256 --batch_sizes=64,256 --rounds=2
+  python bench/end_to_end.py --pipeline=out/default --cpu_devices=1  # one CPU device
+
+On CPU the bench splits the machine into JAX devices as the binaries do (`--cpu_devices`,
+default 4), and sampling splits its rows over them (`engine.local_row_shardings`).
 
 One answer is the serving path of `modit_jax.retrieve`: `Retriever.retrieve_batch` parses the
 seed ids, pads the contexts to the next power of two of the longest seed set (at most the
@@ -19,7 +23,8 @@ real calls, and it times in the same run:
 - sampling alone: `Generator.sample` with exactly the arguments `retrieve_batch` passes it
   (per-query seeds, per-query guidance scales);
 - sampling alone through a plain `jax.jit(diffusion.sample_rows)` (one key per batch, as
-  `Generator` builds it), to show what the per-query seeding costs;
+  `Generator` builds it, its rows split over the devices the same way), to show what the
+  per-query seeding costs;
 - sampling alone with the context padded to `max_context` (what serving did before it padded
   to a power of two of the seed-set size), to show what that padding costs;
 - search alone: `search_samples` on the sampled queries, ScaNN, default parameters.
@@ -102,6 +107,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--guidance_scale", type=float, default=2.0)
   parser.add_argument("--rounds", type=int, default=3, help="timed calls per function")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--cpu_devices", type=int, default=None,
+                      help="JAX devices on CPU, as the binaries' --cpu_devices (default: theirs, "
+                      f"{engine.DEFAULT_CPU_DEVICES}); sampling splits its rows over them")
   return parser.parse_args(argv)
 
 
@@ -188,9 +196,18 @@ def _pipeline_catalog(retriever: retriever_lib.Retriever, num: int) -> dict:
           "scales": retriever.guidance_scale[domains].astype(np.float32)}
 
 
+def _plain_call(sample, params, context, mask, domain, scales, rng) -> np.ndarray:
+  """`sample` with its rows split over the devices as `Generator.sample` splits them."""
+  rows, replicated = engine.local_row_shardings(context.shape[0])
+  return np.asarray(sample(jax.device_put(params, replicated),
+                           *jax.device_put((context, mask, domain, scales), rows),
+                           jax.device_put(rng, replicated)))
+
+
 def main(argv: list[str]) -> None:
   args = _parse_args(argv)
   batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+  engine.configure_cpu_devices(args.cpu_devices)  # as modit_jax.retrieve does
   print(f"machine: {common.machine()}", flush=True)
   print(f"JAX {jax.__version__} on {jax.devices()[0].platform}, "
         f"{jax.device_count()} device(s)", flush=True)
@@ -275,8 +292,8 @@ def main(argv: list[str]) -> None:
                 for c in chunks[b]])
         fns[f"sample_rows B={b}"] = (
             lambda b=b, ctx=context[:, :served], m=mask[:, :served], d=dom, sc=scales: [
-                np.asarray(plain_sample(generator.params, ctx[c], m[c], d[c], sc[c],
-                                        jax.random.PRNGKey(args.seed)))
+                _plain_call(plain_sample, generator.params, ctx[c], m[c], d[c], sc[c],
+                            jax.random.PRNGKey(args.seed))
                 for c in chunks[b]])
         fns[f"sample L={max_context} B={b}"] = (
             lambda b=b, ctx=context, m=mask, d=dom, sc=scales: [

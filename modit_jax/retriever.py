@@ -14,7 +14,7 @@ Contexts are padded (with the key-padding mask) to the next power of two of the 
 at most `config.model.max_context`, and batches to `Generator.padded_size`, so calls compile once
 per (batch-size, context-length) bucket, never per call. Padding never changes an answer. Every
 query is sampled with its own key (from `seed`), so its answer does not depend on the batch it
-is asked in.
+is asked in, up to float rounding (a batch split over several devices runs other kernels).
 """
 
 import json
