@@ -617,7 +617,8 @@ def train_loop(config: Config, workdir: str, *, init_params: PyTree, loss_fn: Lo
 
 # On CPU, the host is split into this many JAX devices and every train step is data-parallel
 # over them. Four devices ran the default stage-1 step 1.4-1.8x faster than one, on one core
-# and on two (docs/benchmarks.md): one device leaves much of the CPU idle between small ops.
+# and on two (docs/benchmarks.md); most likely one device leaves the CPU idle between its
+# small ops, and the other devices' programs fill those gaps.
 DEFAULT_CPU_DEVICES = 4
 _FORCE_DEVICES_XLA_FLAG = "xla_force_host_platform_device_count"
 

@@ -105,7 +105,7 @@ class Generator:
         raise ValueError(f"per-query seeds must have shape ({num},), got {np.shape(seed)}")
       seeds = pad(np.asarray(seed, np.int32))
     # Rows are split over the local devices (on CPU, --cpu_devices of them): each row's sample
-    # depends only on its own inputs and key, so the split does not change it.
+    # depends only on its own inputs and key, so the split changes it only by float rounding.
     rows, replicated = engine.local_row_shardings(padded)
     ctx, mask, dom, scale = jax.device_put((ctx, mask, dom, scale), rows)
     if replicated not in self._placed_params:
