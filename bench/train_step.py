@@ -86,7 +86,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--variants", default="",
                       help="';'-separated extra full steps timed in the same round-robin, each "
                       "a space-separated list of key=value: batch=N, dtype=bfloat16 (the "
-                      "model's compute dtype), devices=N (a mesh of the first N devices) "
+                      "model's compute dtype), devices=N (a mesh of the first N devices), "
+                      "fsdp=true (parameters and optimiser state sharded over the mesh) "
                       "and/or XLA compiler options, e.g. "
                       "'batch=512;dtype=bfloat16;devices=1;xla_cpu_multi_thread_eigen=false'")
   parser.add_argument("--xla_flags", default="",
@@ -119,28 +120,32 @@ def _load_config(path: str, args: argparse.Namespace) -> Any:
   return config
 
 
-def _parse_variant(spec: str) -> tuple[int | None, int | None, str | None, dict[str, Any]]:
-  """(batch, devices, model dtype (each None if not set), XLA options) of a `--variants` entry."""
-  batch, devices, dtype, options = None, None, None, {}
+def _parse_variant(spec: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """({batch, devices, dtype, fsdp} as set, XLA options) of a `--variants` entry."""
+  settings, options = {}, {}
   for item in spec.split():
     key, _, value = item.partition("=")
     if key == "batch":
-      batch = int(value)
+      settings["batch"] = int(value)
+    elif key == "fsdp":
+      if value.lower() not in ("true", "false"):
+        raise SystemExit(f"--variants: fsdp must be true or false; got {value!r}")
+      settings["fsdp"] = value.lower() == "true"
     elif key == "devices":
-      devices = int(value)
-      if not 1 <= devices <= jax.device_count():
-        raise SystemExit(f"--variants: devices={devices}, but this process has "
+      settings["devices"] = int(value)
+      if not 1 <= settings["devices"] <= jax.device_count():
+        raise SystemExit(f"--variants: devices={value}, but this process has "
                          f"{jax.device_count()} (see --cpu_devices)")
     elif key == "dtype":
       if value not in training.COMPUTE_DTYPES:
         raise SystemExit(f"--variants: dtype must be one of {', '.join(training.COMPUTE_DTYPES)}; "
                          f"got {value!r}")
-      dtype = value
+      settings["dtype"] = value
     elif value.lower() in ("true", "false"):
       options[key] = value.lower() == "true"
     else:
       options[key] = int(value) if value.lstrip("-").isdigit() else value
-  return batch, devices, dtype, options
+  return settings, options
 
 
 def _build_step(config: Any, mesh: Any) -> tuple[Any, ...]:
@@ -360,15 +365,16 @@ def main(argv: list[str]) -> None:
   variant_batch = {}
   variant_fns = {}
   for spec in filter(None, (x.strip() for x in args.variants.split(";"))):
-    v_batch_size, v_devices, v_dtype, options = _parse_variant(spec)
-    v_batch_size = v_batch_size or batch_size
-    v_mesh = mesh if v_devices is None else engine.make_mesh(v_devices)
+    settings, options = _parse_variant(spec)
+    v_batch_size = settings.get("batch", batch_size)
+    v_mesh = engine.make_mesh(settings["devices"]) if "devices" in settings else mesh
     v_batch = engine.shard_batch(_random_batch(v_batch_size, context_len, config.seed), v_mesh)
     v_rng = engine.device_put_global(jax.random.PRNGKey(config.seed), engine.replicated(v_mesh))
     v_host_state, v_shardings, v_step_fn = host_state, shardings, step_fn
-    if v_dtype or v_devices is not None:
+    if settings.keys() - {"batch"}:
       v_config = config.copy_and_resolve_references()
-      v_config.model.dtype = v_dtype or model_dtype
+      v_config.model.dtype = settings.get("dtype", model_dtype)
+      v_config.fsdp = settings.get("fsdp", config.fsdp)
       _, _, _, _, v_host_state, v_shardings, v_step_fn = _build_step(v_config, v_mesh)
       peak_dtypes.append(v_config.model.dtype)
     v_step = v_step_fn.lower(v_host_state, v_batch, v_rng).compile(
