@@ -6,12 +6,14 @@ Run from the repository root:
   python bench/train_step.py --batch=1024 --rounds=10
   python bench/train_step.py --xla_flags=--xla_cpu_multi_thread_eigen=false
   python bench/train_step.py --width=256 --variants=dtype=bfloat16   # f32 and mixed precision
+  python bench/train_step.py --variants='devices=1;devices=2'         # 4 CPU devices vs 1, 2
 
-One run measures, on the default JAX device:
+One run measures:
 
-1. the float32 matmul peak: a jitted `jnp.dot` of square matrices of a few sizes; the best
-   FLOP/s any size reaches. For a bfloat16 model (`--dtype` or a `dtype=` variant) also the
-   bfloat16 peak, with float32 accumulation and output as the model's matmuls have;
+1. the float32 matmul peak: a jitted `jnp.dot` of square matrices of a few sizes, on the
+   first device (which uses every core); the best FLOP/s any size reaches. For a bfloat16
+   model (`--dtype` or a `dtype=` variant) also the bfloat16 peak, with float32 accumulation
+   and output as the model's matmuls have;
 2. the train step exactly as `modit_jax.train` builds it (`training.make_model`,
    `training.denoising_loss_fn`, `engine.make_optimizer`, `engine.create_train_state`,
    `engine.jit_train_step` over `engine.make_mesh()`, donated state), on a random batch of unit
