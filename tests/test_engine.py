@@ -206,6 +206,35 @@ def test_ema_is_the_bias_corrected_average_of_the_updated_parameters(tmp_path):
                                                        _leaves(state.params)))
 
 
+def test_resume_on_another_device_count_continues_the_run(tmp_path):
+  # Checkpointed on 1 device, resumed on 8 (e.g. --cpu_devices changed): the restore lays the
+  # state out on the new mesh, and the run ends where an 8-device run does, up to rounding.
+  config = tiny.make_config(num_steps=7, checkpoint_every=3)
+  full = _train(tmp_path / "full", config, mesh=engine.make_mesh(8))
+  batches = tiny.make_batch_fn(config.batch_size)
+
+  def dies_at_step_4(step, process_index, process_count):
+    if step == 4:
+      raise _Killed()
+    return batches(step, process_index, process_count)
+
+  workdir = tmp_path / "moved"
+  with pytest.raises(_Killed):
+    _train(workdir, config, batch_fn=dies_at_step_4, mesh=engine.make_mesh(1))
+  asked = []
+
+  def recorded(step, process_index, process_count):
+    asked.append(step)
+    return batches(step, process_index, process_count)
+
+  resumed = _train(workdir, config, batch_fn=recorded, mesh=engine.make_mesh(8))
+  assert asked == [3, 4, 5, 6]  # from the step-3 checkpoint, not from scratch
+  assert int(resumed.step) == 7
+  assert resumed.params["Dense_0"]["kernel"].sharding.mesh.size == 8
+  _assert_trees_close(resumed.params, full.params)
+  _assert_trees_close(resumed.ema_params, full.ema_params)
+
+
 def test_shard_batch_rejects_uneven_batch():
   with pytest.raises(errors.UserError, match="divisible"):
     engine.shard_batch({"x": np.zeros((12, 2))}, engine.make_mesh(8))
