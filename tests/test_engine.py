@@ -113,21 +113,25 @@ class _Killed(Exception):
   pass
 
 
-def test_resume_after_kill_is_exact(tmp_path):
-  config = tiny.make_config(num_steps=7, checkpoint_every=3)
-  full = _train(tmp_path / "full", config)
-
+def _killed_after_checkpoint_3(workdir, config, mesh=None) -> None:
+  """Trains until the batch of step 4, one update past the checkpoint at 3, and dies there:
+  that update is lost, as in a real kill."""
   batches = tiny.make_batch_fn(config.batch_size)
 
   def dies_at_step_4(step, process_index, process_count):
-    # Step 4 is one update past the checkpoint at 3: that update is lost, as in a real kill.
     if step == 4:
       raise _Killed()
     return batches(step, process_index, process_count)
 
-  workdir = tmp_path / "resumed"
   with pytest.raises(_Killed):
-    _train(workdir, config, batch_fn=dies_at_step_4)
+    _train(workdir, config, batch_fn=dies_at_step_4, mesh=mesh)
+
+
+def test_resume_after_kill_is_exact(tmp_path):
+  config = tiny.make_config(num_steps=7, checkpoint_every=3)
+  full = _train(tmp_path / "full", config)
+  workdir = tmp_path / "resumed"
+  _killed_after_checkpoint_3(workdir, config)
   assert engine.Checkpointer(str(workdir)).latest_step() == 3
   resumed = _train(workdir, config)
 
@@ -211,16 +215,9 @@ def test_resume_on_another_device_count_continues_the_run(tmp_path):
   # state out on the new mesh, and the run ends where an 8-device run does, up to rounding.
   config = tiny.make_config(num_steps=7, checkpoint_every=3)
   full = _train(tmp_path / "full", config, mesh=engine.make_mesh(8))
-  batches = tiny.make_batch_fn(config.batch_size)
-
-  def dies_at_step_4(step, process_index, process_count):
-    if step == 4:
-      raise _Killed()
-    return batches(step, process_index, process_count)
-
   workdir = tmp_path / "moved"
-  with pytest.raises(_Killed):
-    _train(workdir, config, batch_fn=dies_at_step_4, mesh=engine.make_mesh(1))
+  _killed_after_checkpoint_3(workdir, config, mesh=engine.make_mesh(1))
+  batches = tiny.make_batch_fn(config.batch_size)
   asked = []
 
   def recorded(step, process_index, process_count):
