@@ -114,8 +114,10 @@ class _Killed(Exception):
 
 
 def _killed_after_checkpoint_3(workdir, config, mesh=None) -> None:
-  """Trains until the batch of step 4, one update past the checkpoint at 3, and dies there:
-  that update is lost, as in a real kill."""
+  """Trains until the batch of step 4 and dies there, as in a real kill.
+
+  Step 4 is one update past the checkpoint at 3: that update is lost.
+  """
   batches = tiny.make_batch_fn(config.batch_size)
 
   def dies_at_step_4(step, process_index, process_count):
