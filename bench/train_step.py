@@ -494,6 +494,9 @@ def main(argv: list[str]) -> None:
           f"{dots_s * 1e3:.1f} ms = "
           f"{100 * dots_s / step_s:.0f}% of the step at {dots_flops / dots_s / 1e9:.1f} GFLOP/s; "
           f"everything else: {(step_s - dots_s) * 1e3:.1f} ms. Largest totals:")
+    if dots_s > step_s:
+      print("  (more than the whole step: each matmul timed alone also pays a dispatch, which on "
+            "an accelerator outweighs a small matmul; this split means little here)")
     order = sorted(range(len(dots)), key=lambda i: -dots[i][0] * times[f"dot{i}"][0])
     for i in order[:_DOTS_SHOWN]:
       count, shapes, dims, flops, _ = dots[i]
