@@ -54,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from modit_jax import dit
 from modit_jax import engine
+from modit_jax import errors
 from modit_jax import training
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -139,9 +140,10 @@ def _parse_variant(spec: str) -> tuple[dict[str, Any], dict[str, Any]]:
         raise SystemExit(f"--variants: devices={value}, but this process has "
                          f"{jax.device_count()} (see --cpu_devices)")
     elif key == "dtype":
-      if value not in training.COMPUTE_DTYPES:
-        raise SystemExit(f"--variants: dtype must be one of {', '.join(training.COMPUTE_DTYPES)}; "
-                         f"got {value!r}")
+      try:
+        training.compute_dtype(value, "--variants: dtype")
+      except errors.UserError as e:
+        raise SystemExit(str(e)) from None
       settings["dtype"] = value
     elif value.lower() in ("true", "false"):
       options[key] = value.lower() == "true"
@@ -399,7 +401,7 @@ def main(argv: list[str]) -> None:
   measured = {}
   peak_names = collections.defaultdict(list)
   for dtype_name in dict.fromkeys(peak_dtypes):
-    dtype = training.COMPUTE_DTYPES[dtype_name]
+    dtype = training.compute_dtype(dtype_name)
     for n in (int(s) for s in args.matmul_sizes.split(",")):
       a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
       b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)

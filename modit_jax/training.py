@@ -134,17 +134,24 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def compute_dtype(name: str, field: str = "model.dtype", may_be_empty: bool = False) -> Any:
+  """The dtype that `COMPUTE_DTYPES` names `name`; any other name is a UserError naming `field`.
+
+  `may_be_empty` only words the error for a field where "" means the default.
+  """
+  if name not in COMPUTE_DTYPES:
+    raise errors.UserError(f"{field} must be {'empty or ' if may_be_empty else ''}one of "
+                           f"{', '.join(COMPUTE_DTYPES)}; got {name!r}")
+  return COMPUTE_DTYPES[name]
+
+
 def make_model(model_config: ml_collections.ConfigDict, dim: int, num_domains: int) -> dit.DiT:
   """The DiT of `model_config` for embeddings of `dim` and `num_domains` domains."""
-  dtype_name = model_config.get("dtype", "float32")
-  if dtype_name not in COMPUTE_DTYPES:
-    raise errors.UserError(f"model.dtype must be one of {', '.join(COMPUTE_DTYPES)}; "
-                           f"got {dtype_name!r}")
   return dit.DiT(dim=dim, num_domains=num_domains, width=model_config.width,
                  depth=model_config.depth, num_heads=model_config.num_heads,
                  mlp_ratio=model_config.mlp_ratio, max_context=model_config.max_context,
                  learned_positions=model_config.learned_positions,
-                 dtype=COMPUTE_DTYPES[dtype_name])
+                 dtype=compute_dtype(model_config.get("dtype", "float32")))
 
 
 def apply_fn(model: dit.DiT) -> Callable[..., jnp.ndarray]:

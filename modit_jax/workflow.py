@@ -208,9 +208,8 @@ def run_pipeline(config: ml_collections.ConfigDict, out: str) -> str:
   """Runs everything into `out` (resumable); returns the path of OUT/report.md."""
   start = time.perf_counter()
   # Checked before the dataset is made, which can take minutes.
-  if config.model_dtype and config.model_dtype not in training.COMPUTE_DTYPES:
-    raise errors.UserError(f"model_dtype must be empty or one of "
-                           f"{', '.join(training.COMPUTE_DTYPES)}; got {config.model_dtype!r}")
+  if config.model_dtype:
+    training.compute_dtype(config.model_dtype, "model_dtype", may_be_empty=True)
   os.makedirs(out, exist_ok=True)
   notes: list[str] = []
   dataset, catalog = _dataset(config, out, notes)
