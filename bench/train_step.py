@@ -7,6 +7,7 @@ Run from the repository root:
   python bench/train_step.py --xla_flags=--xla_cpu_multi_thread_eigen=false
   python bench/train_step.py --width=256 --variants=dtype=bfloat16   # f32 and mixed precision
   python bench/train_step.py --variants='devices=1;devices=2'         # 4 CPU devices vs 1, 2
+  python bench/train_step.py --config=configs/pretrain.py:tiny --steps=2  # a quick check
 
 One run measures:
 
@@ -22,7 +23,11 @@ One run measures:
 3. a breakdown: the loss alone (forward), value-and-grad (forward + backward), the optimiser +
    EMA tail alone, the full step with the batch already on the device and with the batch sent
    from the host every step (as `engine.train_loop` does), and every matmul of the step (the
-   `dot_general`s of its jaxpr) timed alone;
+   `dot_general`s of its jaxpr) timed alone. On a mesh of several devices each matmul has its
+   per-device shape (the step traced at its share of the batch) and runs on every device at
+   once, as in the data-parallel step. Their sum, less one trivial call's dispatch per matmul,
+   gives a ceiling: the fraction of peak the step would reach if nothing but its matmuls took
+   time;
 4. the FLOPs of each compiled function from XLA's cost analysis next to the analytic count
    (`dit.flops_per_example`, x3 for a train step).
 
@@ -46,6 +51,7 @@ from typing import Any, Callable
 import jax
 from jax import lax
 from jax.extend import core
+from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -61,6 +67,7 @@ from modit_jax import training
 _D = 64            # item-embedding dimension of the default synthetic world
 _NUM_DOMAINS = 4
 _DOTS_SHOWN = 12
+_DOTS_ROW = "step's matmuls alone"
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
@@ -106,12 +113,16 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
-def _load_config(path: str, args: argparse.Namespace) -> Any:
+def _load_config(spec_text: str, args: argparse.Namespace) -> Any:
+  """The config of `path[:arg]` (as `--config` of the binaries), with the bench's overrides."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec_text.partition(":")
+  if not os.path.isfile(path):
+    raise SystemExit(f"--config: no such config file: {path}")
   spec = importlib.util.spec_from_file_location("bench_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  config = module.get_config(arg or None)
   for flag, field in (("width", "width"), ("depth", "depth"), ("heads", "num_heads"),
                       ("context", "max_context")):
     if getattr(args, flag) is not None:
@@ -233,22 +244,41 @@ def step_dots(fn: Callable[..., Any], *args: Any) -> list[Any]:
   return walk(jax.make_jaxpr(fn)(*args).jaxpr, [])
 
 
-def dot_group_fns(eqns: list[Any]) -> list[tuple[int, tuple, Any, float, Callable[[], Any]]]:
-  """One timed function per distinct matmul of `eqns`: (count, shapes, dims, FLOPs, fn)."""
+def timed_dot(shapes: tuple, dtypes: tuple, dims: Any, out_dtype: Any, mesh: Any = None
+              ) -> tuple[float, Callable[[], Any]]:
+  """(FLOPs, fn): a jitted `dot_general` of random operands, ready to time.
+
+  With a `mesh` of several devices, every device runs its own copy at once, as the
+  data-parallel step does with its per-device shapes; the FLOPs are then summed over devices.
+  """
+  copies = 1 if mesh is None else mesh.size
+  lhs = jax.random.normal(jax.random.PRNGKey(0), (copies, *shapes[0]), dtypes[0])
+  rhs = jax.random.normal(jax.random.PRNGKey(1), (copies, *shapes[1]), dtypes[1])
+  local_dot = functools.partial(lax.dot_general, dimension_numbers=dims,
+                                preferred_element_type=out_dtype)
+
+  def dot(lhs, rhs):
+    return local_dot(lhs[0], rhs[0])[None]
+
+  if copies > 1:
+    spec = P(engine.DATA_AXIS)
+    lhs, rhs = (engine.device_put_global(x, NamedSharding(mesh, spec)) for x in (lhs, rhs))
+    dot = jax.shard_map(dot, mesh=mesh, in_specs=(spec, spec), out_specs=spec)
+  dot = jax.jit(dot)
+  out_size = jax.eval_shape(dot, lhs, rhs).size
+  flops = 2.0 * out_size * math.prod(shapes[0][d] for d in dims[0][0])
+  return flops, functools.partial(dot, lhs, rhs)
+
+
+def dot_group_fns(eqns: list[Any], mesh: Any = None
+                  ) -> list[tuple[int, tuple, Any, float, Callable[[], Any]]]:
+  """One `timed_dot` per distinct matmul of `eqns`: (count, shapes, dims, FLOPs, fn)."""
   groups = collections.Counter(
       (tuple(tuple(v.aval.shape) for v in eqn.invars), tuple(v.aval.dtype for v in eqn.invars),
        eqn.params["dimension_numbers"], eqn.params.get("preferred_element_type"))
       for eqn in eqns)
-  out = []
-  for (shapes, dtypes, dims, out_dtype), count in groups.items():
-    lhs = jax.random.normal(jax.random.PRNGKey(0), shapes[0], dtypes[0])
-    rhs = jax.random.normal(jax.random.PRNGKey(1), shapes[1], dtypes[1])
-    dot = jax.jit(functools.partial(lax.dot_general, dimension_numbers=dims,
-                                    preferred_element_type=out_dtype))
-    out_size = jax.eval_shape(dot, lhs, rhs).size
-    flops = 2.0 * out_size * math.prod(shapes[0][d] for d in dims[0][0])
-    out.append((count, shapes, dims, flops, functools.partial(dot, lhs, rhs)))
-  return out
+  return [(count, shapes, dims, *timed_dot(shapes, dtypes, dims, out_dtype, mesh))
+          for (shapes, dtypes, dims, out_dtype), count in groups.items()]
 
 
 def profile_summary(trace_dir: str, hlo_text: str, num_steps: int, top: int = 15) -> None:
@@ -444,13 +474,20 @@ def main(argv: list[str]) -> None:
     measured["optimiser+EMA tail"] = (tail_call, 0.0, _cost_flops(tail_jit, mesh.size))
     measured["full step (host batch)"] = (functools.partial(step, True), step_flops,
                                           _cost_flops(compiled_step, mesh.size))
-    # Every matmul of the step alone: what the step would cost if nothing else took time.
-    # At their global (unsharded) shapes on one device, whatever the mesh.
+    # Every matmul of the step alone: what the step would cost if nothing else took time. With
+    # a batch split over the mesh (parameters replicated), each device runs the step's program
+    # at its share of the batch, so the matmuls are traced at that size and run on every
+    # device at once; the gradient all-reduce is not a matmul and is left out.
+    local_batch = {k: v[:batch_size // mesh.size] for k, v in batch_np.items()}
     eqns = step_dots(functools.partial(engine.train_step, loss_fn=loss_fn, tx=tx,
-                                       ema_decay=config.ema_decay), host_state, batch_np, rng)
-    dots = dot_group_fns(eqns)
+                                       ema_decay=config.ema_decay), host_state, local_batch, rng)
+    dots = dot_group_fns(eqns, mesh)
     for i, (_, _, _, flops, fn) in enumerate(dots):
       measured[f"dot{i}"] = (fn, flops, float("nan"))
+    # What each of those calls pays besides its matmul: the same call with an 8x8 matmul.
+    dispatch_flops, dispatch_fn = timed_dot(((8, 8), (8, 8)), (jnp.float32,) * 2,
+                                            (((1,), (0,)), ((), ())), None, mesh)
+    measured["dot_dispatch"] = (dispatch_fn, dispatch_flops, float("nan"))
 
   # A few calls of each matmul per round, so they are not timed off a single short call.
   calls = {name: 3 for name in measured if name.startswith("dot")}
@@ -473,9 +510,9 @@ def main(argv: list[str]) -> None:
   if dots:
     dots_s = sum(d[0] * times[f"dot{i}"][0] for i, d in enumerate(dots))
     dots_flops = sum(count * flops for count, _, _, flops, _ in dots)
-    times["step's matmuls alone, 1 device"] = (dots_s, float("nan"))
-    measured["step's matmuls alone, 1 device"] = (None, dots_flops, float("nan"))
-    rows.append("step's matmuls alone, 1 device")
+    times[_DOTS_ROW] = (dots_s, float("nan"))
+    measured[_DOTS_ROW] = (None, dots_flops, float("nan"))
+    rows.append(_DOTS_ROW)
 
   print()
   print(f"fastest call of {rounds} (median); FLOP/s and share of peak from the fastest call")
@@ -492,7 +529,9 @@ def main(argv: list[str]) -> None:
           f"{rate / peak:11.3f}")
   if dots:
     print()
-    print(f"the step's {len(eqns)} matmuls, each alone at its global shape on one device: "
+    where = ("at its global shape on one device" if mesh.size == 1 else
+             f"at its per-device shape on all {mesh.size} devices at once")
+    print(f"the step's {len(eqns)} matmuls, each alone {where}: "
           f"{dots_s * 1e3:.1f} ms = "
           f"{100 * dots_s / step_s:.0f}% of the step at {dots_flops / dots_s / 1e9:.1f} GFLOP/s; "
           f"everything else: {(step_s - dots_s) * 1e3:.1f} ms. Largest totals:")
@@ -508,6 +547,13 @@ def main(argv: list[str]) -> None:
       if lb:
         desc += f", batch {list(lb)},{list(rb)}"
       print(f"  {count:2d} x {seconds * 1e3:6.2f} ms {flops / seconds / 1e9:6.1f} GFLOP/s  {desc}")
+    # The most the step could reach if all its non-matmul work (and each timed call's dispatch)
+    # cost nothing: a ceiling for fraction_of_peak with these matmul shapes on this machine.
+    dispatch_s = times["dot_dispatch"][0]
+    ceiling_s = max(dots_s - len(eqns) * dispatch_s, 1e-12)
+    print(f"one call of an 8x8 matmul the same way takes {dispatch_s * 1e6:.0f} us; less "
+          f"{len(eqns)} of those, the matmuls take {ceiling_s * 1e3:.1f} ms: with nothing else, "
+          f"the step would reach {step_flops / ceiling_s / peak:.3f} of the peak")
   fraction = step_flops / step_s / peak
   print()
   print(f"train step: {batch_size / step_s:.1f} examples/s, {1 / step_s:.3f} steps/s, "

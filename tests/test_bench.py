@@ -1,0 +1,85 @@
+"""bench/train_step.py: it runs, and its matmul breakdown covers the step it measures.
+
+Nothing here times anything: performance is measured by running the bench (docs/benchmarks.md).
+"""
+# The bench is a script; its helpers are tested directly.
+# pylint: disable=protected-access
+
+import functools
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from modit_jax import engine
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_BENCH = os.path.join(_ROOT, "bench", "train_step.py")
+
+
+@pytest.fixture(scope="module")
+def bench():
+  spec = importlib.util.spec_from_file_location("bench_train_step", _BENCH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_per_device_matmuls_add_up_to_the_global_step(bench, fast_compile):
+  """Traced at 1/8 of the batch and run on 8 devices, the matmuls do the global step's FLOPs."""
+  del fast_compile
+  args = bench._parse_args(["--config=configs/pretrain.py:tiny", "--batch=16"])
+  config = bench._load_config(args.config, args)
+  mesh = engine.make_mesh()
+  assert mesh.size == 8
+  _, loss_fn, tx, _, host_state, _, _ = bench._build_step(config, mesh)
+  step = functools.partial(engine.train_step, loss_fn=loss_fn, tx=tx,
+                           ema_decay=config.ema_decay)
+  batch = bench._random_batch(16, int(config.model.max_context), seed=0)
+  local = {k: v[:2] for k, v in batch.items()}
+  rng = jax.random.PRNGKey(0)
+
+  global_dots = bench.dot_group_fns(bench.step_dots(step, host_state, batch, rng))
+  mesh_dots = bench.dot_group_fns(bench.step_dots(step, host_state, local, rng), mesh)
+  total = lambda dots: sum(count * flops for count, _, _, flops, _ in dots)
+  assert total(mesh_dots) == pytest.approx(total(global_dots), rel=1e-12)
+  assert sum(d[0] for d in mesh_dots) == sum(d[0] for d in global_dots)
+  # Every device runs the per-device shape: one output block per device, each the plain dot.
+  _, shapes, dims, _, fn = mesh_dots[0]
+  out = np.asarray(fn())
+  assert out.shape[0] == 8
+  expected = jax.lax.dot_general(np.asarray(jax.random.normal(jax.random.PRNGKey(0),
+                                                              (8, *shapes[0])))[3],
+                                 np.asarray(jax.random.normal(jax.random.PRNGKey(1),
+                                                              (8, *shapes[1])))[3], dims)
+  np.testing.assert_allclose(out[3], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_runs_on_the_tiny_config():
+  """The whole bench on 8 devices: the breakdown, its ceiling line and the promised last line."""
+  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  result = subprocess.run(
+      [sys.executable, _BENCH, "--config=configs/pretrain.py:tiny", "--batch=16", "--steps=1",
+       "--warmup=1", "--matmul_sizes=64"],
+      cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  assert re.fullmatch(r"fraction_of_peak=\d+\.\d{3}", lines[-1]), lines[-1]
+  assert float(lines[-1].split("=")[1]) > 0
+  assert "model: width 32, depth 2" in result.stdout
+  assert "each alone at its per-device shape on all 8 devices at once" in result.stdout
+  assert re.search(r"with nothing else, the step would reach \d+\.\d{3} of the peak",
+                   result.stdout)
+
+
+def test_bench_rejects_a_missing_config():
+  result = subprocess.run([sys.executable, _BENCH, "--config=configs/nope.py"], cwd=_ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode != 0
+  assert "no such config file: configs/nope.py" in result.stderr
+  assert "Traceback" not in result.stderr
