@@ -73,7 +73,10 @@ def test_bench_runs_on_the_tiny_config():
   assert float(lines[-1].split("=")[1]) > 0
   assert "model: width 32, depth 2" in result.stdout
   assert "each alone at its per-device shape on all 8 devices at once" in result.stdout
-  assert re.search(r"with nothing else, the step would reach \d+\.\d{3} of the peak",
+  # The tiny step's matmuls are so small that the dispatch may swallow them; either way the
+  # bench must say which.
+  assert re.search(r"one call of an 8x8 matmul the same way takes \d+ us; (less \d+ of those, "
+                   r".*the step would reach \d+\.\d{3} of the peak|.*no ceiling to give)",
                    result.stdout)
 
 
