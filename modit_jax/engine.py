@@ -505,6 +505,12 @@ def host_copy(tree: PyTree) -> PyTree:
   return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
+def validate_config(config: Config, mesh: Mesh | None = None) -> None:
+  """Raises `UserError` for a config `train_loop` would refuse; call it before any work."""
+  _validate_optimizer_config(config)
+  _validate_loop_config(config, make_mesh() if mesh is None else mesh)
+
+
 def train_loop(config: Config, workdir: str, *, init_params: PyTree, loss_fn: LossFn,
                batch_fn: BatchFn, mesh: Mesh | None = None, frozen_params: PyTree = None,
                before_step: Callable[[int, TrainState], Mapping[str, float] | None] | None = None

@@ -146,7 +146,17 @@ def compute_dtype(name: str, field: str = "model.dtype", may_be_empty: bool = Fa
 
 
 def make_model(model_config: ml_collections.ConfigDict, dim: int, num_domains: int) -> dit.DiT:
-  """The DiT of `model_config` for embeddings of `dim` and `num_domains` domains."""
+  """The DiT of `model_config` for embeddings of `dim` and `num_domains` domains.
+
+  A model config that cannot build a DiT is a UserError naming the field.
+  """
+  for field in ("width", "depth", "num_heads", "mlp_ratio", "max_context"):
+    value = model_config[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise errors.UserError(f"model.{field} must be a positive integer, got {value!r}")
+  if model_config.width % model_config.num_heads:
+    raise errors.UserError(f"model.width {model_config.width} must be divisible by "
+                           f"model.num_heads {model_config.num_heads}")
   return dit.DiT(dim=dim, num_domains=num_domains, width=model_config.width,
                  depth=model_config.depth, num_heads=model_config.num_heads,
                  mlp_ratio=model_config.mlp_ratio, max_context=model_config.max_context,
@@ -353,6 +363,8 @@ def train(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> engi
   """Trains the stage `config.stage` on the catalog at `dataset` into `workdir` (resumable)."""
   if config.stage not in STAGES:
     raise errors.UserError(f"unknown stage {config.stage!r}; known: {', '.join(STAGES)}")
+  # Before anything is read or written: a refused run leaves no run config in `workdir`.
+  engine.validate_config(config)
   if config.stage == "hppo" and config.model.learned_positions:
     raise errors.UserError("the hppo stage does not support model.learned_positions: its pools "
                            "and pairs give the model seed sets in no order")

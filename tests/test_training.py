@@ -107,6 +107,27 @@ def test_unknown_model_dtype_is_a_clear_error():
     training.make_model(config.model, 8, 3)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("num_heads", 5, "model.width 32 must be divisible by model.num_heads 5"),
+    ("depth", 0, "model.depth must be a positive integer, got 0"),
+    ("mlp_ratio", -1, "model.mlp_ratio must be a positive integer, got -1"),
+])
+def test_a_model_config_that_cannot_build_a_dit_is_a_clear_error(field, value, message):
+  config = pretrain_config.get_config("tiny")
+  with config.unlocked():
+    config.model[field] = value
+  with pytest.raises(errors.UserError, match=message):
+    training.make_model(config.model, 8, 3)
+
+
+def test_a_refused_config_leaves_the_workdir_untouched(tiny, tmp_path):
+  config = pretrain_config.get_config("tiny")
+  config.warmup_steps = config.num_steps + 1
+  with pytest.raises(errors.UserError, match="config.warmup_steps must be in"):
+    training.train(config, str(tiny), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
 def test_generative_method_without_workdir_is_a_clear_error(tiny):
   cat = catalog_lib.load_catalog(tiny)
   config = evaluate_config.get_config("tiny")
