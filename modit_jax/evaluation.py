@@ -101,6 +101,10 @@ def retrieve_all(catalog: catalog_lib.Catalog, methods: Sequence[str], splits: S
   for split in splits:
     if split not in catalog_lib.SPLITS:
       raise errors.UserError(f"unknown split {split!r}; known: {', '.join(catalog_lib.SPLITS)}")
+  # Before the index is built: a missing model should not cost the user the index build.
+  for name in methods:
+    if name in generative.GENERATIVE_METHODS:
+      generative.check_workdir(name, config.workdirs[name])
   k = max(config.ks)
   start = time.perf_counter()
   index = retrieval.build_index(np.asarray(catalog.embeddings), config.index_kind)

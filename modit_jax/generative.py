@@ -188,6 +188,14 @@ GENERATIVE_METHODS = ("pretrained_gr", "modit_cpt", "modit_sft", "modit_sft_only
                           f"hppo_no_{policy}" for policy in hppo.POLICIES)
 
 
+def check_workdir(name: str, workdir: str) -> None:
+  """Raises `UserError` unless `workdir` is a training workdir for the method `name`."""
+  if not workdir:
+    raise errors.UserError(
+        f"method {name} needs its training workdir: set --config.workdirs.{name}=DIR")
+  training.read_run_config(workdir)
+
+
 def fit(name: str, workdir: str, catalog: catalog_lib.Catalog,
         oracle: oracle_lib.OnlineOracle | None, config: ml_collections.ConfigDict
         ) -> baselines.Fitted:
@@ -197,9 +205,7 @@ def fit(name: str, workdir: str, catalog: catalog_lib.Catalog,
   domain over `config.guidance_grid` on train queries with the online oracle (an empty grid
   keeps the training config's scale).
   """
-  if not workdir:
-    raise errors.UserError(
-        f"method {name} needs its training workdir: set --config.workdirs.{name}=DIR")
+  check_workdir(name, workdir)
   generator = Generator(workdir)
   generator.check_catalog(catalog)
   # Stage 1 never sees a domain token: it is asked with the null domain (guidance is moot).

@@ -128,11 +128,21 @@ def test_a_refused_config_leaves_the_workdir_untouched(tiny, tmp_path):
   assert not (tmp_path / "run").exists()
 
 
-def test_generative_method_without_workdir_is_a_clear_error(tiny):
+@pytest.mark.parametrize("workdir, message", [
+    ("", "workdirs.pretrained_gr"),
+    ("not_a_run", "is not a training workdir"),
+])
+def test_generative_method_without_a_model_is_refused_before_any_work(
+    tiny, tmp_path, monkeypatch, workdir, message):
+  def no_index(*args, **kwargs):
+    raise AssertionError("the index was built before the workdir was checked")
+
+  monkeypatch.setattr(evaluation.retrieval, "build_index", no_index)
   cat = catalog_lib.load_catalog(tiny)
   config = evaluate_config.get_config("tiny")
-  config.methods = "pretrained_gr"
-  with pytest.raises(errors.UserError, match="workdirs.pretrained_gr"):
+  config.methods = "seed_centroid,pretrained_gr"
+  config.workdirs.pretrained_gr = str(tmp_path / workdir) if workdir else ""
+  with pytest.raises(errors.UserError, match=message):
     evaluation.evaluate(cat, config)
 
 
