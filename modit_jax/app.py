@@ -10,6 +10,7 @@ from absl import logging
 
 from modit_jax import engine
 from modit_jax import errors
+from modit_jax import stopping
 
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", None,
@@ -30,7 +31,8 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def run(main: Callable[[Sequence[str]], None]) -> None:
-  """Runs an absl `main`, turning a `UserError` into one clear line and exit code 2."""
+  """Runs an absl `main`: a `UserError` is one clear line and exit code 2; a stop on a signal
+  (`stopping.TrainingStopped`) is one line and exit code 128 + the signal's number."""
 
   def guarded_main(argv: Sequence[str]) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -45,5 +47,10 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
       logging.flush()
       sys.stderr.write(f"error: {e}\n")
       sys.exit(2)
+    except stopping.TrainingStopped as e:
+      # Asked for (SIGTERM, Ctrl-C): one line, and the exit code a shell gives that signal.
+      logging.flush()
+      sys.stderr.write(f"{e}\n")
+      sys.exit(e.exit_code)
 
   app.run(guarded_main)

@@ -31,6 +31,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from modit_jax import errors
+from modit_jax import stopping
 
 PyTree = Any
 Config = Any  # An ml_collections.ConfigDict (or anything with the same attributes).
@@ -513,8 +514,8 @@ def validate_config(config: Config, mesh: Mesh | None = None) -> None:
 
 def train_loop(config: Config, workdir: str, *, init_params: PyTree, loss_fn: LossFn,
                batch_fn: BatchFn, mesh: Mesh | None = None, frozen_params: PyTree = None,
-               before_step: Callable[[int, TrainState], Mapping[str, float] | None] | None = None
-               ) -> TrainState:
+               before_step: Callable[[int, TrainState], Mapping[str, float] | None] | None = None,
+               resume_every: int = 1) -> TrainState:
   """Trains `config.num_steps` updates, resuming from the latest checkpoint in `workdir`.
 
   Args:
@@ -534,9 +535,17 @@ def train_loop(config: Config, workdir: str, *, init_params: PyTree, loss_fn: Lo
       `batch_fn` reads (HPPO rebuilds its candidate pool from the current policy). Scalars it
       returns are written to the metrics at `step`. For exact resume it must depend only on
       `step` and the state at `step`.
+    resume_every: a run resumes exactly only from a checkpoint at a multiple of this many
+      steps (HPPO: its pool period). `checkpoint_every` must be such a multiple; a stop on a
+      signal saves only at one.
 
   Returns:
     The final state (step `num_steps`), also saved as the last checkpoint.
+
+  Raises:
+    stopping.TrainingStopped: SIGTERM or Ctrl-C arrived (single process), or JAX's preemption
+      service reached its sync point (several processes). The loop finishes the update in
+      flight, saves it (see `resume_every`) and stops.
   """
   mesh = make_mesh() if mesh is None else mesh
   tx = make_optimizer(config)
@@ -578,39 +587,52 @@ def train_loop(config: Config, workdir: str, *, init_params: PyTree, loss_fn: Lo
 
     pending = None  # (step, device metrics) not yet checked for a finite loss.
     interval_start, interval_steps = time.perf_counter(), 0
-    for step in range(start, num_steps):
-      if before_step is not None:
-        prepared = before_step(step, state)
-        if prepared:
-          writer.write(step, prepared)
-      batch = shard_batch(batch_fn(step, process_index, process_count), mesh)
-      state, metrics = step_fn(state, batch, rng, *frozen)
-      done = step + 1
-      interval_steps += 1
-      # The previous step's metrics are checked only now, after this step is dispatched, so
-      # fetching them does not leave the devices idle.
-      if pending is not None:
-        _host_metrics(*pending, config, last_saved)
-      pending = (done, metrics)
-      log_now = done % config.log_every == 0 or done == num_steps
-      save_now = done % config.checkpoint_every == 0 or done == num_steps
-      if not (log_now or save_now):
-        continue
-      # Never log or save a diverged state: check this step before either.
-      values = _host_metrics(*pending, config, last_saved)
-      pending = None
-      if log_now:
-        elapsed = max(time.perf_counter() - interval_start, 1e-9)
-        steps_per_sec = interval_steps / elapsed
-        values.update(lr=learning_rate_at(config, step), steps_per_sec=steps_per_sec,
-                      examples_per_sec=steps_per_sec * config.batch_size)
-        writer.write(done, values)
-        logging.info("step %d/%d: loss %.5g, grad_norm %.3g, lr %.3g, %.2f steps/s, "
-                     "%.1f examples/s", done, num_steps, values["loss"], values["grad_norm"],
-                     values["lr"], steps_per_sec, values["examples_per_sec"])
-        interval_start, interval_steps = time.perf_counter(), 0
-      if save_now and checkpointer.save(done, state, force=done == num_steps):
-        last_saved = done
+    # SIGTERM / Ctrl-C from here on: stop after the update in flight (module stopping).
+    with stopping.StopRequests() as stops:
+      for step in range(start, num_steps):
+        if before_step is not None:
+          prepared = before_step(step, state)
+          if prepared:
+            writer.write(step, prepared)
+        batch = shard_batch(batch_fn(step, process_index, process_count), mesh)
+        state, metrics = step_fn(state, batch, rng, *frozen)
+        done = step + 1
+        interval_steps += 1
+        # The previous step's metrics are checked only now, after this step is dispatched, so
+        # fetching them does not leave the devices idle.
+        if pending is not None:
+          _host_metrics(*pending, config, last_saved)
+        pending = (done, metrics)
+        log_now = done % config.log_every == 0 or done == num_steps
+        save_now = done % config.checkpoint_every == 0 or done == num_steps
+        # Asked on every step (a sync point with several processes); the last step just ends.
+        stop_now = stops.requested(done) and done < num_steps
+        if not (log_now or save_now or stop_now):
+          continue
+        # Never log or save a diverged state: check this step before either.
+        values = _host_metrics(*pending, config, last_saved)
+        pending = None
+        if log_now:
+          elapsed = max(time.perf_counter() - interval_start, 1e-9)
+          steps_per_sec = interval_steps / elapsed
+          values.update(lr=learning_rate_at(config, step), steps_per_sec=steps_per_sec,
+                        examples_per_sec=steps_per_sec * config.batch_size)
+          writer.write(done, values)
+          logging.info("step %d/%d: loss %.5g, grad_norm %.3g, lr %.3g, %.2f steps/s, "
+                       "%.1f examples/s", done, num_steps, values["loss"], values["grad_norm"],
+                       values["lr"], steps_per_sec, values["examples_per_sec"])
+          interval_start, interval_steps = time.perf_counter(), 0
+        if save_now and checkpointer.save(done, state, force=done == num_steps):
+          last_saved = done
+        if stop_now:
+          if last_saved != done and done % resume_every == 0:
+            checkpointer.save(done, state, force=True)
+            last_saved = done
+          checkpointer.wait()
+          stopped = stopping.TrainingStopped(stops.reason, stops.signal_number, done, num_steps,
+                                             last_saved, checkpointer.directory, resume_every)
+          logging.warning("%s", stopped)
+          raise stopped
     checkpointer.wait()
     return state
   finally:

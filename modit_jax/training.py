@@ -329,8 +329,10 @@ def _hppo_loop_args(config: ml_collections.ConfigDict, catalog: catalog_lib.Cata
   batches = hppo.PairBatches(pools, config)
   loss_fn = hppo.dpo_loss_fn(apply_fn(model), target_scale(config, model.dim), config.hppo.beta,
                              config.hppo.sft_weight)
+  # A resumed run rebuilds its pool from the checkpoint's policy: exact only at a pool start.
   return dict(loss_fn=loss_fn, frozen_params=reference, before_step=batches.before_step,
-              batch_fn=lambda step, pi, pc: batches(step, pi, pc, config.batch_size))
+              batch_fn=lambda step, pi, pc: batches(step, pi, pc, config.batch_size),
+              resume_every=every)
 
 
 def _fit_to_model(restored: Any, model: dit.DiT, config: ml_collections.ConfigDict) -> Any:

@@ -5,7 +5,11 @@ MODIT_COORDINATOR / MODIT_NUM_PROCESSES / MODIT_PROCESS_ID environment variables
 the tiny problem with `engine.train_loop` and process 0 writes the final parameters to an
 .npz file.
 
-  python tests/multiprocess_worker.py WORKDIR OUT_NPZ NUM_STEPS
+  python tests/multiprocess_worker.py WORKDIR OUT_NPZ NUM_STEPS [STARTED_FILE]
+
+With STARTED_FILE, process 0 creates that file once training is under way (for a test that
+then sends a signal), and a stop on a signal (`stopping.TrainingStopped`) prints
+"stopped STEP SAVED_STEP" and exits with the stop's exit code.
 """
 
 import functools
@@ -83,10 +87,27 @@ def main(argv: list[str]) -> None:
   from modit_jax import engine  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
+  from modit_jax import stopping  # pylint: disable=g-import-not-at-top
+
   assert engine.maybe_initialize_distributed(), "MODIT_COORDINATOR is not set"
   config = make_config(num_steps=num_steps)
-  state = engine.train_loop(config, workdir, init_params=init_params(),
-                            loss_fn=loss_fn, batch_fn=make_batch_fn(config.batch_size))
+  batch_fn = make_batch_fn(config.batch_size)
+  started_file = argv[4] if len(argv) > 4 else None
+  if started_file:
+    config.checkpoint_every = num_steps  # Only the stop saves.
+    batches = batch_fn
+
+    def batch_fn(step, process_index, process_count):
+      if step == 3 and process_index == 0:
+        open(started_file, "w").close()
+      return batches(step, process_index, process_count)
+
+  try:
+    state = engine.train_loop(config, workdir, init_params=init_params(), loss_fn=loss_fn,
+                              batch_fn=batch_fn)
+  except stopping.TrainingStopped as stopped:
+    print(f"stopped {stopped.step} {stopped.saved_step}", flush=True)
+    sys.exit(stopped.exit_code)
   # A collective: every process takes part, process 0 writes.
   host = multihost_utils.process_allgather(
       {"params": state.params, "ema_params": state.ema_params}, tiled=True)

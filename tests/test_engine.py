@@ -7,9 +7,11 @@ regression shared with tests/multiprocess_worker.py.
 import functools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -17,6 +19,7 @@ import pytest
 
 from modit_jax import engine
 from modit_jax import errors
+from modit_jax import stopping
 import multiprocess_worker as tiny
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multiprocess_worker.py")
@@ -103,10 +106,11 @@ def test_schedule_and_config_checks():
     engine.make_optimizer(config)
 
 
-def _train(workdir, config, batch_fn=None, mesh=None):
+def _train(workdir, config, batch_fn=None, mesh=None, resume_every=1):
   return engine.train_loop(
       config, str(workdir), init_params=tiny.init_params(), loss_fn=tiny.loss_fn,
-      batch_fn=batch_fn or tiny.make_batch_fn(config.batch_size), mesh=mesh)
+      batch_fn=batch_fn or tiny.make_batch_fn(config.batch_size), mesh=mesh,
+      resume_every=resume_every)
 
 
 class _Killed(Exception):
@@ -155,6 +159,56 @@ def test_resume_after_kill_is_exact(tmp_path):
   assert jax.tree.structure(raw) == jax.tree.structure(full.params)
   with pytest.raises(errors.UserError, match="no checkpoint for step 5"):
     engine.restore_params(str(workdir), step=5)
+
+
+def _signalled_at_step_4(workdir, config, signal_number, resume_every=1):
+  """Trains, with `signal_number` sent to this process while step 4's batch is built."""
+  batches = tiny.make_batch_fn(config.batch_size)
+
+  def signals_at_step_4(step, process_index, process_count):
+    if step == 4:
+      os.kill(os.getpid(), signal_number)
+    return batches(step, process_index, process_count)
+
+  with pytest.raises(stopping.TrainingStopped) as stopped:
+    _train(workdir, config, batch_fn=signals_at_step_4, resume_every=resume_every)
+  return stopped.value
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_the_update_in_flight_and_the_resume_is_exact(tmp_path, signal_number):
+  config = tiny.make_config(num_steps=7, checkpoint_every=3)
+  full = _train(tmp_path / "full", config)
+  workdir = tmp_path / "stopped"
+  before = signal.getsignal(signal_number)
+  stopped = _signalled_at_step_4(workdir, config, signal_number)
+
+  # The update on batch 4 finished (step 5), was saved, and the handlers are back.
+  assert (stopped.step, stopped.saved_step) == (5, 5)
+  assert stopped.exit_code == 128 + signal_number
+  name = signal.Signals(signal_number).name
+  assert str(stopped).startswith(f"stopped by {name} after step 5 of 7: its checkpoint is in ")
+  assert signal.getsignal(signal_number) is before
+  assert engine.Checkpointer(str(workdir)).latest_step() == 5
+
+  resumed = _train(workdir, config)
+  _assert_trees_equal(resumed.params, full.params)
+  _assert_trees_equal(resumed.ema_params, full.ema_params)
+  _assert_trees_equal(resumed.opt_state, full.opt_state)
+
+
+def test_a_signal_between_exact_resume_points_keeps_the_last_one(tmp_path):
+  """With resume_every=3 (HPPO's pool period), step 5 is not saved: 3 is where it resumes."""
+  config = tiny.make_config(num_steps=7, checkpoint_every=3)
+  full = _train(tmp_path / "full", config, resume_every=3)
+  workdir = tmp_path / "stopped"
+  stopped = _signalled_at_step_4(workdir, config, signal.SIGTERM, resume_every=3)
+  assert (stopped.step, stopped.saved_step) == (5, 3)
+  assert "the last checkpoint is step 3" in str(stopped)
+  assert "multiple of 3 steps" in str(stopped)
+  assert engine.Checkpointer(str(workdir)).all_steps() == [3]
+  resumed = _train(workdir, config, resume_every=3)
+  _assert_trees_equal(resumed.params, full.params)
 
 
 def test_metrics_files(tmp_path):
@@ -245,11 +299,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_single_process(tmp_path):
-  if "jax_cpu_collectives_implementation" not in jax.config.values:
-    pytest.skip("this jax build has no CPU cross-process collectives")
-  num_steps = 4
-  out = tmp_path / "params.npz"
+def _two_processes(tmp_path, num_steps, *extra_args):
+  """Starts the two loopback processes of tests/multiprocess_worker.py."""
   port = _free_port()
   procs = []
   for process_id in range(2):
@@ -258,17 +309,31 @@ def test_two_processes_match_single_process(tmp_path):
                MODIT_COORDINATOR=f"localhost:{port}", MODIT_NUM_PROCESSES="2",
                MODIT_PROCESS_ID=str(process_id))
     procs.append(subprocess.Popen(
-        [sys.executable, WORKER, str(tmp_path / "multi"), str(out), str(num_steps)],
+        [sys.executable, WORKER, str(tmp_path / "multi"), str(tmp_path / "params.npz"),
+         str(num_steps), *extra_args],
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  return procs
+
+
+def _logs(procs, timeout=120) -> list[str]:
   logs = []
   try:
     for proc in procs:
-      logs.append(proc.communicate(timeout=120)[0])
+      logs.append(proc.communicate(timeout=timeout)[0])
   finally:
     for proc in procs:
       if proc.poll() is None:
         proc.kill()
-  for proc, log in zip(procs, logs):
+  return logs
+
+
+def test_two_processes_match_single_process(tmp_path):
+  if "jax_cpu_collectives_implementation" not in jax.config.values:
+    pytest.skip("this jax build has no CPU cross-process collectives")
+  num_steps = 4
+  out = tmp_path / "params.npz"
+  procs = _two_processes(tmp_path, num_steps)
+  for proc, log in zip(procs, _logs(procs)):
     assert proc.returncode == 0, log[-4000:]
 
   config = tiny.make_config(num_steps=num_steps)
@@ -279,6 +344,30 @@ def test_two_processes_match_single_process(tmp_path):
   for path, leaf in jax.tree_util.tree_leaves_with_path(expected):
     np.testing.assert_allclose(got[jax.tree_util.keystr(path)], np.asarray(leaf),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
+  """JAX's preemption service: every process stops after the same update, which is saved."""
+  if "jax_cpu_collectives_implementation" not in jax.config.values:
+    pytest.skip("this jax build has no CPU cross-process collectives")
+  started = tmp_path / "started"
+  procs = _two_processes(tmp_path, 1_000_000, str(started))
+  try:
+    deadline = time.monotonic() + 120
+    while not started.exists() and all(p.poll() is None for p in procs):
+      assert time.monotonic() < deadline, "training did not start"
+      time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)
+  finally:
+    logs = _logs(procs)
+  stops = []
+  for proc, log in zip(procs, logs):
+    assert proc.returncode == 128 + signal.SIGTERM, log[-4000:]
+    stops.append([line for line in log.splitlines() if line.startswith("stopped ")][-1])
+  assert stops[0] == stops[1]
+  step, saved = (int(x) for x in stops[0].split()[1:])
+  assert step == saved > 3
+  assert engine.Checkpointer(str(tmp_path / "multi")).latest_step() == step
 
 
 def _cpu_device_count(count, **env) -> int:
@@ -327,3 +416,34 @@ def test_train_binary_splits_the_cpu_and_names_the_flag_on_an_uneven_batch(tiny_
   assert uneven.stderr.strip().splitlines()[-1] == (
       "error: config.batch_size=12 must be divisible by the number of devices (5) "
       "(on CPU, --cpu_devices sets how many)")
+
+
+def test_train_binary_stops_on_sigterm_with_a_checkpoint(tiny_world, tmp_path):
+  """SIGTERM mid-run: exit code 143, one line that names the step, its checkpoint on disk."""
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "modit_jax.train", "--config=configs/pretrain.py:tiny",
+       f"--dataset={tiny_world}", f"--workdir={workdir}", "--config.num_steps=100000",
+       "--config.log_every=5", "--config.checkpoint_every=100000"],
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), text=True,
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  try:
+    log = []
+    for line in proc.stderr:  # Training is under way once step 5 is logged.
+      log.append(line)
+      if "step 5/100000" in line:
+        proc.send_signal(signal.SIGTERM)
+        break
+    log.extend(proc.stderr)
+    returncode = proc.wait(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert returncode == 128 + signal.SIGTERM, "".join(log[-30:])
+  last = log[-1].strip()
+  assert last.startswith("stopped by SIGTERM after step "), last
+  step = int(last.split("after step ")[1].split()[0])
+  assert step >= 5
+  assert last.endswith("; run the same command again to resume")
+  assert "Traceback" not in "".join(log)
+  assert engine.Checkpointer(str(workdir)).latest_step() == step
