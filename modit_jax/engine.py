@@ -629,10 +629,8 @@ def train_loop(config: Config, workdir: str, *, init_params: PyTree, loss_fn: Lo
             checkpointer.save(done, state, force=True)
             last_saved = done
           checkpointer.wait()
-          stopped = stopping.TrainingStopped(stops.reason, stops.signal_number, done, num_steps,
-                                             last_saved, checkpointer.directory, resume_every)
-          logging.warning("%s", stopped)
-          raise stopped
+          raise stopping.TrainingStopped(stops.reason, stops.signal_number, done, num_steps,
+                                         last_saved, checkpointer.directory, resume_every)
     checkpointer.wait()
     return state
   finally:
