@@ -20,6 +20,9 @@ setuptools.setup(
         "optax==0.2.8",
         "orbax-checkpoint==0.12.8",
         "scann==1.4.2",
+        # protobuf: already a scann dependency; used directly to set a fixed clustering seed
+        # in ScaNN's text config (modit_jax.retrieval), which its builder does not expose.
+        "protobuf==7.36.2",
         "ml-collections==1.1.0",
         "absl-py==2.5.1",
         "numpy==2.4.6",
