@@ -196,10 +196,10 @@ def _pipeline_catalog(retriever: retriever_lib.Retriever, num: int) -> dict:
           "scales": retriever.guidance_scale[domains].astype(np.float32)}
 
 
-def _plain_call(sample, params, context, mask, domain, scales, rng) -> np.ndarray:
+def _plain_call(sample, generator, context, mask, domain, scales, rng) -> np.ndarray:
   """`sample` with its rows split over the devices as `Generator.sample` splits them."""
   rows, replicated = engine.local_row_shardings(context.shape[0])
-  return np.asarray(sample(jax.device_put(params, replicated),
+  return np.asarray(sample(generator.params_on(replicated),
                            *jax.device_put((context, mask, domain, scales), rows),
                            jax.device_put(rng, replicated)))
 
@@ -292,7 +292,7 @@ def main(argv: list[str]) -> None:
                 for c in chunks[b]])
         fns[f"sample_rows B={b}"] = (
             lambda b=b, ctx=context[:, :served], m=mask[:, :served], d=dom, sc=scales: [
-                _plain_call(plain_sample, generator.params, ctx[c], m[c], d[c], sc[c],
+                _plain_call(plain_sample, generator, ctx[c], m[c], d[c], sc[c],
                             jax.random.PRNGKey(args.seed))
                 for c in chunks[b]])
         fns[f"sample L={max_context} B={b}"] = (

@@ -8,6 +8,7 @@ of it), so evaluating many query files, or serving many calls, does not recompil
 
 import functools
 import os
+from typing import Any
 
 import jax
 import ml_collections
@@ -66,6 +67,12 @@ class Generator:
           f"the model was trained on d={self.dim} with {self.num_domains} domains; the "
           f"catalog has d={catalog.dim} and {catalog.num_domains}")
 
+  def params_on(self, sharding: jax.sharding.Sharding) -> Any:
+    """The EMA parameters placed with `sharding`, sent to the devices once per sharding."""
+    if sharding not in self._placed_params:
+      self._placed_params[sharding] = jax.device_put(self.params, sharding)
+    return self._placed_params[sharding]
+
   @staticmethod
   def padded_size(num: int) -> int:
     """The batch size `num` queries are padded to: one compilation per size.
@@ -108,9 +115,7 @@ class Generator:
     # depends only on its own inputs and key, so the split changes it only by float rounding.
     rows, replicated = engine.local_row_shardings(padded)
     ctx, mask, dom, scale = jax.device_put((ctx, mask, dom, scale), rows)
-    if replicated not in self._placed_params:
-      self._placed_params[replicated] = jax.device_put(self.params, replicated)
-    params = self._placed_params[replicated]
+    params = self.params_on(replicated)
     if seeds is not None:
       seeds = jax.device_put(seeds, rows)
     out = []
