@@ -117,20 +117,30 @@ class _Killed(Exception):
   pass
 
 
+def _interrupted_at_step_4(workdir, config, interrupt, expected, **train_kwargs):
+  """Trains with `interrupt()` called while step 4's batch is built; returns the `expected`
+  exception the run ends with."""
+  batches = tiny.make_batch_fn(config.batch_size)
+
+  def interrupted_at_step_4(step, process_index, process_count):
+    if step == 4:
+      interrupt()
+    return batches(step, process_index, process_count)
+
+  with pytest.raises(expected) as raised:
+    _train(workdir, config, batch_fn=interrupted_at_step_4, **train_kwargs)
+  return raised.value
+
+
 def _killed_after_checkpoint_3(workdir, config, mesh=None) -> None:
   """Trains until the batch of step 4 and dies there, as in a real kill.
 
   Step 4 is one update past the checkpoint at 3: that update is lost.
   """
-  batches = tiny.make_batch_fn(config.batch_size)
+  def die():
+    raise _Killed()
 
-  def dies_at_step_4(step, process_index, process_count):
-    if step == 4:
-      raise _Killed()
-    return batches(step, process_index, process_count)
-
-  with pytest.raises(_Killed):
-    _train(workdir, config, batch_fn=dies_at_step_4, mesh=mesh)
+  _interrupted_at_step_4(workdir, config, die, _Killed, mesh=mesh)
 
 
 def test_resume_after_kill_is_exact(tmp_path):
@@ -163,16 +173,8 @@ def test_resume_after_kill_is_exact(tmp_path):
 
 def _signalled_at_step_4(workdir, config, signal_number, resume_every=1):
   """Trains, with `signal_number` sent to this process while step 4's batch is built."""
-  batches = tiny.make_batch_fn(config.batch_size)
-
-  def signals_at_step_4(step, process_index, process_count):
-    if step == 4:
-      os.kill(os.getpid(), signal_number)
-    return batches(step, process_index, process_count)
-
-  with pytest.raises(stopping.TrainingStopped) as stopped:
-    _train(workdir, config, batch_fn=signals_at_step_4, resume_every=resume_every)
-  return stopped.value
+  return _interrupted_at_step_4(workdir, config, lambda: os.kill(os.getpid(), signal_number),
+                                stopping.TrainingStopped, resume_every=resume_every)
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
