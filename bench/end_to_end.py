@@ -248,7 +248,9 @@ def main(argv: list[str]) -> None:
   chunks = {b: [slice(s, min(s + b, num)) for s in range(0, num, b)] for b in batch_sizes}
   plain_sample = jax.jit(functools.partial(
       diffusion.sample_rows, apply=training.apply_fn(model), dim=dim,
-      num_steps=generator.num_steps, null_domain=num_domains))
+      num_steps=generator.num_steps, null_domain=num_domains,
+      space=training.target_space(generator.config, dim),
+      temperature=training.sample_temperature(generator.config)))
   fns, setups = {}, []
   for entry in catalogs:
     n, items, ids, domains = entry["n"], entry["items"], entry["ids"], entry["domains"]

@@ -36,6 +36,38 @@ def l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
+def context_mean(context: jnp.ndarray, context_mask: jnp.ndarray) -> jnp.ndarray:
+  """Mean [B, d] of the real items of contexts [B, L, d] (zeros for an empty context)."""
+  mask = context_mask.astype(context.dtype)[..., None]
+  total = jnp.sum(jnp.where(context_mask[..., None], context, 0), axis=1)
+  return total / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+
+
+class TargetSpace(NamedTuple):
+  """How a unit query embedding maps to the diffusion's clean sample x0, and back.
+
+  `anchored=False`: x0 = scale * e. `anchored=True`: x0 = scale * (e - mean(context)), so the
+  model generates the query's displacement from its seeds' mean: a fresh model (which predicts
+  0) answers with the seed centroid, and the schedule's noise acts on the displacement alone
+  (docs/diffusion.md, "Anchored targets"). Hashable, so it can be a static jit argument.
+  """
+  scale: float
+  anchored: bool = False
+
+  def encode(self, embedding: jnp.ndarray, cond: Condition) -> jnp.ndarray:
+    """x0 [B, d] of unit embeddings [B, d] under their condition."""
+    if self.anchored:
+      embedding = embedding - context_mean(cond.context, cond.context_mask)
+    return embedding * self.scale
+
+  def decode(self, x0: jnp.ndarray, cond: Condition) -> jnp.ndarray:
+    """Unit query embeddings [B, d] of (predicted) x0 [B, d]."""
+    x = x0.astype(jnp.float32) / self.scale
+    if self.anchored:
+      x = x + context_mean(cond.context, cond.context_mask).astype(jnp.float32)
+    return l2_normalize(x)
+
+
 def alpha_bar(t: jnp.ndarray) -> jnp.ndarray:
   """Cosine-schedule signal fraction at time t in [0, 1]; decreasing, clipped to (0, 1)."""
   t = jnp.asarray(t, jnp.float32)
@@ -114,18 +146,23 @@ def guided_prediction(apply_fn: ApplyFn, params: Any, x_t: jnp.ndarray, t: jnp.n
 
 def ddim_sample(apply_fn: ApplyFn, params: Any, cond: Condition, rng: jax.Array, dim: int,
                 num_steps: int, guidance_scale: Any = 1.0, null_domain: int | None = None,
-                eta: float = 0.0, normalize: bool = True) -> jnp.ndarray:
+                eta: float = 0.0, normalize: bool = True,
+                space: TargetSpace = TargetSpace(1.0), temperature: float = 1.0) -> jnp.ndarray:
   """Samples query embeddings [B, dim] by DDIM from t = 1 to t = 0 in `num_steps` model calls.
 
-  Uses the (guided) x0 prediction at each step; eta = 0 is deterministic given `rng`. The last
-  step returns the x0 prediction itself. Jittable with `apply_fn`, `dim`, `num_steps` and
-  `normalize` static (and `guidance_scale` static when it should skip a CFG branch).
+  Starts from x_1 ~ N(0, temperature^2 I): temperature 1 samples the learned distribution, 0
+  follows the deterministic path from x_1 = 0 (the model's most central answer; nothing random
+  is left with eta = 0). Uses the (guided) x0 prediction at each step; eta = 0 is
+  deterministic given `rng`. The last
+  step returns the x0 prediction itself, mapped back to a unit embedding by `space` when
+  `normalize` (raw x0 otherwise). Jittable with `apply_fn`, `dim`, `num_steps`, `normalize` and
+  `space` static (and `guidance_scale` static when it should skip a CFG branch).
   """
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}")
   batch = cond.domain.shape[0]
   init_rng, step_rng = jax.random.split(rng)
-  x = jax.random.normal(init_rng, (batch, dim), jnp.float32)
+  x = temperature * jax.random.normal(init_rng, (batch, dim), jnp.float32)
 
   def predict(x: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
     return guided_prediction(apply_fn, params, x, jnp.full((batch,), t, jnp.float32), cond,
@@ -144,12 +181,13 @@ def ddim_sample(apply_fn: ApplyFn, params: Any, cond: Condition, rng: jax.Array,
 
   x = jax.lax.fori_loop(0, num_steps - 1, step, x)
   out = predict(x, 1.0 / num_steps)
-  return l2_normalize(out) if normalize else out
+  return space.decode(out, cond) if normalize else out
 
 
 def sample_rows(params: Any, context: jnp.ndarray, context_mask: jnp.ndarray,
                 domain: jnp.ndarray, guidance_scale: jnp.ndarray, rng: jax.Array, *,
-                apply: ApplyFn, dim: int, num_steps: int, null_domain: int) -> jnp.ndarray:
+                apply: ApplyFn, dim: int, num_steps: int, null_domain: int,
+                space: TargetSpace = TargetSpace(1.0), temperature: float = 1.0) -> jnp.ndarray:
   """Unit DDIM samples [B, dim] for contexts [B, L, d], domains [B] and guidance scales [B].
 
   Each row is sampled on its own with its own key, so a row's sample does not depend on the
@@ -158,4 +196,5 @@ def sample_rows(params: Any, context: jnp.ndarray, context_mask: jnp.ndarray,
   keys = jax.random.split(rng, context.shape[0])
   return jax.vmap(lambda k, c, m, d, g: ddim_sample(
       apply, params, Condition(c[None], m[None], d[None]), k, dim, num_steps,
-      g, null_domain)[0])(keys, context, context_mask, domain, guidance_scale)
+      g, null_domain, space=space, temperature=temperature)[0])(
+          keys, context, context_mask, domain, guidance_scale)

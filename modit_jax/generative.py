@@ -40,7 +40,9 @@ class Generator:
     self.guidance_scale = float(self.config.diffusion.guidance_scale)
     sample_rows = functools.partial(
         diffusion.sample_rows, apply=training.apply_fn(self.model), dim=self.dim,
-        num_steps=self.num_steps, null_domain=self.num_domains)
+        num_steps=self.num_steps, null_domain=self.num_domains,
+        space=training.target_space(self.config, self.dim),
+        temperature=training.sample_temperature(self.config))
     self._sample = jax.jit(sample_rows)
     self._sample_seeded = jax.jit(functools.partial(self._seeded_rows, sample_rows))
     # A model with learned positions was trained on contexts in ascending predicted density

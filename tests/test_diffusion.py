@@ -235,3 +235,41 @@ def test_training_lowers_loss_and_samples_approach_target():
   cosine = float(jnp.mean(jnp.sum(samples * eval_x0, axis=-1)))
   # Random unit vectors in 8 dims have cosine ~0 +- 0.35; the mean over 512 is ~0 +- 0.02.
   assert cosine > 0.8
+
+
+def test_anchored_space_round_trips_and_starts_at_the_seed_centroid():
+  cond = _cond()
+  target = diffusion.l2_normalize(jax.random.normal(jax.random.PRNGKey(3), (4, DIM)))
+  space = diffusion.TargetSpace(5.0, anchored=True)
+  x0 = space.encode(target, cond)
+  # x0 is the scaled displacement from the real context items' mean (padding ignored).
+  mask = np.asarray(cond.context_mask)[..., None]
+  mean = (np.asarray(cond.context) * mask).sum(1) / mask.sum(1)
+  np.testing.assert_allclose(np.asarray(x0), 5.0 * (np.asarray(target) - mean), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(space.decode(x0, cond)), np.asarray(target), atol=1e-5)
+  # A fresh (zero-output) model samples exactly the normalised seed centroid when anchored,
+  # whatever the noise; unanchored, its x0 = 0 carries no direction at all.
+  apply_fn, params = _model()
+  sample = jax.jit(functools.partial(diffusion.ddim_sample, apply_fn, dim=DIM, num_steps=3,
+                                     space=space))
+  centroid = mean / np.linalg.norm(mean, axis=1, keepdims=True)
+  for key in (0, 1):
+    np.testing.assert_allclose(np.asarray(sample(params, cond, jax.random.PRNGKey(key))),
+                               centroid, atol=1e-5)
+
+
+def test_temperature_zero_is_deterministic_and_central():
+  _, params = _model()
+  params = perturb(params)
+  cond = _cond()
+  sample = jax.jit(functools.partial(diffusion.ddim_sample, _model()[0], dim=DIM, num_steps=4,
+                                     null_domain=NULL),
+                   static_argnames=("temperature",))
+  cold = [np.asarray(sample(params, cond, jax.random.PRNGKey(k), temperature=0.0))
+          for k in (0, 1)]
+  warm = [np.asarray(sample(params, cond, jax.random.PRNGKey(k), temperature=1.0))
+          for k in (0, 1)]
+  # Temperature 0 leaves nothing random (eta = 0): every key gives the same query.
+  np.testing.assert_array_equal(cold[0], cold[1])
+  assert np.abs(warm[0] - warm[1]).max() > 1e-3
+  np.testing.assert_allclose(np.linalg.norm(cold[0], axis=-1), 1.0, atol=1e-5)

@@ -30,6 +30,9 @@ def sft_workdir(tiny_world, tmp_path_factory, fast_compile):
   config = sft_config.get_config("tiny")
   config.init_from, config.num_steps = "", 20  # from scratch: a domain-conditioned model
   config.metric_predictor.num_steps = 30  # shapes the batches only; its quality is moot here
+  # These tests check how samples are keyed (per query, per device split), so the sampler
+  # must draw: the default temperature 0 would make every key give the same query.
+  config.diffusion.sample_temperature = 1.0
   training.train(config, str(tiny_world), workdir)
   return workdir
 
