@@ -40,7 +40,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.dataset = ""                   # an existing catalog; "" generates `world` into OUT/dataset
   c.world = synthetic_config.get_config(variant or None)
-  c.ablations = "no_ablations" not in tokens
+  # The ablation runs (order, SFT-only, candidate policies): "all", "none", or "auto": on the
+  # generated synthetic world only, where the paper's claims are checked. On a given catalog
+  # the four main runs fit the time budget at the width its dimension needs (docs/sizing.md);
+  # `--config.ablations=all` adds the ablations there.
+  c.ablations = "none" if "no_ablations" in tokens else "auto"
   c.runs = ml_collections.ConfigDict()
   c.runs.pretrain = _run(with_variant("pretrain"), "", "pretrained_gr")
   c.runs.cpt = _run(with_variant("cpt"), "pretrain", "modit_cpt")
@@ -54,11 +58,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.runs[f"hppo_no_{policy}"] = _run(with_variant("hppo", f"no_{policy}"), "sft",
                                        f"hppo_no_{policy}", True)
   c.final_run = "hppo"             # what `Retriever.from_workdir(OUT)` serves
-  # Catalog-dependent settings applied to every run (0: the stage configs' values, sized for the
-  # default world): the latent clusters (about the catalog's number of patterns) and the
-  # catalog's seed-set size, which sets the SFT context size and the CPT trajectory length.
+  # Catalog-dependent sizes applied to every run; 0 takes each from its rule on the catalog
+  # (modit_jax/sizing.py, docs/sizing.md): the latent clusters, the seed-set size (the SFT
+  # context size and the CPT trajectory length) and the model width.
   c.num_clusters = 0
   c.seed_size = 0
+  c.model_width = 0
+  if tiny:
+    # The tests' sizes: the tiny stage configs' clusters and width, whatever the rules say.
+    c.num_clusters = 30
+    c.model_width = 32
   # Every run's `model.dtype` ("": the stage configs' float32); bfloat16 is mixed precision,
   # faster on accelerators and CPUs with bfloat16 units (docs/engine.md).
   c.model_dtype = ""

@@ -30,6 +30,7 @@ from modit_jax import properties
 from modit_jax import report
 from modit_jax import retrieval
 from modit_jax import retriever
+from modit_jax import sizing
 from modit_jax import synthetic
 from modit_jax import training
 
@@ -38,6 +39,7 @@ INDEX_DIR = "index"
 EVAL_DIR = "eval"
 EVAL_INPUTS_FILE = "inputs.json"  # in OUT/eval: what the saved results were computed from
 CACHE_DIR = "cache"  # predictor density and latent clusters shared by the runs
+SIZES_FILE = "sizes.json"  # the catalog-dependent sizes of every run, and their rules
 
 
 def stage_config(spec: str) -> ml_collections.ConfigDict:
@@ -54,10 +56,21 @@ def stage_config(spec: str) -> ml_collections.ConfigDict:
     raise errors.UserError(f"configs/{name}.py:{variant}: {e}") from None
 
 
+ABLATION_CHOICES = ("auto", "all", "none")
+
+
+def with_ablations(config: ml_collections.ConfigDict) -> bool:
+  """Whether the ablation runs are trained: `config.ablations`, "auto" = on a generated world."""
+  if config.ablations not in ABLATION_CHOICES:
+    raise errors.UserError(f"ablations must be one of {', '.join(ABLATION_CHOICES)}; got "
+                           f"{config.ablations!r}")
+  return config.ablations == "all" or (config.ablations == "auto" and not config.dataset)
+
+
 def ordered_runs(config: ml_collections.ConfigDict) -> list[str]:
   """Run names in an order where each run comes after the run it starts from."""
-  runs = {name: run for name, run in config.runs.items()
-          if config.ablations or not run.ablation}
+  ablations = with_ablations(config)
+  runs = {name: run for name, run in config.runs.items() if ablations or not run.ablation}
   order: list[str] = []
 
   def visit(name: str, path: tuple[str, ...]) -> None:
@@ -123,7 +136,21 @@ def _dataset(config: ml_collections.ConfigDict, out: str,
   return path, catalog
 
 
-def _train_runs(config: ml_collections.ConfigDict, dataset: str, out: str,
+def _sizes(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog, out: str,
+           notes: list[str]) -> sizing.Sizes:
+  """The catalog-dependent sizes (sizing.choose), printed and written to OUT/sizes.json."""
+  sizes = sizing.choose(catalog, seed_size=int(config.seed_size),
+                        num_clusters=int(config.num_clusters), width=int(config.model_width))
+  for line in sizes.lines():
+    logging.info("Size from the catalog: %s", line)
+    print(f"size: {line}", flush=True)
+  notes.append("sizes from the catalog (docs/sizing.md): " + "; ".join(sizes.lines()))
+  with open(os.path.join(out, SIZES_FILE), "w") as f:
+    json.dump(sizes.as_dict(), f, indent=1)
+  return sizes
+
+
+def _train_runs(config: ml_collections.ConfigDict, sizes: sizing.Sizes, dataset: str, out: str,
                 notes: list[str]) -> dict[str, str]:
   workdirs = {}
   for name in ordered_runs(config):
@@ -133,11 +160,12 @@ def _train_runs(config: ml_collections.ConfigDict, dataset: str, out: str,
     stage.data_cache = os.path.join(out, CACHE_DIR)
     if run.num_steps:
       stage.num_steps = int(run.num_steps)
-    if config.num_clusters:
-      stage.num_clusters = int(config.num_clusters)
-    if config.seed_size:
-      stage.sft.context_size = int(config.seed_size)
-      stage.cpt.trajectory_length = int(config.seed_size)
+    stage.num_clusters = sizes.num_clusters
+    stage.sft.context_size = sizes.seed_size
+    stage.cpt.trajectory_length = sizes.seed_size
+    stage.model.width = sizes.width
+    stage.model.max_context = sizes.max_context
+    stage.diffusion.target_scale = sizes.target_scale
     if config.model_dtype:
       stage.model.dtype = config.model_dtype
     workdir = os.path.join(out, name)
@@ -213,7 +241,8 @@ def run_pipeline(config: ml_collections.ConfigDict, out: str) -> str:
   os.makedirs(out, exist_ok=True)
   notes: list[str] = []
   dataset, catalog = _dataset(config, out, notes)
-  workdirs = _train_runs(config, dataset, out, notes)
+  sizes = _sizes(config, catalog, out, notes)
+  workdirs = _train_runs(config, sizes, dataset, out, notes)
   index_start = time.perf_counter()
   retrieval.load_or_build_index(os.path.join(out, INDEX_DIR), catalog.embeddings,
                                 config.index_kind)

@@ -87,6 +87,21 @@ def test_pipeline_binary_refuses_bad_input_without_traceback(tmp_path):
   assert "Traceback" not in proc.stderr
 
 
+
+def test_ablations_run_on_the_generated_world_only_by_default():
+  config = pipeline_config.get_config()
+  assert config.ablations == "auto" and workflow.with_ablations(config)
+  assert "cpt_random" in workflow.ordered_runs(config)
+  config.dataset = "some/catalog"  # a given catalog: the four main runs
+  assert not workflow.with_ablations(config)
+  assert workflow.ordered_runs(config) == ["pretrain", "cpt", "sft", "hppo"]
+  config.ablations = "all"
+  assert "hppo_no_policy" in workflow.ordered_runs(config)
+  config.ablations = "yes"
+  with pytest.raises(errors.UserError, match="ablations must be one of"):
+    workflow.ordered_runs(config)
+
+
 def test_pipeline_config_errors(tmp_path):
   config = _fast_tiny_config(ablations=False)
   config.runs.sft.init_from = "nowhere"
