@@ -4,7 +4,9 @@ DESIGN.md section 5.4. For a draw of training queries, a **hybrid candidate pool
 embeddings comes from several named policies (`POLICIES`): the current model at several
 guidance scales and noise seeds, the frozen reference (SFT) model, the seed centroid, the
 tail-centroid heuristic (the metric predictor's high-density tail of the seeds' latent cluster,
-and extrapolations past it), and interpolations. The online oracle (train items only) labels
+and extrapolations past it), interpolations, and relevance feedback (the seed centroid moved
+toward the oracle's hits among its own retrieved train items, round after round). The online
+oracle (train items only) labels
 every candidate with Joint@K and Purity@K. Pairs (winner, loser) of one query need
 Joint(w) > Joint(l) + margin; the **Pareto filter** keeps a pair only if Purity(w) >= Purity(l).
 The loss is Diffusion-DPO on those pairs with the frozen SFT parameters as the reference.
@@ -34,7 +36,8 @@ from modit_jax import errors
 from modit_jax import oracle as oracle_lib
 from modit_jax import trajectories
 
-POLICIES = ("policy", "reference", "seed_centroid", "tail_centroid", "interpolation")
+POLICIES = ("policy", "reference", "seed_centroid", "tail_centroid", "interpolation",
+            "feedback")
 _POOL_STREAM = 4
 _PAIR_STREAM = 5
 
@@ -52,6 +55,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.reference_guidance = (1.0, 8.0)
   c.tail_extrapolation = (1.0, 1.5, 2.0)  # seed centroid + a * (tail centroid - seed centroid)
   c.interpolation_weights = (0.5,)
+  # Relevance feedback from the oracle (Rocchio): from the seed centroid, retrieve
+  # `feedback_depth` train items, step to centroid + (mean of the oracle's hits among them -
+  # mean of all of them); each further round starts from the last candidate.
+  c.feedback_depth = 50
+  c.feedback_rounds = 2
   c.pool_queries = 256                # training queries per pool
   c.pool_every = 100                  # steps between pool rebuilds
   c.oracle_k = 20
@@ -114,7 +122,8 @@ def pareto_pairs(joint: np.ndarray, purity: np.ndarray, margin: float,
 
 def preference_drifts(apply_fn: Callable[..., jnp.ndarray], params: Any, reference: Any,
                       batch: Mapping[str, jax.Array], t: jax.Array, noise: jax.Array,
-                      target_scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+                      space: diffusion.TargetSpace
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Per-pair (e_θ(w) − e_ref(w), e_θ(l) − e_ref(l), e_θ(w)), each [B].
 
   Both members of a pair share t [B], noise [B, d] and the condition (`context`,
@@ -122,9 +131,9 @@ def preference_drifts(apply_fn: Callable[..., jnp.ndarray], params: Any, referen
   reference enters only through `stop_gradient`.
   """
   twice = lambda a: jnp.concatenate([a, a], axis=0)
-  x0 = jnp.concatenate([batch["winner"], batch["loser"]], axis=0) * target_scale
   cond = diffusion.Condition(twice(batch["context"]), twice(batch["context_mask"]),
                              twice(batch["domain"]))
+  x0 = space.encode(jnp.concatenate([batch["winner"], batch["loser"]], axis=0), cond)
   # One call for winners and losers together: half the dispatches, the same numbers.
   e_policy = diffusion.denoising_error(apply_fn, params, x0, twice(t), twice(noise), cond)
   e_ref = jax.lax.stop_gradient(diffusion.denoising_error(
@@ -133,7 +142,7 @@ def preference_drifts(apply_fn: Callable[..., jnp.ndarray], params: Any, referen
   return drift_w, drift_l, jnp.split(e_policy, 2)[0]
 
 
-def dpo_loss_fn(apply_fn: Callable[..., jnp.ndarray], target_scale: float, beta: float,
+def dpo_loss_fn(apply_fn: Callable[..., jnp.ndarray], space: diffusion.TargetSpace, beta: float,
                 sft_weight: float = 0.0):
   """The engine's `loss_fn(params, batch, rng, reference)`: Diffusion-DPO on pairs.
 
@@ -141,15 +150,13 @@ def dpo_loss_fn(apply_fn: Callable[..., jnp.ndarray], target_scale: float, beta:
   Δ = (e_θ(w) − e_ref(w)) − (e_θ(l) − e_ref(l)) and the loss is
   mean(−log σ(−β Δ)) + sft_weight · mean(e_θ(w)); it is log 2 when θ = ref.
   """
-  scale = float(target_scale)
-
   def loss_fn(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, reference: Any):
     batch_size = batch["winner"].shape[0]
     t_rng, noise_rng = jax.random.split(rng)
     t = jax.random.uniform(t_rng, (batch_size,), jnp.float32)
     noise = jax.random.normal(noise_rng, batch["winner"].shape, jnp.float32)
     drift_w, drift_l, e_winner = preference_drifts(apply_fn, params, reference, batch, t,
-                                                   noise, scale)
+                                                   noise, space)
     delta = drift_w - drift_l
     dpo = jnp.mean(-jax.nn.log_sigmoid(-beta * delta))
     loss = dpo + sft_weight * jnp.mean(e_winner)
@@ -185,7 +192,8 @@ class CandidatePools:
 
   def __init__(self, catalog: catalog_lib.Catalog, source: trajectories.TrajectorySource,
                oracle: oracle_lib.OnlineOracle, apply_fn: Callable[..., jnp.ndarray],
-               reference_params: Any, config: ml_collections.ConfigDict, null_domain: int):
+               reference_params: Any, config: ml_collections.ConfigDict, null_domain: int,
+               space: diffusion.TargetSpace, temperature: float = 1.0):
     self._config = config
     self._hppo = config.hppo
     self._policies = parse_policies(self._hppo.policies)
@@ -205,7 +213,8 @@ class CandidatePools:
     self._pool_size = min(int(self._hppo.pool_queries), len(self._queries))
     self._sample = jax.jit(functools.partial(
         diffusion.sample_rows, apply=apply_fn, dim=catalog.dim,
-        num_steps=int(config.diffusion.sample_steps), null_domain=null_domain))
+        num_steps=int(config.diffusion.sample_steps), null_domain=null_domain, space=space,
+        temperature=temperature))
 
   def _draw(self, pool_index: int) -> catalog_lib.Queries:
     rng = np.random.default_rng([self._config.seed, _POOL_STREAM, pool_index])
@@ -242,6 +251,25 @@ class CandidatePools:
         names.append(f"g{scale:g}/n{n}")
     return out, names
 
+  def _feedback(self, start: np.ndarray, queries: catalog_lib.Queries) -> list[np.ndarray]:
+    """Rocchio relevance-feedback candidates from `start` [Q, d], one per round.
+
+    A query with no hit in a round keeps its candidate (there is nothing to move toward).
+    """
+    depth = int(self._hppo.feedback_depth)
+    current = baselines.normalize(np.asarray(start, np.float32))
+    out = []
+    for _ in range(int(self._hppo.feedback_rounds)):
+      ids = self._oracle.search(current, queries.seeds, depth)
+      hits = self._oracle.item_hits(ids, queries)
+      emb = np.asarray(self.embeddings[ids], np.float32)             # [Q, depth, d]
+      num_hits = hits.sum(axis=1, keepdims=True)
+      hit_mean = (emb * hits[..., None]).sum(axis=1) / np.maximum(num_hits, 1)
+      step = np.where(num_hits > 0, hit_mean - emb.mean(axis=1), 0.0)
+      current = baselines.normalize(current + step)
+      out.append(current)
+    return out
+
   def build(self, params: Any, pool_index: int) -> Pool:
     """The labelled pool `pool_index` with the current policy `params` (host or device)."""
     hppo = self._hppo
@@ -273,6 +301,9 @@ class CandidatePools:
     add("interpolation",
         [(1 - w) * anchor + w * top for anchor in (centroid, tail) for w in weights],
         [f"{a}{w:g}" for a in ("centroid", "tail") for w in weights])
+    if "feedback" in self._policies:
+      add("feedback", self._feedback(centroid, queries),
+          [f"r{r + 1}" for r in range(int(hppo.feedback_rounds))])
     if len(candidates) < 2:
       raise errors.UserError(f"hppo.policies={hppo.policies!r} gives {len(candidates)} "
                              "candidate per query; pairs need at least 2")

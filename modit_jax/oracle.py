@@ -64,6 +64,21 @@ class OnlineOracle:
     return {key: value for key, value in scores.items()
             if key.startswith(("joint@", "purity@"))}
 
+  def item_hits(self, retrieved: np.ndarray, queries: catalog_lib.Queries) -> np.ndarray:
+    """bool [Q, n]: whether each retrieved train item is in the query's pattern and positive.
+
+    Per-position feedback on a ranked list, as live traffic gives it (a click per shown item):
+    no more than Joint@1..n of the list reveal, and only for train items.
+    """
+    local = self._local[np.asarray(retrieved)]
+    if np.any(local < 0):
+      raise errors.UserError("the online oracle scores train items only; got a held-out id")
+    self._local_seeds(queries.seeds)
+    same = self._patterns[local] == np.asarray(queries.pattern)[:, None]
+    positive = np.take_along_axis(self._attributes[local],
+                                  np.asarray(queries.domain)[:, None, None], 2)[..., 0]
+    return same & positive
+
   def score(self, query_embeddings: np.ndarray,
             queries: catalog_lib.Queries) -> dict[str, np.ndarray]:
     """Joint@k and Purity@k (float64 [Q]) of one candidate query embedding per query."""

@@ -122,6 +122,16 @@ def test_oracle_refuses_held_out_items(tiny):
   full = metrics.retrieval_metrics(ids, train.seeds, train.pattern, train.domain, cat.patterns,
                                    cat.attributes, ks=(20,))
   np.testing.assert_array_equal(scores["joint@20"], full["joint@20"])
+  # Per-item hits are exactly what Joint@k of the list reveals: their running means are it.
+  hits = oracle.item_hits(ids, train)
+  for k in (1, 5, 20):
+    np.testing.assert_allclose(hits[:, :k].mean(axis=1),
+                               oracle.score_ids(ids, train, ks=(k,))[f"joint@{k}"])
+  with pytest.raises(errors.UserError, match="not a train item"):
+    oracle.item_hits(ids, held.take(np.arange(len(ids)) % len(held)))
+  held_ids = np.flatnonzero(cat.item_split != 0)[:20][None]
+  with pytest.raises(errors.UserError, match="train items only"):
+    oracle.item_hits(held_ids, train.take(np.arange(1)))
 
 
 def test_metric_predictor_never_reads_unobserved_labels(tiny):

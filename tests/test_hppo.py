@@ -14,6 +14,7 @@ from configs import hppo as hppo_config
 from configs import sft as sft_config
 from conftest import perturb
 from modit_jax import catalog as catalog_lib
+from modit_jax import diffusion
 from modit_jax import dit
 from modit_jax import engine
 from modit_jax import errors
@@ -71,7 +72,7 @@ def test_pareto_pairs_hand_made():
 
 def test_dpo_loss_is_log2_when_policy_equals_reference(model_and_params):
   _, params, apply = model_and_params
-  loss_fn = hppo.dpo_loss_fn(apply, target_scale=4.0, beta=50.0)
+  loss_fn = hppo.dpo_loss_fn(apply, diffusion.TargetSpace(4.0), beta=50.0)
   loss, aux = loss_fn(params, _pair_batch(), jax.random.PRNGKey(0), params)
   assert math.isclose(float(loss), math.log(2), rel_tol=1e-6)
   assert float(aux["winner_drift"]) == 0.0 and float(aux["loser_drift"]) == 0.0
@@ -83,7 +84,7 @@ def test_dpo_loss_is_log2_when_policy_equals_reference(model_and_params):
 
 def test_no_gradient_reaches_the_reference(model_and_params):
   _, params, apply = model_and_params
-  loss_fn = hppo.dpo_loss_fn(apply, target_scale=4.0, beta=50.0, sft_weight=0.5)
+  loss_fn = hppo.dpo_loss_fn(apply, diffusion.TargetSpace(4.0), beta=50.0, sft_weight=0.5)
   policy = perturb(params, seed=3, scale=0.1)
   grad_ref = jax.grad(lambda r: loss_fn(policy, _pair_batch(), jax.random.PRNGKey(0), r)[0])(
       params)
@@ -102,7 +103,7 @@ def test_engine_step_keeps_the_reference_out_of_the_state(model_and_params):
   reference = jax.tree.map(jnp.copy, params)
   new_state, metrics = engine.train_step(
       state, _pair_batch(), jax.random.PRNGKey(0), reference,
-      loss_fn=hppo.dpo_loss_fn(apply, 4.0, 50.0), tx=tx, ema_decay=0.5)
+      loss_fn=hppo.dpo_loss_fn(apply, diffusion.TargetSpace(4.0), 50.0), tx=tx, ema_decay=0.5)
   # Up to float rounding: under autodiff the policy's forward pass may round differently.
   assert math.isclose(float(metrics["loss"]), math.log(2), rel_tol=1e-4)
   assert "implicit_accuracy" in metrics
@@ -122,8 +123,9 @@ def test_swapping_winner_and_loser_flips_delta(model_and_params):
   swapped = dict(batch, winner=batch["loser"], loser=batch["winner"])
   t = jnp.linspace(0.1, 0.9, 6)
   noise = jax.random.normal(jax.random.PRNGKey(1), (6, DIM))
-  dw, dl, _ = hppo.preference_drifts(apply, policy, params, batch, t, noise, 4.0)
-  sw, sl, _ = hppo.preference_drifts(apply, policy, params, swapped, t, noise, 4.0)
+  space = diffusion.TargetSpace(4.0)
+  dw, dl, _ = hppo.preference_drifts(apply, policy, params, batch, t, noise, space)
+  sw, sl, _ = hppo.preference_drifts(apply, policy, params, swapped, t, noise, space)
   np.testing.assert_allclose(np.asarray(sw - sl), -np.asarray(dw - dl), rtol=1e-6, atol=1e-7)
   assert float(jnp.abs(dw - dl).max()) > 0
 
@@ -227,10 +229,17 @@ def test_pool_never_reads_held_out_truth(tiny_world, sft_workdir):
                                           config.metric_predictor)
     oracle = oracle_lib.OnlineOracle(c, k=20, index_kind="exact")
     builder = hppo.CandidatePools(c, source, oracle, training.apply_fn(model), params, config,
-                                  model.num_domains)
+                                  model.num_domains, training.target_space(config, model.dim),
+                                  training.sample_temperature(config))
     pools.append(builder.build(params, 0))
   a, b = pools
-  assert a.names == b.names and len(a.names) == 9
+  assert a.names == b.names and len(a.names) == 11
   np.testing.assert_array_equal(a.candidates, b.candidates)
   np.testing.assert_array_equal(a.joint, b.joint)
   np.testing.assert_array_equal(a.pairs, b.pairs)
+  # Relevance feedback moves toward the oracle's hits: its rounds beat the seed centroid it
+  # starts from on the pool's queries.
+  names = np.array(a.names)
+  centroid = a.joint[:, names == "seed_centroid:mean"][:, 0]
+  for round_name in ("feedback:r1", "feedback:r2"):
+    assert a.joint[:, names == round_name][:, 0].mean() > centroid.mean() + 0.05
