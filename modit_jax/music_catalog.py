@@ -1,0 +1,199 @@
+"""The real development catalog: the music21 core corpus, embedded by a sentence encoder.
+
+docs/real_catalog.md describes it. Items are the ~15k works (folk songs, dance tunes, chorales,
+masses) whose metadata the `music21` package ships (BSD-3-Clause, read offline from the package's
+metadata cache). Each item's text is its title, composer and place of origin as given, embedded
+by all-MiniLM-L6-v2 (`text_encoder`). Raw sequences are real co-occurrence: the works of one
+source book (an Essen song collection, a volume of O'Neill's tunes) in the book's order. The
+four attribute domains come from the scores, never from the text:
+
+  long          more notes than the corpus median
+  wide_range    an ambitus of more than an octave (12 semitones)
+  triple_meter  a first time signature of 3, 6, 9 or 12 beats
+  sharp_key     a first key signature with sharps
+
+The corpus has no fine-grained patterns, so `build` derives them by k-means through the
+bring-your-own-catalog converter (`byo.convert`, `cluster_patterns`), which records them as
+derived in the manifest. Everything is seeded; the embeddings are cached by the texts' hash.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from modit_jax import byo
+from modit_jax import catalog as catalog_lib
+from modit_jax import errors
+from modit_jax import evaluation
+from modit_jax import text_encoder
+
+DOMAINS = ("long", "wide_range", "triple_meter", "sharp_key")
+SOURCE_FILE = "source.json"  # in the catalog directory: what it was built from
+_TRIPLE_BEATS = ("3", "6", "9", "12")
+
+
+def default_options() -> ml_collections.ConfigDict:
+  """How the catalog is built; `make_music_catalog` exposes each field as a flag."""
+  c = ml_collections.ConfigDict()
+  c.num_patterns = 200         # derived by k-means over the embeddings (the corpus has none)
+  c.seed_size = 5
+  c.queries_per_cell = 250
+  c.observed_fraction = 0.1    # DESIGN §2's sparse observed labels
+  c.sequence_length = 16       # a book longer than this gives several consecutive sequences
+  c.max_works = 0              # 0: every work; > 0 keeps that many, evenly spaced (tests)
+  c.seed = 0
+  return c
+
+
+def read_works(max_works: int = 0) -> dict[str, np.ndarray]:
+  """The corpus' works with usable metadata, in the metadata bundle's order.
+
+  `max_works` > 0 keeps that many, evenly spaced over the bundle (so every collection stays).
+
+  Returns arrays: `item_id` (str), `text` (str), `book` (str, the source file), `number`
+  (int, the work's position in its book; 0 if none), and per-domain float labels (1, 0, or NaN
+  where the score does not say).
+  """
+  try:
+    from music21 import corpus  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise errors.UserError("the music catalog needs music21: install the real-catalog extra "
+                           "with `pip install -e '.[real]'`") from None
+  rows: list[dict[str, Any]] = []
+  for entry in corpus.corpora.CoreCorpus().metadataBundle:
+    md = entry.metadata
+    if md is None or not (md.bestTitle or "").strip():
+      continue
+    text = md.bestTitle.strip()
+    if md.composer:
+      text += f"; {md.composer}"
+    if md.localeOfComposition:
+      text += f"; {md.localeOfComposition}"
+    ambitus = md.ambitus
+    meter = str(md.timeSignatureFirst or "")
+    rows.append(dict(
+        item_id=str(entry.corpusPath) if not entry.number else
+        f"{entry.corpusPath}#{entry.number}",
+        text=text, book=str(entry.sourcePath), number=int(entry.number or 0),
+        notes=float(md.noteCount) if md.noteCount else np.nan,
+        ambitus=float(ambitus.semitones) if ambitus is not None else np.nan,
+        triple_meter=float(meter.split("/")[0] in _TRIPLE_BEATS) if meter else np.nan,
+        sharp_key=(float(md.keySignatureFirst > 0) if md.keySignatureFirst is not None
+                   else np.nan)))
+  if not rows:
+    raise errors.UserError("music21's core corpus metadata has no usable work")
+  if 0 < max_works < len(rows):
+    rows = [rows[i] for i in np.linspace(0, len(rows) - 1, max_works).round().astype(int)]
+  column = lambda name, dtype: np.array([r[name] for r in rows], dtype)
+  notes, ambitus = column("notes", np.float64), column("ambitus", np.float64)
+  median_notes = np.nanmedian(notes)
+  with np.errstate(invalid="ignore"):
+    long = np.where(np.isnan(notes), np.nan, (notes > median_notes).astype(np.float64))
+    wide = np.where(np.isnan(ambitus), np.nan, (ambitus > 12).astype(np.float64))
+  return dict(item_id=column("item_id", str), text=column("text", str),
+              book=column("book", str), number=column("number", np.int64),
+              long=long, wide_range=wide, triple_meter=column("triple_meter", np.float64),
+              sharp_key=column("sharp_key", np.float64))
+
+
+def book_sequences(works: dict[str, np.ndarray], length: int) -> np.ndarray:
+  """Item ids of each book in the book's order, cut into rows of `length` ("" padded).
+
+  Books with a single work give no sequence (a sequence needs a next item).
+  """
+  rows = []
+  order = np.lexsort((works["number"], works["book"]))
+  books, starts = np.unique(works["book"][order], return_index=True)
+  del books
+  ends = list(starts[1:]) + [len(order)]
+  for start, end in zip(starts, ends):
+    ids = works["item_id"][order[start:end]]
+    for first in range(0, len(ids), length):
+      chunk = ids[first:first + length]
+      if len(chunk) >= 2:
+        rows.append(list(chunk) + [""] * (length - len(chunk)))
+  width = max(len(i) for i in works["item_id"])
+  return np.array(rows, dtype=f"<U{width}").reshape(-1, length)
+
+
+def cached_embeddings(texts: np.ndarray, cache_dir: str) -> np.ndarray:
+  """Encodes `texts`, reusing `cache_dir/embeddings_<hash>.npy` when the texts are the same."""
+  key = hashlib.sha256(json.dumps([text_encoder.NAME] + texts.tolist()).encode()).hexdigest()
+  path = os.path.join(cache_dir, f"embeddings_{key[:16]}.npy") if cache_dir else ""
+  if path and os.path.isfile(path):
+    print(f"embeddings: reused {path}", flush=True)
+    return np.load(path)
+  print(f"embeddings: encoding {len(texts)} texts with {text_encoder.NAME} ...", flush=True)
+  embeddings = text_encoder.TextEncoder().encode(texts.tolist())
+  if path:
+    os.makedirs(cache_dir, exist_ok=True)
+    np.save(path + ".partial.npy", embeddings)
+    os.replace(path + ".partial.npy", path)
+  return embeddings
+
+
+def build(out: str, cache_dir: str, options: ml_collections.ConfigDict) -> catalog_lib.Catalog:
+  """Builds the catalog into `out` (reused as it is if built with the same options)."""
+  source = {"corpus": "music21 core corpus", "encoder": text_encoder.NAME,
+            "domains": list(DOMAINS), "options": options.to_dict()}
+  source_path = os.path.join(out, SOURCE_FILE)
+  if os.path.isfile(source_path):
+    with open(source_path) as f:
+      if json.load(f) == source:
+        print(f"catalog: reused {out}", flush=True)
+        return catalog_lib.load_catalog(out)
+    raise errors.UserError(f"{out} holds a music catalog built with other options; write to a "
+                           "new directory")
+  works = read_works(int(options.max_works))
+  embeddings = cached_embeddings(works["text"], cache_dir)
+  with tempfile.TemporaryDirectory() as tmp:
+    items = os.path.join(tmp, "items.npz")
+    np.savez(items, item_id=works["item_id"], embedding=embeddings,
+             **{name: works[name] for name in DOMAINS})
+    sequences = os.path.join(tmp, "sequences.npz")
+    np.savez(sequences, sequence=book_sequences(works, int(options.sequence_length)))
+    result = byo.convert(items, out, byo.Options(
+        attributes=DOMAINS, seed_size=int(options.seed_size),
+        queries_per_cell=int(options.queries_per_cell),
+        observed_fraction=float(options.observed_fraction), seed=int(options.seed),
+        cluster_patterns=int(options.num_patterns)), sequences)
+  for note in result.notes:
+    print(f"note: {note}", flush=True)
+  np.save(os.path.join(out, "texts.npy"), works["text"])
+  with open(source_path, "w") as f:
+    json.dump(source, f, indent=1)
+  return result.catalog
+
+
+def sanity_table(catalog: catalog_lib.Catalog) -> str:
+  """Sizes, label rates and the two naive answers per cell, as markdown."""
+  split = catalog.item_split
+  lines = [f"items {catalog.num_items} (train {int((split == 0).sum())}, item holdout "
+           f"{int((split == 1).sum())}, pattern holdout {int((split == 2).sum())}), d "
+           f"{catalog.dim}, {int(catalog.patterns.max()) + 1} patterns (derived), "
+           f"{len(catalog.sequences)} sequences, seed size {catalog.seed_size}", ""]
+  config = evaluation.default_config()
+  config.methods = "seed_centroid,global_attribute,centroid_global_shift"
+  config.index_kind = config.oracle_index_kind = "exact"
+  config.num_resamples = 200
+  result = evaluation.evaluate(catalog, config)
+  by = {(r["method"], r["split"], r["domain"]): r for r in result.records}
+  lines += ["| cell | positive rate | observed (train) | mean Bound@20 | seed centroid Purity / "
+            "Joint @20 | global attribute Purity / Attr @20 | global shift Joint@20 |",
+            "|---|---|---|---|---|---|---|"]
+  for split_name in evaluation.EVAL_SPLITS:
+    for m, domain in enumerate(catalog.domains):
+      sc = by[("seed_centroid", split_name, domain)]
+      ga = by[("global_attribute", split_name, domain)]
+      gs = by[("centroid_global_shift", split_name, domain)]
+      lines.append(
+          f"| {split_name} / {domain} | {catalog.attributes[:, m].mean():.2f} | "
+          f"{int(catalog.observed[:, m].sum())} | {sc['bound@20']:.2f} | "
+          f"{sc['purity@20']:.2f} / {sc['joint@20']:.3f} | {ga['purity@20']:.2f} / "
+          f"{ga['attr@20']:.2f} | {gs['joint@20']:.3f} |")
+  return "\n".join(lines) + "\n"
