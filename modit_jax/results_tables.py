@@ -1,0 +1,59 @@
+r"""Prints the README's result tables from an evaluation's results.json (nothing is pasted).
+
+  python -m modit_jax.results_tables --results=out/default/eval/results.json \
+      --methods=seed_centroid,centroid_global_shift,rerank,pretrained_gr,modit_sft,modit_hppo \
+      --reference=strongest_baseline
+
+Prints the 8-cell Joint@20 table (mean [95 % CI]; `+` a significant gain over `--reference`,
+as the evaluation tested it), the Purity@20 table, and the count of significant cells per
+reference.
+"""
+
+import json
+from typing import Sequence
+
+from absl import flags
+
+from modit_jax import app
+from modit_jax import errors
+from modit_jax import evaluation
+from modit_jax import report
+
+_RESULTS = flags.DEFINE_string("results", None, "An evaluation's results.json.")
+_METHODS = flags.DEFINE_list("methods", [], "Methods to show, in order (default: all).")
+_REFERENCE = flags.DEFINE_string("reference", "",
+                                 "Mark significant gains over this reference; "
+                                 "`strongest_baseline` is the per-evaluation strongest one.")
+flags.mark_flags_as_required(["results"])
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  try:
+    with open(_RESULTS.value) as f:
+      results = json.load(f)
+  except OSError as e:
+    raise errors.UserError(f"cannot read {_RESULTS.value}: {e.strerror}") from None
+  records = results["records"]
+  if _METHODS.value:
+    known = {r["method"] for r in records}
+    missing = [m for m in _METHODS.value if m not in known]
+    if missing:
+      raise errors.UserError(f"{_RESULTS.value} has no method {', '.join(missing)}; it has "
+                             f"{', '.join(sorted(known))}")
+    order = {m: i for i, m in enumerate(_METHODS.value)}
+    records = sorted((r for r in records if r["method"] in order),
+                     key=lambda r: order[r["method"]])
+  reference = _REFERENCE.value
+  if reference == evaluation.STRONGEST_BASELINE:
+    reference = results.get("strongest_baseline") or ""
+  print(f"Joint@20, mean [95 % CI]" + (f"; `+`: significant gain over `{reference}`"
+                                       if reference else "") + "\n")
+  print(evaluation.headline_table(records, reference or None))
+  print("Purity@20\n")
+  print(evaluation.metric_table(records, "purity@20"))
+  print(report.significance_summary(records, report.tested_references(results)))
+
+
+if __name__ == "__main__":
+  app.run(main)
