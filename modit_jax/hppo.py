@@ -6,8 +6,7 @@ guidance scales and noise seeds, the frozen reference (SFT) model, the seed cent
 tail-centroid heuristic (the metric predictor's high-density tail of the seeds' latent cluster,
 and extrapolations past it), interpolations, and relevance feedback (the seed centroid moved
 toward the oracle's hits among its own retrieved train items, round after round). The online
-oracle (train items only) labels
-every candidate with Joint@K and Purity@K. Pairs (winner, loser) of one query need
+oracle (train items only) labels every candidate with Joint@K and Purity@K. Pairs (winner, loser) of one query need
 Joint(w) > Joint(l) + margin; the **Pareto filter** keeps a pair only if Purity(w) >= Purity(l).
 The loss is Diffusion-DPO on those pairs with the frozen SFT parameters as the reference.
 

@@ -32,9 +32,11 @@ def main(argv: Sequence[str]) -> None:
   try:
     with open(_RESULTS.value) as f:
       results = json.load(f)
+    records = results["records"]
   except OSError as e:
     raise errors.UserError(f"cannot read {_RESULTS.value}: {e.strerror}") from None
-  records = results["records"]
+  except (ValueError, KeyError, TypeError):
+    raise errors.UserError(f"{_RESULTS.value} is not an evaluation's results.json") from None
   if _METHODS.value:
     known = {r["method"] for r in records}
     missing = [m for m in _METHODS.value if m not in known]
@@ -47,7 +49,7 @@ def main(argv: Sequence[str]) -> None:
   reference = _REFERENCE.value
   if reference == evaluation.STRONGEST_BASELINE:
     reference = results.get("strongest_baseline") or ""
-  print(f"Joint@20, mean [95 % CI]" + (f"; `+`: significant gain over `{reference}`"
+  print("Joint@20, mean [95 % CI]" + (f"; `+`: significant gain over `{reference}`"
                                        if reference else "") + "\n")
   print(evaluation.headline_table(records, reference or None))
   print("Purity@20\n")

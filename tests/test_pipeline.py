@@ -158,3 +158,30 @@ def test_pipeline_runs_on_a_converted_catalog(tmp_path, fast_compile):
   report = open(tmp_path / "out" / "report.md").read()
   assert "oracle baselines skipped" in report
   assert not os.path.exists(tmp_path / "out" / "dataset")  # the given catalog is used in place
+
+
+def test_results_tables_print_the_results_file(pipeline_out, tmp_path):
+  results = os.path.join(pipeline_out, "eval", "results.json")
+  run = lambda *args: subprocess.run(
+      [sys.executable, "-m", "modit_jax.results_tables", f"--results={results}", *args],
+      cwd=_REPO, capture_output=True, text=True, timeout=300)
+  proc = run("--methods=seed_centroid,modit_hppo", "--reference=modit_sft")
+  assert proc.returncode == 0, proc.stderr
+  with open(results) as f:
+    records = json.load(f)["records"]
+  hppo = [r for r in records if r["method"] == "modit_hppo"]
+  # Every cell's mean is printed as the results file has it, in the order asked for.
+  rows = [line for line in proc.stdout.splitlines() if line.startswith("| modit_hppo |")]
+  assert len(rows) == 3  # the Joint@20 table, the Purity@20 table, the significance counts
+  for r in hppo:
+    assert f"{r['joint@20']:.3f} [" in rows[0] and f"{r['purity@20']:.3f}" in rows[1]
+  assert proc.stdout.index("| seed_centroid |") < proc.stdout.index("| modit_hppo |")
+  proc = run("--methods=seed_centroid,no_such_method")
+  assert proc.returncode == 2 and "has no method no_such_method" in proc.stderr
+  bad = tmp_path / "bad.json"
+  bad.write_text("{}")
+  proc = subprocess.run([sys.executable, "-m", "modit_jax.results_tables", f"--results={bad}"],
+                        cwd=_REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and "not an evaluation's results.json" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
