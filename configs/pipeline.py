@@ -17,6 +17,7 @@ import ml_collections
 from configs import evaluate as evaluate_config
 from configs import synthetic as synthetic_config
 from modit_jax import hppo
+from modit_jax import training
 
 
 def _run(config: str, init_from: str, method: str, ablation: bool = False,
@@ -66,8 +67,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model_width = 0
   if tiny:
     # The tests' sizes: the tiny stage configs' clusters and width, whatever the rules say.
-    c.num_clusters = 30
-    c.model_width = 32
+    tiny_stage = training.default_config("tiny")
+    c.num_clusters = tiny_stage.num_clusters
+    c.model_width = tiny_stage.model.width
   # Every run's `model.dtype` ("": the stage configs' float32); bfloat16 is mixed precision,
   # faster on accelerators and CPUs with bfloat16 units (docs/engine.md).
   c.model_dtype = ""

@@ -153,9 +153,8 @@ def ddim_sample(apply_fn: ApplyFn, params: Any, cond: Condition, rng: jax.Array,
   Starts from x_1 ~ N(0, temperature^2 I): temperature 1 samples the learned distribution, 0
   follows the deterministic path from x_1 = 0 (the model's most central answer; nothing random
   is left with eta = 0). Uses the (guided) x0 prediction at each step; eta = 0 is
-  deterministic given `rng`. The last
-  step returns the x0 prediction itself, mapped back to a unit embedding by `space` when
-  `normalize` (raw x0 otherwise). Jittable with `apply_fn`, `dim`, `num_steps`, `normalize` and
+  deterministic given `rng`. The last step returns the x0 prediction itself, mapped back to a
+  unit embedding by `space` when `normalize` (raw x0 otherwise). Jittable with `apply_fn`, `dim`, `num_steps`, `normalize` and
   `space` static (and `guidance_scale` static when it should skip a CFG branch).
   """
   if num_steps < 1:

@@ -108,8 +108,7 @@ def book_sequences(works: dict[str, np.ndarray], length: int) -> np.ndarray:
   """
   rows = []
   order = np.lexsort((works["number"], works["book"]))
-  books, starts = np.unique(works["book"][order], return_index=True)
-  del books
+  _, starts = np.unique(works["book"][order], return_index=True)
   ends = list(starts[1:]) + [len(order)]
   for start, end in zip(starts, ends):
     ids = works["item_id"][order[start:end]]

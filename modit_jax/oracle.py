@@ -46,6 +46,13 @@ class OnlineOracle:
           f"never reach training)")
     return local
 
+  def _local_items(self, retrieved: np.ndarray) -> np.ndarray:
+    """Local rows of retrieved global ids; a held-out id is refused."""
+    local = self._local[np.asarray(retrieved)]
+    if np.any(local < 0):
+      raise errors.UserError("the online oracle scores train items only; got a held-out id")
+    return local
+
   def search(self, query_embeddings: np.ndarray, seeds: np.ndarray, k: int) -> np.ndarray:
     """Global ids int64 [Q, k] of the k best train items per query, seeds excluded."""
     local, _ = self._index.search(query_embeddings, k, exclude=self._local_seeds(seeds))
@@ -55,9 +62,7 @@ class OnlineOracle:
                 ks: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """Joint@K and Purity@K (float64 [Q]) of global train-item ids retrieved per query."""
     ks = (self.k,) if ks is None else tuple(ks)
-    local = self._local[np.asarray(retrieved)]
-    if np.any(local < 0):
-      raise errors.UserError("the online oracle scores train items only; got a held-out id")
+    local = self._local_items(retrieved)
     scores = metrics.retrieval_metrics(
         local, self._local_seeds(queries.seeds), queries.pattern, queries.domain,
         self._patterns, self._attributes, ks=ks, counts=self._counts)
@@ -70,9 +75,7 @@ class OnlineOracle:
     Per-position feedback on a ranked list, as live traffic gives it (a click per shown item):
     no more than Joint@1..n of the list reveal, and only for train items.
     """
-    local = self._local[np.asarray(retrieved)]
-    if np.any(local < 0):
-      raise errors.UserError("the online oracle scores train items only; got a held-out id")
+    local = self._local_items(retrieved)
     self._local_seeds(queries.seeds)
     same = self._patterns[local] == np.asarray(queries.pattern)[:, None]
     positive = np.take_along_axis(self._attributes[local],
