@@ -5,9 +5,14 @@ the retrieved ids of every evaluation query are kept (`retrieved/<method>_<split
 int32 [Q, max K], in the order of `queries_<split>.npz`) and all numbers in `results.json` and
 `report.md` are computed from them and the dataset files alone, so anyone can recompute them.
 
-The reference named `strongest_baseline` resolves to the non-oracle baseline with the highest
-mean Joint@20 over all evaluated queries; the choice only names a comparison row, it changes
-no method's numbers.
+Significance (modit_jax/stats.py, docs/statistics.md): every comparison of a method with a
+reference is one family over the cells, tested one-sided in each direction, Holm-corrected;
+a `+` (`-`) cell is a significant gain (loss): corrected p < 0.05 and the paired bootstrap
+interval of the mean difference above (below) 0.
+
+The reference named `strongest_baseline` is, per domain, the competitor (a non-oracle baseline)
+with the best oracle Joint@20 on the validation queries (`query_split`), never chosen on an
+evaluation cell; the choice only names a comparison row, it changes no method's numbers.
 """
 
 import dataclasses
@@ -28,6 +33,7 @@ from modit_jax import generative
 from modit_jax import metric_predictor
 from modit_jax import metrics
 from modit_jax import oracle as oracle_lib
+from modit_jax import query_split
 from modit_jax import retrieval
 from modit_jax import stats
 from modit_jax import training
@@ -51,6 +57,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.oracle_index_kind = "scann"
   c.shift_grid = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0)
   c.rerank_pool_grid = (50, 100, 200, 400, 800)
+  # local_shift: train items around the seed centroid whose labels give the direction, and the
+  # step along it (the direction is a difference of means, not unit length).
+  c.local_neighbourhood_grid = (50, 100, 200, 400, 800)
+  c.local_shift_grid = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
   c.metric_predictor = metric_predictor.default_config()
   # Training workdirs of the generative methods (empty: not trained; the method is refused).
   c.workdirs = ml_collections.ConfigDict({name: "" for name in generative.GENERATIVE_METHODS})
@@ -85,14 +95,33 @@ class Evaluation:
   retrieved: dict[str, dict[str, np.ndarray]]   # method -> split -> ids [Q, max K]
   scores: dict[str, dict[str, dict[str, np.ndarray]]]  # method -> split -> metric -> [Q]
   knobs: dict[str, Any]
-  strongest_baseline: str | None
+  strongest_baseline: dict[str, str]   # domain -> competitor chosen on validation queries
   meta: dict[str, Any]
+
+
+class TrainIndex:
+  """The online oracle's train-item index behind `retrieval.Index.search`'s signature.
+
+  A fitted method answers validation queries through it, scored by the oracle: how the
+  strongest competitor is chosen without looking at an evaluation cell.
+  """
+
+  def __init__(self, oracle: oracle_lib.OnlineOracle):
+    self._oracle = oracle
+
+  def search(self, queries: np.ndarray, k: int,
+             exclude: np.ndarray | None = None) -> tuple[np.ndarray, None]:
+    return self._oracle.search(queries, exclude, k), None
 
 
 def retrieve_all(catalog: catalog_lib.Catalog, methods: Sequence[str], splits: Sequence[str],
                  config: ml_collections.ConfigDict
                  ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any], dict[str, Any]]:
-  """Fits every method (knobs on train queries) and retrieves max(ks) ids for every split."""
+  """Fits every method (knobs on validation queries) and retrieves max(ks) ids for every split.
+
+  `meta["validation"][method][domain]` is a baseline's mean oracle Joint@k on the validation
+  queries, what the strongest competitor is chosen by.
+  """
   known = baselines.BASELINES + generative.GENERATIVE_METHODS
   unknown = [m for m in methods if m not in known]
   if unknown:
@@ -110,17 +139,22 @@ def retrieve_all(catalog: catalog_lib.Catalog, methods: Sequence[str], splits: S
   start = time.perf_counter()
   index = retrieval.build_index(np.asarray(catalog.embeddings), config.index_kind)
   meta = {"index": {"kind": index.kind, "params": index.params,
-                    "build_seconds": round(time.perf_counter() - start, 2)}}
-  oracle = None
+                    "build_seconds": round(time.perf_counter() - start, 2)},
+          "validation": {}}
+  oracle = oracle_lib.OnlineOracle(catalog, config.oracle_k, config.oracle_index_kind)
+  validation = query_split.validation_queries(catalog)
   retrieved, knobs = {}, {}
   for name in methods:
     start = time.perf_counter()
-    if oracle is None and name not in ("seed_centroid", "global_attribute"):
-      oracle = oracle_lib.OnlineOracle(catalog, config.oracle_k, config.oracle_index_kind)
     if name in generative.GENERATIVE_METHODS:
       fitted = generative.fit(name, config.workdirs[name], catalog, oracle, config)
     else:
       fitted = baselines.fit(name, catalog, oracle, config)
+      joint = oracle.score_ids(fitted.retrieve(validation, TrainIndex(oracle), oracle.k),
+                               validation)[f"joint@{oracle.k}"]
+      meta["validation"][name] = {
+          d: float(joint[validation.domain == m].mean())
+          for m, d in enumerate(catalog.domains) if np.any(validation.domain == m)}
     retrieved[name] = {s: fitted.retrieve(catalog.queries[s], index, k).astype(np.int32)
                        for s in splits}
     knobs[name] = fitted.knob
@@ -144,36 +178,43 @@ def score_all(catalog: catalog_lib.Catalog, retrieved: dict[str, dict[str, np.nd
   return out
 
 
-def strongest_baseline(scores: dict[str, dict[str, dict[str, np.ndarray]]]) -> str | None:
-  """The non-oracle baseline with the highest mean Joint@20 over all evaluated queries."""
-  best, best_mean = None, -1.0
-  for name, by_split in scores.items():
-    if name not in baselines.BASELINES or name in baselines.ORACLE_METHODS:
+def strongest_per_domain(validation: dict[str, dict[str, float]]) -> dict[str, str]:
+  """Domain -> the competitor with the best validation Joint (oracle methods excluded).
+
+  Chosen on validation queries only, so the choice never looks at an evaluation cell; ties go
+  to the earlier method in `baselines.BASELINES`.
+  """
+  out, best = {}, {}
+  for name in baselines.BASELINES:
+    if name in baselines.ORACLE_METHODS or name not in validation:
       continue
-    mean = float(np.concatenate([s[HEADLINE] for s in by_split.values()]).mean())
-    if mean > best_mean:
-      best, best_mean = name, mean
-  return best
+    for domain, joint in validation[name].items():
+      if domain not in best or joint > best[domain]:
+        out[domain], best[domain] = name, joint
+  return out
 
 
-def summarize(catalog: catalog_lib.Catalog,
+def summarize(domain_names: Sequence[str], domains_by_split: dict[str, np.ndarray],
               scores: dict[str, dict[str, dict[str, np.ndarray]]],
-              references: Sequence[str], ks: Sequence[int], num_resamples: int,
-              seed: int) -> tuple[list[dict[str, Any]], str | None]:
-  """One record per method x split x domain, with CIs and paired tests against references."""
-  strongest = strongest_baseline(scores)
-  resolved = []
+              references: Sequence[str], strongest: dict[str, str], num_resamples: int,
+              seed: int) -> list[dict[str, Any]]:
+  """One record per method x split x domain, with CIs and tests against references.
+
+  `domains_by_split[split]` is the domain id of each scored query (the rows of `scores`).
+  Each comparison (method vs reference) is a family over the cells; `stats.correct_family`
+  Holm-corrects its one-sided tests and marks significant gains and losses. The reference
+  `strongest_baseline` is, in each cell, `strongest[domain]` (named in the test's `against`).
+  """
   for ref in references:
-    name = strongest if ref == STRONGEST_BASELINE else ref
-    if name is None or name not in scores:
+    if ref != STRONGEST_BASELINE and ref not in scores:
       logging.warning("reference %s is not among the evaluated methods; skipped", ref)
-    elif name not in resolved:
-      resolved.append(name)
+  references = [ref for ref in dict.fromkeys(references)
+                if ref in scores or (ref == STRONGEST_BASELINE and strongest)]
   records = []
   for name, by_split in scores.items():
     for split, per_query in by_split.items():
-      domains = catalog.queries[split].domain
-      for m, domain in enumerate(catalog.domains):
+      domains = domains_by_split[split]
+      for m, domain in enumerate(domain_names):
         rows = domains == m
         n = int(rows.sum())
         if n == 0:
@@ -187,15 +228,23 @@ def summarize(catalog: catalog_lib.Catalog,
                                      seed=seed)
         record[f"{HEADLINE}_ci"] = [low, high]
         record["vs"] = {}
-        for ref in resolved:
-          if ref == name:
+        for ref in references:
+          against = strongest.get(domain) if ref == STRONGEST_BASELINE else ref
+          if against is None or against == name or against not in scores:
             continue
-          test = stats.paired_test(per_query[HEADLINE][rows], scores[ref][split][HEADLINE][rows],
+          test = stats.paired_test(per_query[HEADLINE][rows],
+                                   scores[against][split][HEADLINE][rows],
                                    num_resamples=num_resamples, seed=seed)
-          record["vs"][ref] = {key: test[key] for key in (
-              "diff", "ci_low", "ci_high", "p", "p_bootstrap", "significant_gain")}
+          record["vs"][ref] = {**test, "against": against}
         records.append(record)
-  return records, strongest
+  # Each comparison's cells are one family: Holm over them, per direction.
+  for name in scores:
+    mine = [r for r in records if r["method"] == name]
+    for ref in references:
+      tested = [r for r in mine if ref in r["vs"]]
+      for r, verdict in zip(tested, stats.correct_family([r["vs"][ref] for r in tested])):
+        r["vs"][ref] = verdict
+  return records
 
 
 def _metric_order(key: str) -> tuple[int, int]:
@@ -237,8 +286,9 @@ def evaluate(catalog: catalog_lib.Catalog, config: ml_collections.ConfigDict) ->
     raise errors.UserError(f"config.ks must include 20 (the headline K), got {config.ks}")
   retrieved, knobs, meta = retrieve_all(catalog, methods, splits, config)
   scores = score_all(catalog, retrieved, config.ks)
-  records, strongest = summarize(catalog, scores, references, config.ks, config.num_resamples,
-                                 config.seed)
+  strongest = strongest_per_domain(meta["validation"])
+  records = summarize(catalog.domains, {s: catalog.queries[s].domain for s in splits}, scores,
+                      references, strongest, config.num_resamples, config.seed)
   meta.update({"methods": methods, "splits": splits, "references": references,
                "ks": list(config.ks), "data_diagnostics": data_diagnostics(catalog, methods,
                                                                            config)})
@@ -262,19 +312,36 @@ def write(evaluation: Evaluation, workdir: str | os.PathLike, dataset: str) -> N
     f.write(report_markdown(evaluation, dataset))
 
 
+# How a `+` / `-` is decided, for report legends.
+SIGNIFICANCE_RULE = ("one-sided paired Wilcoxon, Holm-corrected over the cells, p < 0.05, and "
+                     "the paired bootstrap 95 % CI of the mean difference on the same side of 0")
+
+
+def strongest_text(strongest: dict[str, str] | None) -> str:
+  """`domain: method` pairs of the per-domain strongest competitor, for report text."""
+  return ", ".join(f"{d}: `{n}`" for d, n in (strongest or {}).items()) or "none"
+
+
 def _label(record: dict[str, Any]) -> str:
   return f"{record['method']} (oracle)" if record["oracle"] else record["method"]
+
+
+def significance_mark(test: dict[str, Any] | None) -> str:
+  """`+` for a significant gain, `-` for a significant loss, "" otherwise."""
+  if not test:
+    return ""
+  return "+" if test.get("significant_gain") else "-" if test.get("significant_loss") else ""
 
 
 def headline_table(records: Sequence[dict[str, Any]], significance_vs: str | None = None) -> str:
   """The 8-cell markdown table: Joint@20 mean [95 % CI] per method per cell.
 
-  A `+` marks a significant gain (p < 0.05, positive mean difference) over `significance_vs`.
+  `+` (`-`) marks a significant gain (loss) over `significance_vs`, Holm-corrected over the
+  cells (module docstring).
   """
   def cell(r: dict[str, Any]) -> str:
     low, high = r[f"{HEADLINE}_ci"]
-    mark = ("+" if significance_vs and r["vs"].get(significance_vs, {}).get("significant_gain")
-            else "")
+    mark = significance_mark(r["vs"].get(significance_vs)) if significance_vs else ""
     return f"{r[HEADLINE]:.3f} [{low:.3f}, {high:.3f}]{mark}"
   return _cell_table(records, cell)
 
@@ -304,17 +371,16 @@ def report_markdown(evaluation: Evaluation, dataset: str) -> str:
   index = evaluation.meta["index"]
   out = ["# Evaluation report", "",
          f"Dataset: `{os.path.abspath(dataset)}`. Index: {index['kind']} "
-         f"({json.dumps(index['params'])}). Strongest non-oracle baseline: "
-         f"`{evaluation.strongest_baseline}`.", "",
+         f"({json.dumps(index['params'])}). Strongest competitor per domain (validation "
+         f"queries): {strongest_text(evaluation.strongest_baseline)}.", "",
          "## Joint@20, mean [95 % bootstrap CI], per cell (split / domain)", ""]
-  sig_ref = evaluation.strongest_baseline if evaluation.strongest_baseline in refs else (
-      refs[0] if refs else None)
+  sig_ref = STRONGEST_BASELINE if STRONGEST_BASELINE in refs else (refs[0] if refs else None)
   if sig_ref:
-    out += [f"`+`: significant gain over `{sig_ref}` (paired Wilcoxon p < 0.05, positive mean "
-            f"difference).", ""]
+    out += [f"`+` / `-`: significant gain / loss against `{sig_ref}` ({SIGNIFICANCE_RULE}).",
+            ""]
   out += [headline_table(records, sig_ref), "## Every cell", ""]
   header = ("| method | n | Joint@10 | Joint@20 [95 % CI] | Joint@50 | Purity@20 | Attr@20 | "
-            "Bound@20 | " + " | ".join(f"vs {ref}: diff [CI], p" for ref in refs) + " |")
+            "Bound@20 | " + " | ".join(f"vs {ref}: diff [CI], Holm p" for ref in refs) + " |")
   for split, domain in dict.fromkeys((r["split"], r["domain"]) for r in records):
     out += [f"### {split} / {domain}", "", header, "|---" * (8 + len(refs)) + "|"]
     for r in records:
@@ -325,8 +391,10 @@ def report_markdown(evaluation: Evaluation, dataset: str) -> str:
       for ref in refs:
         t = r["vs"].get(ref)
         vs.append("" if t is None else
-                  f"{t['diff']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}], p={t['p']:.2g}"
-                  + (" +" if t["significant_gain"] else ""))
+                  f"{t['diff']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}], "
+                  f"p+={t['p_gain_holm']:.2g} p-={t['p_loss_holm']:.2g}"
+                  + (f" ({t['against']})" if ref == STRONGEST_BASELINE else "")
+                  + (f" {significance_mark(t)}" if significance_mark(t) else ""))
       out.append(f"| {_label(r)} | {r['n']} | {r.get('joint@10', float('nan')):.3f} | "
                  f"{r[HEADLINE]:.3f} [{low:.3f}, {high:.3f}] | "
                  f"{r.get('joint@50', float('nan')):.3f} | {r['purity@20']:.3f} | "
@@ -349,7 +417,7 @@ def report_markdown(evaluation: Evaluation, dataset: str) -> str:
     out.append("")
   knobs = {k: v for k, v in evaluation.knobs.items() if v}
   if knobs:
-    out += ["## Knobs chosen on train queries (online oracle over train items)", ""]
+    out += ["## Knobs chosen on validation queries (online oracle over train items)", ""]
     out += [f"- `{name}`: {json.dumps(v)}" for name, v in knobs.items()]
     out.append("")
   return "\n".join(out)

@@ -33,6 +33,7 @@ from modit_jax import diffusion
 from modit_jax import engine
 from modit_jax import errors
 from modit_jax import oracle as oracle_lib
+from modit_jax import query_split
 from modit_jax import trajectories
 
 POLICIES = ("policy", "reference", "seed_centroid", "tail_centroid", "interpolation",
@@ -159,7 +160,10 @@ def dpo_loss_fn(apply_fn: Callable[..., jnp.ndarray], space: diffusion.TargetSpa
     delta = drift_w - drift_l
     dpo = jnp.mean(-jax.nn.log_sigmoid(-beta * delta))
     loss = dpo + sft_weight * jnp.mean(e_winner)
+    # The implicit reward margin of winners over losers, -beta * delta: 0 at the reference,
+    # rising as the policy learns the pool's preferences.
     aux = {"dpo_loss": dpo, "implicit_accuracy": jnp.mean((delta < 0).astype(jnp.float32)),
+           "implicit_margin": jnp.mean(-beta * delta),
            "winner_drift": jnp.mean(drift_w), "loser_drift": jnp.mean(drift_l)}
     return loss, aux
 
@@ -196,9 +200,10 @@ class CandidatePools:
     self._config = config
     self._hppo = config.hppo
     self._policies = parse_policies(self._hppo.policies)
-    self._queries = catalog.queries["train"]
-    if len(self._queries) == 0:
+    if len(catalog.queries["train"]) == 0:
       raise errors.UserError("HPPO needs train queries; queries_train.npz is empty")
+    # Only the fit slice: the validation queries choose knobs and never train (query_split).
+    self._queries = query_split.fit_queries(catalog)
     self.embeddings = catalog.embeddings
     self._source = source
     self._oracle = oracle

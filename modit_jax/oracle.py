@@ -82,6 +82,26 @@ class OnlineOracle:
                                   np.asarray(queries.domain)[:, None, None], 2)[..., 0]
     return same & positive
 
+  def neighbours(self, query_embeddings: np.ndarray, seeds: np.ndarray, k: int) -> np.ndarray:
+    """Global ids int64 [Q, k] of the k train items nearest each query embedding.
+
+    Reads embeddings only (no label), so any method may call it, for any query: seeds that are
+    train items are excluded, held-out seeds (never in this index) need no exclusion.
+    """
+    local = self._local[np.asarray(seeds)]
+    ids, _ = self._index.search(query_embeddings, k, exclude=local)  # -1: nothing to exclude
+    return self.train_items[ids]
+
+  def labels(self, items: np.ndarray, domains: np.ndarray) -> np.ndarray:
+    """bool [Q, n]: the true attribute of each train item for its row's domain.
+
+    The online oracle's labels of train items, which HPPO's training may read through pool
+    scores; a method that reads them directly is a bound, not a competitor.
+    """
+    local = self._local_items(items)
+    return np.take_along_axis(self._attributes[local],
+                              np.asarray(domains)[:, None, None], 2)[..., 0]
+
   def score(self, query_embeddings: np.ndarray,
             queries: catalog_lib.Queries) -> dict[str, np.ndarray]:
     """Joint@k and Purity@k (float64 [Q]) of one candidate query embedding per query."""

@@ -5,7 +5,7 @@
    the largest a_m;
 3. Bound@20 = 1 for >= 90 % of evaluation queries;
 4. centroid_global_shift at least 0.15 Joint@20 below oracle_shift on the hardest domain (the
-   smallest a_m: its direction is the most pattern-specific), both tuned on train queries.
+   smallest a_m: its direction is the most pattern-specific), both tuned on validation queries.
 """
 
 import dataclasses

@@ -26,8 +26,8 @@ TRAINING_PLOT = "training_curves.png"
 # HPPO may trade purity for joint gains, but never more than this below MO-DiT SFT in any cell.
 PURITY_TOLERANCE = 0.02
 PURITY_REFERENCE = "modit_sft"
-# References that get their own `+` table after the strongest baseline, when they were tested.
-EXTRA_REFERENCES = ("modit_sft", "pretrained_gr")
+# References that get their own `+` table after the strongest competitor, when they were tested.
+EXTRA_REFERENCES = ("modit_sft", "pretrained_gr", "seed_centroid")
 _DPI = 110
 
 Record = Mapping[str, Any]
@@ -54,9 +54,9 @@ def _by_method_cell(records: Sequence[Record]) -> dict[tuple[str, str, str], Rec
 
 
 def _preferred_references(results: Mapping[str, Any]) -> list[str]:
-  """The references that get a `+` table: the strongest baseline, then `EXTRA_REFERENCES`."""
-  return [ref for ref in dict.fromkeys([results.get("strongest_baseline"), *EXTRA_REFERENCES])
-          if ref]
+  """The references that get a `+` table: the strongest competitor, then `EXTRA_REFERENCES`."""
+  del results  # the same for every evaluation; kept for the callers' symmetry
+  return [evaluation.STRONGEST_BASELINE, *EXTRA_REFERENCES]
 
 
 def tested_references(results: Mapping[str, Any]) -> list[str]:
@@ -67,10 +67,11 @@ def tested_references(results: Mapping[str, Any]) -> list[str]:
 
 
 def significance_summary(records: Sequence[Record], references: Sequence[str]) -> str:
-  """Markdown table: per method, significant Joint@20 gains per reference and the purity gap.
+  """Markdown table: per method, significant Joint@20 gains and losses per reference, and the
+  purity gap.
 
-  A column per reference counts the cells where the gain over it is significant, out of the
-  cells tested against it. When `modit_sft` was evaluated, a last column gives the minimum over
+  A column per reference counts the cells with a significant gain (`+`) and loss (`-`) over it,
+  out of the cells tested against it (`evaluation.SIGNIFICANCE_RULE`). When `modit_sft` was evaluated, a last column gives the minimum over
   cells of Purity@20 − modit_sft's Purity@20, its cell, and whether it stays within
   `PURITY_TOLERANCE` (HPPO's purity constraint).
   """
@@ -87,7 +88,8 @@ def significance_summary(records: Sequence[Record], references: Sequence[str]) -
     for ref in references:
       tests = [r["vs"][ref] for r in mine if ref in r.get("vs", {})]
       wins = sum(bool(t["significant_gain"]) for t in tests)
-      row.append(f"{wins} / {len(tests)}" if tests else "—")
+      losses = sum(bool(t.get("significant_loss")) for t in tests)
+      row.append(f"{wins}+ {losses}− / {len(tests)}" if tests else "—")
     if with_purity:
       row.append(_purity_gap(mine, by_key, method))
     lines.append("| " + " | ".join(row) + " |")
@@ -290,10 +292,11 @@ def _tables(results: Mapping[str, Any]) -> list[str]:
   for ref in refs or [None]:
     out += ["### Joint@20, mean [95 % bootstrap CI]" + (f", `+` vs `{ref}`" if ref else ""), ""]
     if ref:
-      strongest = (", the strongest non-oracle baseline"
-                   if ref == results.get("strongest_baseline") else "")
-      out += [f"`+`: significant gain over `{ref}`{strongest} (paired Wilcoxon p < 0.05, "
-              "positive mean difference).", ""]
+      strongest = (" (per domain, chosen on validation queries: "
+                   f"{evaluation.strongest_text(results.get('strongest_baseline'))})"
+                   if ref == evaluation.STRONGEST_BASELINE else "")
+      out += [f"`+` / `-`: significant gain / loss against `{ref}`{strongest}; "
+              f"{evaluation.SIGNIFICANCE_RULE}.", ""]
     out.append(evaluation.headline_table(results["records"], ref))
   return out
 
@@ -328,24 +331,29 @@ def _training_section(stage_workdirs: Mapping[str, str], plots: str) -> list[str
 
 def write_pipeline_report(out_dir: str, results: Mapping[str, Any],
                           stage_workdirs: Mapping[str, str], *, title: str,
-                          notes: Sequence[str] = ()) -> str:
-  """Writes `out_dir/report.md` and its plots under `out_dir/plots/`; returns the report path."""
+                          notes: Sequence[str] = (), sections: Sequence[str] = ()) -> str:
+  """Writes `out_dir/report.md` and its plots under `out_dir/plots/`; returns the report path.
+
+  `sections` (markdown) go after the significance summary, before the plots.
+  """
   plots = os.path.join(out_dir, PLOTS_DIR)
   os.makedirs(plots, exist_ok=True)
   records = list(results.get("records") or [])
   out = [f"# {title}", ""]
   out += [f"- {note}" for note in notes] + ([""] if notes else [])
   if results.get("dataset"):
-    out += [f"Dataset: `{results['dataset']}`. Strongest non-oracle baseline: "
-            f"`{results.get('strongest_baseline')}`.", ""]
+    out += [f"Dataset: `{results['dataset']}`. Strongest competitor per domain (validation "
+            f"queries): {evaluation.strongest_text(results.get('strongest_baseline'))}.", ""]
   out += ["## Headline: Joint@20 on the cells (split / domain)", ""]
   if records:
     out += _tables(results)
     out += ["## Significant cells", "",
-            f"Cells with a significant Joint@20 gain, out of the cells tested. The purity column: "
+            f"Cells with a significant Joint@20 gain (+) and loss (−), out of the cells tested "
+            f"({evaluation.SIGNIFICANCE_RULE}). The purity column: "
             f"the worst cell's Purity@20 minus `{PURITY_REFERENCE}`'s (HPPO must stay within "
             f"−{PURITY_TOLERANCE}).", "",
-            significance_summary(records, tested_references(results)), "## Plots", ""]
+            significance_summary(records, tested_references(results)), *sections,
+            "## Plots", ""]
     plot_joint_by_cell(records, os.path.join(plots, JOINT_PLOT))
     plot_purity_attr(records, os.path.join(plots, PURITY_ATTR_PLOT))
     out += [f"![Joint@20 per cell]({PLOTS_DIR}/{JOINT_PLOT})", "",

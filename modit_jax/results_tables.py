@@ -4,8 +4,8 @@ r"""Prints the README's result tables from an evaluation's results.json (nothing
       --methods=seed_centroid,centroid_global_shift,rerank,pretrained_gr,modit_sft,modit_hppo \
       --reference=strongest_baseline
 
-Prints the 8-cell Joint@20 table (mean [95 % CI]; `+` a significant gain over `--reference`,
-as the evaluation tested it), the Purity@20 table, and the count of significant cells per
+Prints the 8-cell Joint@20 table (mean [95 % CI]; `+` / `-` a significant gain / loss against
+`--reference`, as the evaluation tested it), the Purity@20 table, and the count of significant cells per
 reference.
 """
 
@@ -23,7 +23,7 @@ _RESULTS = flags.DEFINE_string("results", None, "An evaluation's results.json.")
 _METHODS = flags.DEFINE_list("methods", [], "Methods to show, in order (default: all).")
 _REFERENCE = flags.DEFINE_string("reference", "",
                                  "Mark significant gains over this reference; "
-                                 "`strongest_baseline` is the per-evaluation strongest one.")
+                                 "`strongest_baseline` is the per-domain strongest competitor.")
 flags.mark_flags_as_required(["results"])
 
 
@@ -47,10 +47,8 @@ def main(argv: Sequence[str]) -> None:
     records = sorted((r for r in records if r["method"] in order),
                      key=lambda r: order[r["method"]])
   reference = _REFERENCE.value
-  if reference == evaluation.STRONGEST_BASELINE:
-    reference = results.get("strongest_baseline") or ""
-  print("Joint@20, mean [95 % CI]" + (f"; `+`: significant gain over `{reference}`"
-                                       if reference else "") + "\n")
+  print("Joint@20, mean [95 % CI]" + (f"; `+` / `-`: significant gain / loss against "
+                                       f"`{reference}`" if reference else "") + "\n")
   print(evaluation.headline_table(records, reference or None))
   print("Purity@20\n")
   print(evaluation.metric_table(records, "purity@20"))

@@ -49,9 +49,21 @@ def test_results_json_has_one_record_per_method_split_domain(evaluated):
     assert low <= r["joint@20"] <= high
     for ref, test in r["vs"].items():
       assert ref != r["method"]
-      assert set(test) >= {"diff", "ci_low", "ci_high", "p"}
-  assert results["strongest_baseline"] in baselines.BASELINES
-  assert results["strongest_baseline"] not in baselines.ORACLE_METHODS
+      assert set(test) >= {"diff", "ci_low", "ci_high", "p_gain", "p_loss", "p_gain_holm",
+                           "p_loss_holm", "significant_gain", "significant_loss", "against"}
+      assert test["p_gain_holm"] >= test["p_gain"] and test["p_loss_holm"] >= test["p_loss"]
+      assert not (test["significant_gain"] and test["significant_loss"])
+  # The strongest competitor is chosen per domain on validation queries, among non-oracles.
+  strongest = results["strongest_baseline"]
+  assert set(strongest) == set(results["validation"]["seed_centroid"])
+  for domain, name in strongest.items():
+    assert name in baselines.BASELINES and name not in baselines.ORACLE_METHODS
+    competitors = [m for m in results["validation"] if m not in baselines.ORACLE_METHODS]
+    assert results["validation"][name][domain] == max(
+        results["validation"][m][domain] for m in competitors)
+  for r in records:
+    if r["method"] != strongest[r["domain"]]:
+      assert r["vs"]["strongest_baseline"]["against"] == strongest[r["domain"]]
   report = (evaluated / "report.md").read_text()
   assert "oracle_shift (oracle)" in report
 

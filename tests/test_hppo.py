@@ -20,6 +20,7 @@ from modit_jax import engine
 from modit_jax import errors
 from modit_jax import hppo
 from modit_jax import oracle as oracle_lib
+from modit_jax import query_split
 from modit_jax import training
 from modit_jax import trajectories
 
@@ -211,6 +212,17 @@ def test_hppo_config_errors(tiny_world, sft_workdir, tmp_path):
     training.train(positions, str(tiny_world), str(tmp_path / "c"))
 
 
+def _pool_builder(cat, config, params) -> hppo.CandidatePools:
+  """HPPO's pool builder on `cat` with the SFT model's `params` as policy and reference."""
+  model = training.make_model(config.model, cat.dim, cat.num_domains)
+  source, _ = trajectories.build_source(cat, config.num_clusters, config.seed,
+                                        config.metric_predictor)
+  oracle = oracle_lib.OnlineOracle(cat, k=20, index_kind="exact")
+  return hppo.CandidatePools(cat, source, oracle, training.apply_fn(model), params, config,
+                             model.num_domains, training.target_space(config, model.dim),
+                             training.sample_temperature(config))
+
+
 def test_pool_never_reads_held_out_truth(tiny_world, sft_workdir):
   """Poisoned held-out labels and patterns leave the pool (candidates and labels) unchanged."""
   config = _hppo_config(sft_workdir)
@@ -221,17 +233,8 @@ def test_pool_never_reads_held_out_truth(tiny_world, sft_workdir):
   poisoned = dataclasses.replace(
       cat, patterns=np.where(held_out, rng.permutation(cat.patterns), cat.patterns),
       attributes=np.where(held_out[:, None], ~cat.attributes, cat.attributes))
-  model = training.make_model(config.model, cat.dim, cat.num_domains)
   params = engine.restore_params(sft_workdir)
-  pools = []
-  for c in (cat, poisoned):
-    source, _ = trajectories.build_source(c, config.num_clusters, config.seed,
-                                          config.metric_predictor)
-    oracle = oracle_lib.OnlineOracle(c, k=20, index_kind="exact")
-    builder = hppo.CandidatePools(c, source, oracle, training.apply_fn(model), params, config,
-                                  model.num_domains, training.target_space(config, model.dim),
-                                  training.sample_temperature(config))
-    pools.append(builder.build(params, 0))
+  pools = [_pool_builder(c, config, params).build(params, 0) for c in (cat, poisoned)]
   a, b = pools
   assert a.names == b.names and len(a.names) == 11
   np.testing.assert_array_equal(a.candidates, b.candidates)
@@ -243,3 +246,16 @@ def test_pool_never_reads_held_out_truth(tiny_world, sft_workdir):
   centroid = a.joint[:, names == "seed_centroid:mean"][:, 0]
   for round_name in ("feedback:r1", "feedback:r2"):
     assert a.joint[:, names == round_name][:, 0].mean() > centroid.mean() + 0.05
+
+
+def test_pools_draw_only_fit_queries(tiny_world, sft_workdir):
+  """Validation queries choose knobs; no HPPO pool may train on them (query_split)."""
+  config = _hppo_config(sft_workdir)
+  cat = catalog_lib.load_catalog(tiny_world)
+  params = engine.restore_params(sft_workdir)
+  builder = _pool_builder(cat, config, params)
+  fit = {tuple(s) for s in query_split.fit_queries(cat).seeds}
+  validation = {tuple(s) for s in query_split.validation_queries(cat).seeds}
+  for pool_index in range(3):
+    drawn = {tuple(s) for s in builder.build(params, pool_index).queries.seeds}
+    assert drawn and drawn <= fit and not drawn & validation

@@ -13,11 +13,11 @@ from modit_jax import report
 _CELLS = [(s, d) for s in ("item_holdout", "pattern_holdout") for d in ("d0", "d1")]
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Per method: Joint@20 and Purity@20 per cell (in _CELLS order), and per reference the cells
-# with a significant gain over it. Purity gaps to modit_sft: hppo -0.01, +0.02, -0.015, 0.0
+# with a significant gain over it (and, in `losses`, with a significant loss). Purity gaps to modit_sft: hppo -0.01, +0.02, -0.015, 0.0
 # (worst -0.015 in item_holdout / d1); seed_centroid -0.05 at worst (pattern_holdout / d0).
 _METHODS = {
     "seed_centroid": dict(joint=[0.10, 0.12, 0.08, 0.09], purity=[0.80, 0.78, 0.70, 0.75],
-                          wins={"modit_sft": []}),
+                          wins={"modit_sft": []}, losses={"modit_sft": [0, 1, 2, 3]}),
     "modit_sft": dict(joint=[0.20, 0.22, 0.18, 0.19], purity=[0.82, 0.80, 0.75, 0.77],
                       wins={"seed_centroid": [0, 3]}),
     "modit_hppo": dict(joint=[0.30, 0.31, 0.25, 0.24], purity=[0.81, 0.785, 0.77, 0.77],
@@ -37,10 +37,14 @@ def _results() -> dict:
           "oracle": method == "oracle_shift", "joint@20": joint, "purity@20": purity,
           "attr@20": 0.9 - purity / 2, "bound@20": 1.0, "joint@20_ci": [joint - 0.03,
                                                                         joint + 0.04],
-          "vs": {ref: {"diff": 0.1, "ci_low": 0.05, "ci_high": 0.15, "p": 0.01,
-                       "p_bootstrap": 0.01, "significant_gain": c in cells}
+          "vs": {ref: {"diff": 0.1, "ci_low": 0.05, "ci_high": 0.15, "p_gain": 0.01,
+                       "p_loss": 0.99, "p_gain_holm": 0.04, "p_loss_holm": 1.0,
+                       "against": ref, "significant_gain": c in cells,
+                       "significant_loss": c in spec.get("losses", {}).get(ref, [])}
                  for ref, cells in spec["wins"].items()}})
-  return {"dataset": "/data/world", "strongest_baseline": "seed_centroid", "records": records}
+  return {"dataset": "/data/world", "strongest_baseline": {"d0": "seed_centroid",
+                                                           "d1": "seed_centroid"},
+          "records": records}
 
 
 def _write_jsonl(workdir, records) -> str:
@@ -131,17 +135,19 @@ def test_report_has_title_notes_and_the_tables(written):
   # pretrained_gr was not evaluated, so it gets no table.
   assert "pretrained_gr" not in text
   assert "| modit_hppo | 0.300 [0.270, 0.340]+ | 0.310 [0.280, 0.350]+ |" in text
+  assert "| seed_centroid | 0.100 [0.070, 0.140]- | 0.120 [0.090, 0.160]- |" in text
+  assert "d0: `seed_centroid`, d1: `seed_centroid`" in text
   assert "| oracle_shift (oracle) |" in text
 
 
 def test_significance_counts_and_purity_gap(written):
   _, _, text = written
-  assert "| method | significant vs `seed_centroid` | significant vs `modit_sft` |" in text
-  assert _row(text, "modit_hppo") == ["modit_hppo", "3 / 4", "1 / 4",
+  assert "| method | significant vs `modit_sft` | significant vs `seed_centroid` |" in text
+  assert _row(text, "modit_hppo") == ["modit_hppo", "1+ 0− / 4", "3+ 0− / 4",
                                       "-0.015 (item_holdout / d1), ok"]
-  assert _row(text, "modit_sft") == ["modit_sft", "2 / 4", "—", "—"]
-  assert _row(text, "oracle_shift (oracle)")[1:3] == ["4 / 4", "4 / 4"]
-  assert _row(text, "seed_centroid") == ["seed_centroid", "—", "0 / 4",
+  assert _row(text, "modit_sft") == ["modit_sft", "—", "2+ 0− / 4", "—"]
+  assert _row(text, "oracle_shift (oracle)")[1:3] == ["4+ 0− / 4", "4+ 0− / 4"]
+  assert _row(text, "seed_centroid") == ["seed_centroid", "0+ 4− / 4", "—",
                                          "-0.050 (pattern_holdout / d0), more than 0.02 below"]
 
 
@@ -149,7 +155,7 @@ def test_significance_summary_without_modit_sft_has_no_purity_column():
   records = [r for r in _results()["records"] if r["method"] != "modit_sft"]
   table = report.significance_summary(records, ["seed_centroid"])
   assert table.splitlines()[0] == "| method | significant vs `seed_centroid` |"
-  assert "| modit_hppo | 3 / 4 |" in table
+  assert "| modit_hppo | 3+ 0− / 4 |" in table
 
 
 def test_missing_metrics_file_is_a_note(written, workdirs):

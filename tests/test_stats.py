@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from modit_jax import stats
 
@@ -54,21 +55,19 @@ def test_paired_test_clear_shift():
   reference = rng.random(300)
   method = reference + 0.1 + 0.05 * rng.standard_normal(300)
   result = stats.paired_test(method, reference)
-  assert set(result) == {"diff", "ci_low", "ci_high", "p", "p_bootstrap", "significant_gain"}
-  assert result["p"] < 1e-3
-  assert 0 < result["p_bootstrap"] < 1e-3  # Never exactly 0 thanks to the +1 correction.
-  assert result["significant_gain"] is True
+  assert set(result) == {"diff", "ci_low", "ci_high", "p_gain", "p_loss"}
+  assert result["p_gain"] < 1e-3
+  assert result["p_loss"] > 0.99
   assert result["ci_low"] < result["diff"] < result["ci_high"]
   assert result["ci_low"] > 0
   json.dumps(result)  # Plain Python values only.
-  assert all(type(v) is float for k, v in result.items() if k != "significant_gain")
+  assert all(type(v) is float for v in result.values())
 
 
 def test_paired_test_identical_arrays():
   values = np.random.default_rng(5).random(50)
   result = stats.paired_test(values, values.copy())
-  assert result == {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p": 1.0, "p_bootstrap": 1.0,
-                    "significant_gain": False}
+  assert result == {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p_gain": 1.0, "p_loss": 1.0}
 
 
 def test_paired_test_swapping_arguments():
@@ -79,8 +78,77 @@ def test_paired_test_swapping_arguments():
   assert ba["diff"] == pytest.approx(-ab["diff"])
   assert ba["ci_low"] == pytest.approx(-ab["ci_high"])
   assert ba["ci_high"] == pytest.approx(-ab["ci_low"])
-  assert ba["p"] == pytest.approx(ab["p"])
-  assert ba["p_bootstrap"] == pytest.approx(ab["p_bootstrap"])
+  assert ba["p_gain"] == pytest.approx(ab["p_loss"])
+  assert ba["p_loss"] == pytest.approx(ab["p_gain"])
+
+
+def test_one_sided_p_values_match_scipy_on_fixed_inputs():
+  # Fixed differences with ties and zeros; scipy's exact/normal choice is its own.
+  method = np.array([0.30, 0.10, 0.25, 0.00, 0.40, 0.35, 0.05, 0.20, 0.15, 0.50, 0.45, 0.30])
+  reference = np.array([0.10, 0.15, 0.05, 0.00, 0.20, 0.10, 0.10, 0.05, 0.20, 0.10, 0.05, 0.35])
+  result = stats.paired_test(method, reference, num_resamples=100)
+  diffs = method - reference
+  assert result["p_gain"] == pytest.approx(
+      scipy.stats.wilcoxon(diffs, alternative="greater").pvalue, rel=1e-12)
+  assert result["p_loss"] == pytest.approx(
+      scipy.stats.wilcoxon(diffs, alternative="less").pvalue, rel=1e-12)
+  # Hand check: the one-sided p-values split the two-sided one.
+  two_sided = scipy.stats.wilcoxon(diffs).pvalue
+  assert min(result["p_gain"], result["p_loss"]) == pytest.approx(two_sided / 2, rel=1e-9)
+
+
+def test_mostly_worse_queries_are_not_a_gain_even_with_a_higher_mean():
+  # 80 % of queries a little worse, 20 % much better: the mean rises, the method is not better
+  # for most queries. A two-sided test with the direction read off the mean called this a gain.
+  rng = np.random.default_rng(10)
+  n = 250
+  reference = rng.uniform(0.3, 0.7, n)
+  worse = rng.random(n) < 0.8
+  method = np.where(worse, reference - 0.02, reference + 0.3)
+  result = stats.paired_test(method, reference)
+  assert result["diff"] > 0 and result["ci_low"] > 0
+  assert scipy.stats.wilcoxon(method - reference).pvalue < 0.05  # the old verdict's input
+  assert result["p_gain"] > 0.5
+  verdict = stats.correct_family([result])[0]
+  assert not verdict["significant_gain"]
+  # Nor a loss: the interval of the mean difference is above 0.
+  assert not verdict["significant_loss"]
+
+
+def test_holm_matches_a_hand_computed_example():
+  p = [0.01, 0.04, 0.03, 0.005]
+  # Sorted: 0.005*4=0.02, 0.01*3=0.03, 0.03*2=0.06, 0.04*1=0.04 -> monotone 0.06.
+  np.testing.assert_allclose(stats.holm(p), [0.03, 0.06, 0.06, 0.02])
+  np.testing.assert_allclose(stats.holm([0.5, 0.9]), [1.0, 1.0])
+  np.testing.assert_allclose(stats.holm([0.2]), [0.2])
+
+
+def test_holm_rejects_like_the_step_down_procedure():
+  rng = np.random.default_rng(11)
+  for _ in range(50):
+    p = rng.random(8) ** 3
+    order = np.argsort(p)
+    rejected = np.zeros(8, bool)
+    for i, j in enumerate(order):  # reject while p_(i) < alpha / (n - i)
+      if p[j] >= 0.05 / (8 - i):
+        break
+      rejected[j] = True
+    np.testing.assert_array_equal(stats.holm(p) < 0.05, rejected)
+
+
+def test_correct_family_needs_both_the_corrected_p_and_the_interval():
+  rng = np.random.default_rng(12)
+  reference = rng.random(300)
+  gain = stats.paired_test(reference + 0.05 + 0.02 * rng.standard_normal(300), reference)
+  loss = stats.paired_test(reference - 0.05 + 0.02 * rng.standard_normal(300), reference)
+  borderline = dict(gain, p_gain=0.03)   # alone below 0.05, not after x2
+  verdicts = stats.correct_family([gain, loss, borderline])
+  assert [v["significant_gain"] for v in verdicts] == [True, False, False]
+  assert [v["significant_loss"] for v in verdicts] == [False, True, False]
+  assert verdicts[2]["p_gain_holm"] == pytest.approx(0.03 * 2)
+  # A tiny p with an interval that straddles 0 is no verdict.
+  straddle = dict(gain, ci_low=-0.01)
+  assert not stats.correct_family([straddle])[0]["significant_gain"]
 
 
 def test_negative_shift_is_never_a_significant_gain():
@@ -89,9 +157,11 @@ def test_negative_shift_is_never_a_significant_gain():
     reference = rng.random(100)
     method = reference - 0.1 - 0.05 * rng.random(100)
     result = stats.paired_test(method, reference, seed=trial)
-    assert result["p"] < 1e-3
+    assert result["p_loss"] < 1e-3
     assert result["diff"] < 0
-    assert result["significant_gain"] is False
+    verdict = stats.correct_family([result])[0]
+    assert verdict["significant_gain"] is False
+    assert verdict["significant_loss"] is True
 
 
 def test_paired_test_deterministic_for_a_seed():

@@ -267,3 +267,19 @@ def test_refuses_too_many_clusters(cat):
   with pytest.raises(errors.UserError, match="latent clusters"):
     # Refused before the predictor trains, not after.
     trajectories.build_source(cat, len(cat.train_items()) + 1, 0, _predictor_config())
+
+
+def test_training_data_never_reads_patterns_or_hidden_labels(cat):
+  """Scrambled patterns (their count too) and flipped unobserved labels: the same source.
+
+  The latent clusters, the density and hence every CPT trajectory and SFT target are built
+  from embeddings and observed labels only (DESIGN.md section 2).
+  """
+  rng = np.random.default_rng(0)
+  poisoned = dataclasses.replace(
+      cat, patterns=rng.integers(0, 3 * int(cat.patterns.max()) + 7, cat.num_items),
+      attributes=np.where(cat.observed, cat.attributes, ~cat.attributes))
+  a, b = _build(cat), _build(poisoned)
+  np.testing.assert_array_equal(a.train_items, b.train_items)
+  np.testing.assert_array_equal(a.assign, b.assign)
+  np.testing.assert_array_equal(a.density, b.density)

@@ -1,0 +1,35 @@
+r"""The test-world protocol: the pipeline on untouched worlds, pooled (docs/protocol.md).
+
+Launch:
+  python -m modit_jax.protocol --config=configs/protocol.py --workdir=out/protocol
+Variant `configs/protocol.py:tiny` (tests): two tiny worlds, tiny models.
+
+World 0 is the development world that every design decision looked at; the test worlds are
+other generator seeds of the same construction and size, each trained with its own seed.
+"""
+
+import ml_collections
+
+from configs import pipeline as pipeline_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the protocol config; `arg` in {None, 'default', 'tiny'}."""
+  if arg not in (None, "", "default", "tiny"):
+    raise ValueError(f"unknown protocol config variant {arg!r}; use tiny or default")
+  tiny = arg == "tiny"
+  c = ml_collections.ConfigDict()
+  # Generator seeds of the test worlds; each is also its runs' training seed. Never 0.
+  c.worlds = (1, 2) if tiny else (1, 2, 3)
+  # Every world runs this pipeline (the main methods; the ablations are the development
+  # world's, `make main`). Its `world` is the construction; only the seed changes per world.
+  c.pipeline = pipeline_config.get_config("tiny,no_ablations" if tiny else "no_ablations")
+  # A test world is kept whatever its design properties measure (they are reported per world):
+  # dropping the seeds whose world misses one would be choosing the test set.
+  c.pipeline.world.properties_required = False
+  # The references every pooled cell is tested against.
+  c.references = ",".join(["strongest_baseline", "modit_sft", "pretrained_gr", "seed_centroid",
+                            "centroid_global_shift", "local_shift"])
+  c.num_resamples = c.pipeline.evaluate.num_resamples
+  c.seed = 0  # of the pooled bootstrap
+  return c

@@ -1,0 +1,163 @@
+"""Pools the evaluations of several worlds into one set of 8 cells (the protocol's numbers).
+
+Each world is a finished pipeline directory (`workflow.run_pipeline`): its catalog in
+`dataset/`, its evaluation in `eval/` (results.json and the retrieved ids). Per-query metrics
+are recomputed from the retrieved ids and each world's own dataset, concatenated cell by cell
+over the worlds, and summarised exactly as one evaluation is (`evaluation.summarize`: CIs, and
+one-sided tests Holm-corrected over the cells). The strongest competitor per domain is chosen
+on the worlds' validation queries (their mean validation Joint), never on a pooled cell.
+
+Beside the pooled verdicts, the result keeps what one world alone says: per world and method,
+the significant gains and losses against each reference, and the spread of the cell means.
+"""
+
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from modit_jax import catalog as catalog_lib
+from modit_jax import errors
+from modit_jax import evaluation
+
+HEADLINE = evaluation.HEADLINE
+
+
+def _load_world(out: str) -> tuple[catalog_lib.Catalog, dict[str, Any],
+                                   dict[str, dict[str, np.ndarray]]]:
+  """(catalog, results.json, retrieved ids method -> split -> [Q, K]) of one pipeline dir."""
+  results_path = os.path.join(out, "eval", "results.json")
+  if not os.path.isfile(results_path):
+    raise errors.UserError(f"{out} has no finished evaluation ({results_path} is missing)")
+  with open(results_path) as f:
+    results = json.load(f)
+  catalog = catalog_lib.load_catalog(os.path.join(out, "dataset"))
+  retrieved = {}
+  for method in results["methods"]:
+    retrieved[method] = {}
+    for split in results["splits"]:
+      path = os.path.join(out, "eval", evaluation.RETRIEVED_DIR, f"{method}_{split}.npz")
+      with np.load(path) as saved:
+        retrieved[method][split] = saved["ids"]
+  return catalog, results, retrieved
+
+
+def pool(world_dirs: dict[str, str], references: Sequence[str], num_resamples: int,
+         seed: int) -> dict[str, Any]:
+  """The pooled results (the format of an evaluation's results.json, plus `per_world`).
+
+  Args:
+    world_dirs: world name -> finished pipeline directory.
+    references: the references every method is tested against (`strongest_baseline` allowed).
+    num_resamples, seed: of the bootstrap.
+
+  Returns:
+    A JSON-serialisable dict: `records` (pooled, one per method x cell), `strongest_baseline`
+    (domain -> competitor), `validation` (mean over worlds), `per_world` (name -> counts of
+    significant cells and cell means), `worlds`, `methods`, `splits`.
+  """
+  if not world_dirs:
+    raise errors.UserError("pooling needs at least one world")
+  scores: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {}
+  domains_by_split: dict[str, list[np.ndarray]] = {}
+  validation: dict[str, dict[str, list[float]]] = {}
+  per_world: dict[str, Any] = {}
+  domain_names = methods = splits = ks = None
+  for world, out in world_dirs.items():
+    catalog, results, retrieved = _load_world(out)
+    if domain_names is None:
+      domain_names, methods, splits, ks = (catalog.domains, results["methods"],
+                                           results["splits"], results["ks"])
+    elif (catalog.domains, results["methods"], results["splits"]) != (domain_names, methods,
+                                                                      splits):
+      raise errors.UserError(f"world {world} ({out}) was evaluated on other domains, methods "
+                             "or splits than the first world; pooled cells need the same ones")
+    for method, by_split in evaluation.score_all(catalog, retrieved, ks).items():
+      for split, metrics in by_split.items():
+        for key, values in metrics.items():
+          scores.setdefault(method, {}).setdefault(split, {}).setdefault(key, []).append(values)
+    for split in splits:
+      domains_by_split.setdefault(split, []).append(catalog.queries[split].domain)
+    for method, by_domain in results.get("validation", {}).items():
+      for domain, joint in by_domain.items():
+        validation.setdefault(method, {}).setdefault(domain, []).append(joint)
+    per_world[world] = _world_summary(results)
+  pooled_scores = {m: {s: {k: np.concatenate(v) for k, v in metrics.items()}
+                       for s, metrics in by_split.items()} for m, by_split in scores.items()}
+  pooled_domains = {s: np.concatenate(v) for s, v in domains_by_split.items()}
+  mean_validation = {m: {d: float(np.mean(v)) for d, v in by_domain.items()}
+                     for m, by_domain in validation.items()}
+  strongest = evaluation.strongest_per_domain(mean_validation)
+  records = evaluation.summarize(domain_names, pooled_domains, pooled_scores, references,
+                                 strongest, num_resamples, seed)
+  return {"worlds": dict(world_dirs), "methods": methods, "splits": splits, "ks": ks,
+          "references": list(references), "strongest_baseline": strongest,
+          "validation": mean_validation, "records": records, "per_world": per_world}
+
+
+def _world_summary(results: dict[str, Any]) -> dict[str, Any]:
+  """Per method: significant gains / losses per reference, and the Joint@20 cell means."""
+  out: dict[str, Any] = {}
+  for r in results["records"]:
+    mine = out.setdefault(r["method"], {"cells": {}, "vs": {}})
+    mine["cells"][f"{r['split']} / {r['domain']}"] = r[HEADLINE]
+    for ref, test in r["vs"].items():
+      counts = mine["vs"].setdefault(ref, {"gains": 0, "losses": 0, "cells": 0})
+      counts["gains"] += bool(test.get("significant_gain"))
+      counts["losses"] += bool(test.get("significant_loss"))
+      counts["cells"] += 1
+  return out
+
+
+def per_world_table(pooled: dict[str, Any], reference: str) -> str:
+  """Markdown: per method, each world's significant gains+ losses− against `reference`."""
+  worlds = list(pooled["per_world"])
+  lines = ["| method | " + " | ".join(f"world {w}" for w in worlds) + " |",
+           "|---" * (len(worlds) + 1) + "|"]
+  for method in pooled["methods"]:
+    row = []
+    for world in worlds:
+      counts = pooled["per_world"][world].get(method, {}).get("vs", {}).get(reference)
+      row.append(f"{counts['gains']}+ {counts['losses']}− / {counts['cells']}" if counts
+                 else "—")
+    lines.append(f"| {method} | " + " | ".join(row) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def spread_table(pooled: dict[str, Any]) -> str:
+  """Markdown: per method and cell, the lowest and highest world's Joint@20 mean."""
+  worlds = list(pooled["per_world"])
+  cells = list(dict.fromkeys(f"{r['split']} / {r['domain']}" for r in pooled["records"]))
+  lines = ["| method | " + " | ".join(cells) + " |", "|---" * (len(cells) + 1) + "|"]
+  for method in pooled["methods"]:
+    row = []
+    for cell in cells:
+      means = [pooled["per_world"][w][method]["cells"][cell] for w in worlds
+               if cell in pooled["per_world"][w].get(method, {}).get("cells", {})]
+      row.append(f"{min(means):.3f}–{max(means):.3f}" if means else "")
+    lines.append(f"| {method} | " + " | ".join(row) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def gap_closed(records: Sequence[dict[str, Any]], low: str = "seed_centroid",
+               high: str = "oracle_shift") -> dict[str, float]:
+  """Per method: the share of the Joint@20 gap from `low` to `high` it closes.
+
+  (mean over cells of the method - of `low`) / (mean over cells of `high` - of `low`), over
+  the cells where all three were evaluated; empty when `low` or `high` is missing.
+  """
+  by_key = {(r["method"], r["split"], r["domain"]): r[HEADLINE] for r in records}
+  cells = sorted({(s, d) for m, s, d in by_key if (low, s, d) in by_key and (high, s, d)
+                  in by_key})
+  if not cells:
+    return {}
+  base = np.mean([by_key[(low, *c)] for c in cells])
+  top = np.mean([by_key[(high, *c)] for c in cells])
+  if top <= base:
+    return {}
+  out = {}
+  for method in dict.fromkeys(m for m, _, _ in by_key):
+    if all((method, *c) in by_key for c in cells):
+      out[method] = float((np.mean([by_key[(method, *c)] for c in cells]) - base) / (top - base))
+  return out

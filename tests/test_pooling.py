@@ -1,0 +1,83 @@
+"""Pooling of several worlds' evaluations (the protocol's cells), and the protocol's errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import protocol as protocol_config
+from modit_jax import errors
+from modit_jax import pooling
+from modit_jax import workflow
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_METHODS = "seed_centroid,centroid_global_shift,local_shift,oracle_shift"
+
+
+@pytest.fixture(scope="module")
+def world_dir(tiny_world, tmp_path_factory):
+  """A pipeline-shaped directory: dataset/ (the tiny world) and eval/ (its evaluation)."""
+  root = tmp_path_factory.mktemp("world")
+  os.symlink(tiny_world, root / "dataset")
+  proc = subprocess.run(
+      [sys.executable, "-m", "modit_jax.evaluate", "--config=configs/evaluate.py:tiny",
+       f"--config.methods={_METHODS}", f"--dataset={tiny_world}", f"--workdir={root / 'eval'}"],
+      cwd=_REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return root
+
+
+def _results(world_dir):
+  return json.loads((world_dir / "eval" / "results.json").read_text())
+
+
+def test_one_world_pooled_is_its_evaluation(world_dir):
+  results = _results(world_dir)
+  pooled = pooling.pool({"a": str(world_dir)}, results["references"], num_resamples=1000,
+                        seed=0)
+  assert pooled["strongest_baseline"] == results["strongest_baseline"]
+  assert pooled["records"] == results["records"]
+
+
+def test_two_worlds_pool_their_queries(world_dir):
+  results = _results(world_dir)
+  pooled = pooling.pool({"a": str(world_dir), "b": str(world_dir)}, results["references"],
+                        num_resamples=1000, seed=0)
+  single = {(r["method"], r["split"], r["domain"]): r for r in results["records"]}
+  for r in pooled["records"]:
+    one = single[(r["method"], r["split"], r["domain"])]
+    assert r["n"] == 2 * one["n"]
+    assert r["joint@20"] == pytest.approx(one["joint@20"])
+  # Per-world counts are each world's own verdicts.
+  for world in ("a", "b"):
+    counts = pooled["per_world"][world]["centroid_global_shift"]["vs"]["seed_centroid"]
+    assert counts["gains"] == sum(
+        r["vs"]["seed_centroid"]["significant_gain"] for r in results["records"]
+        if r["method"] == "centroid_global_shift")
+  table = pooling.per_world_table(pooled, "seed_centroid")
+  assert "| centroid_global_shift | " in table and "world a" in table
+  spread = pooling.spread_table(pooled)
+  assert spread.count("\n") == len(pooled["methods"]) + 2
+  gaps = pooling.gap_closed(pooled["records"])
+  assert gaps["seed_centroid"] == pytest.approx(0.0)
+  assert gaps["oracle_shift"] == pytest.approx(1.0)
+
+
+def test_a_world_without_evaluation_is_a_clear_error(tmp_path):
+  with pytest.raises(errors.UserError, match="no finished evaluation"):
+    pooling.pool({"a": str(tmp_path)}, ["seed_centroid"], num_resamples=10, seed=0)
+
+
+@pytest.mark.parametrize("worlds, dataset, message", [
+    ((0, 1), "", "development world"),
+    ((1, 1), "", "distinct"),
+    ((1, 2), "/some/catalog", "generates its worlds"),
+])
+def test_protocol_config_errors(tmp_path, worlds, dataset, message):
+  config = protocol_config.get_config("tiny")
+  config.worlds = worlds
+  config.pipeline.dataset = dataset
+  with pytest.raises(errors.UserError, match=message):
+    workflow.run_protocol(config, str(tmp_path))
