@@ -142,7 +142,9 @@ def retrieve_all(catalog: catalog_lib.Catalog, methods: Sequence[str], splits: S
                     "build_seconds": round(time.perf_counter() - start, 2)},
           "validation": {}}
   oracle = oracle_lib.OnlineOracle(catalog, config.oracle_k, config.oracle_index_kind)
-  validation = query_split.validation_queries(catalog)
+  # Without train queries nothing is tuned or chosen; methods with no knob still answer.
+  validation = (query_split.validation_queries(catalog) if len(catalog.queries["train"]) >= 2
+                else None)
   retrieved, knobs = {}, {}
   for name in methods:
     start = time.perf_counter()
@@ -150,6 +152,7 @@ def retrieve_all(catalog: catalog_lib.Catalog, methods: Sequence[str], splits: S
       fitted = generative.fit(name, config.workdirs[name], catalog, oracle, config)
     else:
       fitted = baselines.fit(name, catalog, oracle, config)
+    if validation is not None and name in baselines.BASELINES:
       joint = oracle.score_ids(fitted.retrieve(validation, TrainIndex(oracle), oracle.k),
                                validation)[f"joint@{oracle.k}"]
       meta["validation"][name] = {

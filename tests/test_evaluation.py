@@ -1,5 +1,6 @@
 """Evaluation end to end on the tiny world, the baselines, the oracle and the predictor."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from configs import evaluate as evaluate_config
 from modit_jax import baselines
 from modit_jax import catalog as catalog_lib
 from modit_jax import errors
+from modit_jax import evaluation
 from modit_jax import metric_predictor
 from modit_jax import metrics
 from modit_jax import oracle as oracle_lib
@@ -194,3 +196,16 @@ def test_tuning_picks_best_joint_or_best_joint_within_purity_tolerance(tiny):
   np.testing.assert_array_equal(tune(-1.0), np.full(cat.num_domains, 8.0))
   np.testing.assert_array_equal(tune(0.02), np.full(cat.num_domains, 4.0))
   np.testing.assert_array_equal(tune(0.0), np.full(cat.num_domains, 1.0))
+
+
+def test_methods_without_knobs_need_no_train_queries(tiny):
+  cat = catalog_lib.load_catalog(tiny)
+  train = cat.queries["train"]
+  empty = dataclasses.replace(cat, queries=dict(cat.queries, train=train.take(np.arange(0))))
+  config = evaluate_config.get_config("tiny")
+  config.methods = "seed_centroid,global_attribute"
+  result = evaluation.evaluate(empty, config)
+  assert result.strongest_baseline == {} and result.meta["validation"] == {}
+  assert all("strongest_baseline" not in r["vs"] for r in result.records)
+  assert all("seed_centroid" in r["vs"] for r in result.records
+             if r["method"] == "global_attribute")
