@@ -1,6 +1,7 @@
 """Shared start-up for every binary: absl flags, logging, JAX's CPU devices, user errors."""
 
 import logging as std_logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -52,5 +53,10 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
       logging.flush()
       sys.stderr.write(f"{e}\n")
       sys.exit(e.exit_code)
+    except BrokenPipeError:
+      # Whoever read stdout stopped (`... | head`): nothing went wrong here. Point stdout at
+      # /dev/null so that the interpreter's final flush does not raise again.
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+      sys.exit(1)
 
   app.run(guarded_main)

@@ -188,42 +188,57 @@ def _rerank(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
   return Fitted("rerank", retrieve, knob=knob)
 
 
+def local_directions(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
+                     q: catalog_lib.Queries, sizes: Sequence[int],
+                     labels: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+                     | None = None) -> dict[int, np.ndarray]:
+  """Per neighbourhood size n: float32 [Q, d], labelled-positive mean minus labelled mean.
+
+  Over the n train items nearest each query's seed centroid (`oracle.neighbours`: embeddings
+  only). Labels are the observed labels of the query's domain, or `labels(near, domains)` ->
+  (known, positive) bool [Q, n_max] when given (a bound reads the oracle's). A query with no
+  labelled positive nearby gets a zero direction.
+  """
+  emb = catalog.embeddings
+  sizes = sorted(int(n) for n in sizes)
+  centroid = seed_centroids(emb, q.seeds)
+  near = oracle.neighbours(centroid, q.seeds,
+                           min(sizes[-1], len(oracle.train_items) - q.seeds.shape[1]))
+  if labels is None:
+    domain = np.asarray(q.domain)[:, None]
+    known = np.asarray(catalog.observed, bool)[near, domain]   # train items' observed labels
+    positive = known & np.asarray(catalog.attributes, bool)[near, domain]  # only where observed
+  else:
+    known, positive = labels(near, q.domain)
+  out = {}
+  for n in sizes:
+    rows = []
+    for start in range(0, len(q), 256):  # [256, n, d] at a time: bounded memory
+      block = np.asarray(emb[near[start:start + 256, :n]], np.float32)
+      k, p = known[start:start + 256, :n], positive[start:start + 256, :n]
+      mean_known = np.einsum("qn,qnd->qd", k, block) / np.maximum(k.sum(1), 1)[:, None]
+      mean_pos = np.einsum("qn,qnd->qd", p, block) / np.maximum(p.sum(1), 1)[:, None]
+      # No labelled positive nearby: no evidence of a direction, stay at the centroid.
+      rows.append(np.where(p.any(1)[:, None], mean_pos - mean_known, 0.0))
+    out[n] = np.concatenate(rows).astype(np.float32)
+  return out
+
+
 def _local_shift(name: str, catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
                  config: ml_collections.ConfigDict, true_labels: bool) -> Fitted:
   """c + a_m * (positives - labelled) among the N_m nearest train items; (N_m, a_m) tuned."""
   emb = catalog.embeddings
-  observed = np.asarray(catalog.observed, bool)
-  attributes = np.asarray(catalog.attributes, bool)
   sizes = sorted(int(n) for n in config.local_neighbourhood_grid)
   steps = [float(a) for a in config.local_shift_grid]
   if not sizes or not steps or sizes[0] < 1:
     raise errors.UserError("local_shift needs non-empty local_neighbourhood_grid (sizes >= 1) "
                            "and local_shift_grid")
 
+  def oracle_labels(near: np.ndarray, domains: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.ones(near.shape, bool), oracle.labels(near, domains)
+
   def directions(q: catalog_lib.Queries) -> dict[int, np.ndarray]:
-    """Per neighbourhood size: float32 [Q, d] labelled-positive mean minus labelled mean."""
-    centroid = seed_centroids(emb, q.seeds)
-    near = oracle.neighbours(centroid, q.seeds,
-                              min(sizes[-1], len(oracle.train_items) - q.seeds.shape[1]))
-    domain = np.asarray(q.domain)[:, None]
-    if true_labels:
-      known = np.ones(near.shape, bool)
-      positive = oracle.labels(near, q.domain)
-    else:
-      known = observed[near, domain]                 # observed labels of train items only
-      positive = known & attributes[near, domain]    # read only where observed
-    out = {}
-    for n in sizes:
-      rows = []
-      for start in range(0, len(q), 256):  # [256, n, d] at a time: bounded memory
-        block = np.asarray(emb[near[start:start + 256, :n]], np.float32)
-        k, p = known[start:start + 256, :n], positive[start:start + 256, :n]
-        mean_known = np.einsum("qn,qnd->qd", k, block) / np.maximum(k.sum(1), 1)[:, None]
-        mean_pos = np.einsum("qn,qnd->qd", p, block) / np.maximum(p.sum(1), 1)[:, None]
-        # No labelled positive nearby: no evidence of a direction, stay at the centroid.
-        rows.append(np.where(p.any(1)[:, None], mean_pos - mean_known, 0.0))
-      out[n] = np.concatenate(rows).astype(np.float32)
-    return out
+    return local_directions(catalog, oracle, q, sizes, oracle_labels if true_labels else None)
 
   cache: dict[int, tuple[catalog_lib.Queries, dict[int, np.ndarray]]] = {}
 
