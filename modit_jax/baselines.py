@@ -25,7 +25,7 @@ online metric oracle over train items (`modit_jax.oracle`), never on evaluation 
 """
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import logging
 import ml_collections
@@ -94,7 +94,7 @@ def _embedding_method(name: str, embed: Callable[[catalog_lib.Queries], np.ndarr
 
 def tune_per_domain(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
                      grid: Sequence[float],
-                     retrieve_train: Callable[[catalog_lib.Queries, float], np.ndarray],
+                     retrieve_train: Callable[[catalog_lib.Queries, Any], np.ndarray],
                      what: str, max_queries: int = 0, seed: int = 0,
                      purity_tolerance: float = -1.0) -> np.ndarray:
   """For each domain, the grid value with the best mean oracle Joint@k on validation queries.
@@ -106,7 +106,7 @@ def tune_per_domain(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracl
   queries that trained a model, never on evaluation queries. `max_queries` > 0 tunes on a
   seeded subset of that many validation queries (for knobs whose every
   trial is costly, such as a generative model's guidance scale). `purity_tolerance` >= 0 only
-  admits values whose mean train Purity@k is within it of the grid's best Purity@k (a
+  admits values whose mean validation Purity@k is within it of the grid's best Purity@k (a
   pattern-preserving choice); < 0 ignores purity.
   """
   if len(catalog.queries["train"]) == 0:

@@ -78,9 +78,7 @@ class OnlineOracle:
     local = self._local_items(retrieved)
     self._local_seeds(queries.seeds)
     same = self._patterns[local] == np.asarray(queries.pattern)[:, None]
-    positive = np.take_along_axis(self._attributes[local],
-                                  np.asarray(queries.domain)[:, None, None], 2)[..., 0]
-    return same & positive
+    return same & self.labels(retrieved, queries.domain)
 
   def neighbours(self, query_embeddings: np.ndarray, seeds: np.ndarray, k: int) -> np.ndarray:
     """Global ids int64 [Q, k] of the k train items nearest each query embedding.
