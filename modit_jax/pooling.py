@@ -1,7 +1,7 @@
 """Pools the evaluations of several worlds into one set of 8 cells (the protocol's numbers).
 
-Each world is a finished pipeline directory (`workflow.run_pipeline`): its catalog in
-`dataset/`, its evaluation in `eval/` (results.json and the retrieved ids). Per-query metrics
+Each world is a catalog directory and the directory of its finished evaluation (results.json
+and the retrieved ids; in a pipeline's OUT, `dataset/` and `eval/`). Per-query metrics
 are recomputed from the retrieved ids and each world's own dataset, concatenated cell by cell
 over the worlds, and summarised exactly as one evaluation is (`evaluation.summarize`: CIs, and
 one-sided tests Holm-corrected over the cells). The strongest competitor per domain is chosen
@@ -20,35 +20,37 @@ import numpy as np
 from modit_jax import catalog as catalog_lib
 from modit_jax import errors
 from modit_jax import evaluation
+from modit_jax import report
 
 HEADLINE = evaluation.HEADLINE
 
 
-def _load_world(out: str) -> tuple[catalog_lib.Catalog, dict[str, Any],
-                                   dict[str, dict[str, np.ndarray]]]:
-  """(catalog, results.json, retrieved ids method -> split -> [Q, K]) of one pipeline dir."""
-  results_path = os.path.join(out, "eval", "results.json")
+def _load_world(dataset: str, eval_dir: str) -> tuple[catalog_lib.Catalog, dict[str, Any],
+                                                      dict[str, dict[str, np.ndarray]]]:
+  """(catalog, results.json, retrieved ids method -> split -> [Q, K]) of one world."""
+  results_path = os.path.join(eval_dir, "results.json")
   if not os.path.isfile(results_path):
-    raise errors.UserError(f"{out} has no finished evaluation ({results_path} is missing)")
+    raise errors.UserError(f"{eval_dir} holds no finished evaluation ({results_path} is "
+                           "missing)")
   with open(results_path) as f:
     results = json.load(f)
-  catalog = catalog_lib.load_catalog(os.path.join(out, "dataset"))
+  catalog = catalog_lib.load_catalog(dataset)
   retrieved = {}
   for method in results["methods"]:
     retrieved[method] = {}
     for split in results["splits"]:
-      path = os.path.join(out, "eval", evaluation.RETRIEVED_DIR, f"{method}_{split}.npz")
+      path = os.path.join(eval_dir, evaluation.RETRIEVED_DIR, f"{method}_{split}.npz")
       with np.load(path) as saved:
         retrieved[method][split] = saved["ids"]
   return catalog, results, retrieved
 
 
-def pool(world_dirs: dict[str, str], references: Sequence[str], num_resamples: int,
+def pool(worlds: dict[str, tuple[str, str]], references: Sequence[str], num_resamples: int,
          seed: int) -> dict[str, Any]:
   """The pooled results (the format of an evaluation's results.json, plus `per_world`).
 
   Args:
-    world_dirs: world name -> finished pipeline directory.
+    worlds: world name -> (its catalog directory, its evaluation directory).
     references: the references every method is tested against (`strongest_baseline` allowed).
     num_resamples, seed: of the bootstrap.
 
@@ -57,21 +59,21 @@ def pool(world_dirs: dict[str, str], references: Sequence[str], num_resamples: i
     (domain -> competitor), `validation` (mean over worlds), `per_world` (name -> counts of
     significant cells and cell means), `worlds`, `methods`, `splits`.
   """
-  if not world_dirs:
+  if not worlds:
     raise errors.UserError("pooling needs at least one world")
   scores: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {}
   domains_by_split: dict[str, list[np.ndarray]] = {}
   validation: dict[str, dict[str, list[float]]] = {}
   per_world: dict[str, Any] = {}
   domain_names = methods = splits = ks = None
-  for world, out in world_dirs.items():
-    catalog, results, retrieved = _load_world(out)
+  for world, (dataset, eval_dir) in worlds.items():
+    catalog, results, retrieved = _load_world(dataset, eval_dir)
     if domain_names is None:
       domain_names, methods, splits, ks = (catalog.domains, results["methods"],
                                            results["splits"], results["ks"])
     elif (catalog.domains, results["methods"], results["splits"]) != (domain_names, methods,
                                                                       splits):
-      raise errors.UserError(f"world {world} ({out}) was evaluated on other domains, methods "
+      raise errors.UserError(f"world {world} ({eval_dir}) was evaluated on other domains, methods "
                              "or splits than the first world; pooled cells need the same ones")
     for method, by_split in evaluation.score_all(catalog, retrieved, ks).items():
       for split, metrics in by_split.items():
@@ -91,23 +93,24 @@ def pool(world_dirs: dict[str, str], references: Sequence[str], num_resamples: i
   strongest = evaluation.strongest_per_domain(mean_validation)
   records = evaluation.summarize(domain_names, pooled_domains, pooled_scores, references,
                                  strongest, num_resamples, seed)
-  return {"worlds": dict(world_dirs), "methods": methods, "splits": splits, "ks": ks,
+  return {"worlds": {w: {"dataset": d, "eval": e} for w, (d, e) in worlds.items()},
+          "methods": methods, "splits": splits, "ks": ks,
           "references": list(references), "strongest_baseline": strongest,
           "validation": mean_validation, "records": records, "per_world": per_world}
 
 
 def _world_summary(results: dict[str, Any]) -> dict[str, Any]:
   """Per method: significant gains / losses per reference, and the Joint@20 cell means."""
-  out: dict[str, Any] = {}
+  tests: dict[str, dict[str, list[dict[str, Any]]]] = {}
+  cells: dict[str, dict[str, float]] = {}
   for r in results["records"]:
-    mine = out.setdefault(r["method"], {"cells": {}, "vs": {}})
-    mine["cells"][f"{r['split']} / {r['domain']}"] = r[HEADLINE]
+    cells.setdefault(r["method"], {})[f"{r['split']} / {r['domain']}"] = r[HEADLINE]
     for ref, test in r["vs"].items():
-      counts = mine["vs"].setdefault(ref, {"gains": 0, "losses": 0, "cells": 0})
-      counts["gains"] += bool(test.get("significant_gain"))
-      counts["losses"] += bool(test.get("significant_loss"))
-      counts["cells"] += 1
-  return out
+      tests.setdefault(r["method"], {}).setdefault(ref, []).append(test)
+  return {method: {"cells": by_cell,
+                   "vs": {ref: report.significance_counts(t)
+                          for ref, t in tests.get(method, {}).items()}}
+          for method, by_cell in cells.items()}
 
 
 def per_world_table(pooled: dict[str, Any], reference: str) -> str:
@@ -119,8 +122,7 @@ def per_world_table(pooled: dict[str, Any], reference: str) -> str:
     row = []
     for world in worlds:
       counts = pooled["per_world"][world].get(method, {}).get("vs", {}).get(reference)
-      row.append(f"{counts['gains']}+ {counts['losses']}− / {counts['cells']}" if counts
-                 else "—")
+      row.append(report.count_text(counts) if counts else "—")
     lines.append(f"| {method} | " + " | ".join(row) + " |")
   return "\n".join(lines) + "\n"
 

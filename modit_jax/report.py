@@ -26,8 +26,9 @@ TRAINING_PLOT = "training_curves.png"
 # HPPO may trade purity for joint gains, but never more than this below MO-DiT SFT in any cell.
 PURITY_TOLERANCE = 0.02
 PURITY_REFERENCE = "modit_sft"
-# References that get their own `+` table after the strongest competitor, when they were tested.
-EXTRA_REFERENCES = ("modit_sft", "pretrained_gr", "seed_centroid")
+# References that get their own `+` table, in this order, when they were tested.
+PREFERRED_REFERENCES = (evaluation.STRONGEST_BASELINE, "modit_sft", "pretrained_gr",
+                        "seed_centroid")
 _DPI = 110
 
 Record = Mapping[str, Any]
@@ -53,17 +54,23 @@ def _by_method_cell(records: Sequence[Record]) -> dict[tuple[str, str, str], Rec
   return {(r["method"], r["split"], r["domain"]): r for r in records}
 
 
-def _preferred_references(results: Mapping[str, Any]) -> list[str]:
-  """The references that get a `+` table: the strongest competitor, then `EXTRA_REFERENCES`."""
-  del results  # the same for every evaluation; kept for the callers' symmetry
-  return [evaluation.STRONGEST_BASELINE, *EXTRA_REFERENCES]
-
-
 def tested_references(results: Mapping[str, Any]) -> list[str]:
   """Every reference some record was tested against, the preferred ones first."""
   tested = {ref for r in results.get("records") or [] for ref in r.get("vs", {})}
-  preferred = [ref for ref in _preferred_references(results) if ref in tested]
+  preferred = [ref for ref in PREFERRED_REFERENCES if ref in tested]
   return preferred + sorted(tested - set(preferred))
+
+
+def significance_counts(tests: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+  """Of one comparison's tested cells: how many are significant gains, losses, and in all."""
+  return {"gains": sum(bool(t.get("significant_gain")) for t in tests),
+          "losses": sum(bool(t.get("significant_loss")) for t in tests),
+          "cells": len(tests)}
+
+
+def count_text(counts: Mapping[str, int]) -> str:
+  """`significance_counts` as a table cell: "gains+ losses− / cells"."""
+  return f"{counts['gains']}+ {counts['losses']}− / {counts['cells']}"
 
 
 def significance_summary(records: Sequence[Record], references: Sequence[str]) -> str:
@@ -87,9 +94,7 @@ def significance_summary(records: Sequence[Record], references: Sequence[str]) -
     row = [_label(method, oracle)]
     for ref in references:
       tests = [r["vs"][ref] for r in mine if ref in r.get("vs", {})]
-      wins = sum(bool(t["significant_gain"]) for t in tests)
-      losses = sum(bool(t.get("significant_loss")) for t in tests)
-      row.append(f"{wins}+ {losses}− / {len(tests)}" if tests else "—")
+      row.append(count_text(significance_counts(tests)) if tests else "—")
     if with_purity:
       row.append(_purity_gap(mine, by_key, method))
     lines.append("| " + " | ".join(row) + " |")
@@ -287,7 +292,7 @@ def load_metrics(workdir: str) -> dict[str, np.ndarray]:
 
 def _tables(results: Mapping[str, Any]) -> list[str]:
   """The 8-cell table once per tested reference of interest (once unmarked if none)."""
-  refs = [ref for ref in tested_references(results) if ref in _preferred_references(results)]
+  refs = [ref for ref in tested_references(results) if ref in PREFERRED_REFERENCES]
   out = []
   for ref in refs or [None]:
     out += ["### Joint@20, mean [95 % bootstrap CI]" + (f", `+` vs `{ref}`" if ref else ""), ""]

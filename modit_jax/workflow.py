@@ -285,7 +285,7 @@ def run_protocol(config: ml_collections.ConfigDict, out: str) -> str:
                            "be empty")
   references = evaluation.split_names(config.references, "references")
   os.makedirs(out, exist_ok=True)
-  notes, world_dirs = [], {}
+  notes, world_data = [], {}
   for world in worlds:
     pipeline = ml_collections.ConfigDict(config.pipeline.to_dict())
     pipeline.world.seed = world
@@ -295,11 +295,12 @@ def run_protocol(config: ml_collections.ConfigDict, out: str) -> str:
     logging.info("Protocol: world %d into %s", world, world_dir)
     print(f"protocol: world {world} ({world_dir})", flush=True)
     run_pipeline(pipeline, world_dir)
-    world_dirs[str(world)] = world_dir
+    world_data[str(world)] = (os.path.join(world_dir, DATASET_DIR),
+                              os.path.join(world_dir, EVAL_DIR))
     notes.append(f"world {world}: generator and training seed {world}, `{world_dir}` "
                  f"({time.perf_counter() - world_start:.0f} s); "
                  + _properties_note(os.path.join(world_dir, DATASET_DIR)))
-  pooled = pooling.pool(world_dirs, references, int(config.num_resamples), int(config.seed))
+  pooled = pooling.pool(world_data, references, int(config.num_resamples), int(config.seed))
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump(pooled, f, indent=1)
     f.write("\n")

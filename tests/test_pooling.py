@@ -17,34 +17,33 @@ _METHODS = "seed_centroid,centroid_global_shift,local_shift,oracle_shift"
 
 
 @pytest.fixture(scope="module")
-def world_dir(tiny_world, tmp_path_factory):
-  """A pipeline-shaped directory: dataset/ (the tiny world) and eval/ (its evaluation)."""
-  root = tmp_path_factory.mktemp("world")
-  os.symlink(tiny_world, root / "dataset")
+def world(tiny_world, tmp_path_factory):
+  """(catalog directory, evaluation directory) of the tiny world, evaluated."""
+  eval_dir = tmp_path_factory.mktemp("world") / "eval"
   proc = subprocess.run(
       [sys.executable, "-m", "modit_jax.evaluate", "--config=configs/evaluate.py:tiny",
-       f"--config.methods={_METHODS}", f"--dataset={tiny_world}", f"--workdir={root / 'eval'}"],
+       f"--config.methods={_METHODS}", f"--dataset={tiny_world}", f"--workdir={eval_dir}"],
       cwd=_REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return root
+  return str(tiny_world), str(eval_dir)
 
 
-def _results(world_dir):
-  return json.loads((world_dir / "eval" / "results.json").read_text())
+def _results(world):
+  with open(os.path.join(world[1], "results.json")) as f:
+    return json.load(f)
 
 
-def test_one_world_pooled_is_its_evaluation(world_dir):
-  results = _results(world_dir)
-  pooled = pooling.pool({"a": str(world_dir)}, results["references"], num_resamples=1000,
-                        seed=0)
+def test_one_world_pooled_is_its_evaluation(world):
+  results = _results(world)
+  pooled = pooling.pool({"a": world}, results["references"], num_resamples=1000, seed=0)
   assert pooled["strongest_baseline"] == results["strongest_baseline"]
   assert pooled["records"] == results["records"]
 
 
-def test_two_worlds_pool_their_queries(world_dir):
-  results = _results(world_dir)
-  pooled = pooling.pool({"a": str(world_dir), "b": str(world_dir)}, results["references"],
-                        num_resamples=1000, seed=0)
+def test_two_worlds_pool_their_queries(world):
+  results = _results(world)
+  pooled = pooling.pool({"a": world, "b": world}, results["references"], num_resamples=1000,
+                        seed=0)
   single = {(r["method"], r["split"], r["domain"]): r for r in results["records"]}
   for r in pooled["records"]:
     one = single[(r["method"], r["split"], r["domain"])]
@@ -67,7 +66,8 @@ def test_two_worlds_pool_their_queries(world_dir):
 
 def test_a_world_without_evaluation_is_a_clear_error(tmp_path):
   with pytest.raises(errors.UserError, match="no finished evaluation"):
-    pooling.pool({"a": str(tmp_path)}, ["seed_centroid"], num_resamples=10, seed=0)
+    pooling.pool({"a": (str(tmp_path), str(tmp_path))}, ["seed_centroid"], num_resamples=10,
+                 seed=0)
 
 
 @pytest.mark.parametrize("worlds, dataset, message", [
