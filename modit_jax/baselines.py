@@ -33,6 +33,7 @@ import numpy as np
 
 from modit_jax import catalog as catalog_lib
 from modit_jax import errors
+from modit_jax import evidence
 from modit_jax import metric_predictor
 from modit_jax import oracle as oracle_lib
 from modit_jax import query_split
@@ -47,31 +48,14 @@ ORACLE_METHODS = frozenset({"oracle_shift", "local_shift_train_oracle"})
 NEEDS_TRUE_DIRECTIONS = frozenset({"oracle_shift"})
 
 
-def normalize(x: np.ndarray) -> np.ndarray:
-  """L2-normalises the rows of x (float32)."""
-  x = np.asarray(x, np.float32)
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+# One definition each, shared with the model's neighbour evidence (modit_jax/evidence.py).
+normalize = evidence.normalize
+observed_positive_means = evidence.observed_positive_means
 
 
 def seed_centroids(embeddings: np.ndarray, seeds: np.ndarray) -> np.ndarray:
   """float32 [Q, d]: the normalised mean embedding of each query's seeds."""
   return normalize(np.asarray(embeddings[np.asarray(seeds)], np.float32).mean(axis=1))
-
-
-def observed_positive_means(catalog: catalog_lib.Catalog) -> tuple[np.ndarray, np.ndarray]:
-  """Means over observed labels, per domain: (observed positives [M, d], observed items [M, d])."""
-  observed = np.asarray(catalog.observed, bool)
-  positive = observed & np.asarray(catalog.attributes, bool)  # read only where observed
-  emb = np.asarray(catalog.embeddings, np.float32)
-  pos, all_ = [], []
-  for m in range(catalog.num_domains):
-    if not positive[:, m].any():
-      raise errors.UserError(
-          f"domain {catalog.domains[m]!r} has no observed positive label; the attribute "
-          f"baselines need at least one")
-    pos.append(emb[positive[:, m]].mean(axis=0))
-    all_.append(emb[observed[:, m]].mean(axis=0))
-  return np.stack(pos), np.stack(all_)
 
 
 @dataclasses.dataclass
@@ -154,8 +138,9 @@ def _shift_method(name: str, catalog: catalog_lib.Catalog, oracle: oracle_lib.On
 
 def _rerank(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
             config: ml_collections.ConfigDict) -> Fitted:
-  predictor = metric_predictor.train(catalog.embeddings, catalog.attributes, catalog.observed,
-                                     config.metric_predictor)
+  predictor = metric_predictor.train(
+      catalog.embeddings, catalog.attributes, catalog.observed, config.metric_predictor,
+      metric_predictor.relative_features(catalog, config.metric_predictor))
   for name, v in zip(catalog.domains, predictor.validation):
     logging.info("metric predictor %s: held-out AUC %.3f, ECE %.3f (n=%d)", name, v["auc"],
                  v["ece"], v["n_heldout"])
@@ -210,18 +195,7 @@ def local_directions(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOrac
     positive = known & np.asarray(catalog.attributes, bool)[near, domain]  # only where observed
   else:
     known, positive = labels(near, q.domain)
-  out = {}
-  for n in sizes:
-    rows = []
-    for start in range(0, len(q), 256):  # [256, n, d] at a time: bounded memory
-      block = np.asarray(emb[near[start:start + 256, :n]], np.float32)
-      k, p = known[start:start + 256, :n], positive[start:start + 256, :n]
-      mean_known = np.einsum("qn,qnd->qd", k, block) / np.maximum(k.sum(1), 1)[:, None]
-      mean_pos = np.einsum("qn,qnd->qd", p, block) / np.maximum(p.sum(1), 1)[:, None]
-      # No labelled positive nearby: no evidence of a direction, stay at the centroid.
-      rows.append(np.where(p.any(1)[:, None], mean_pos - mean_known, 0.0))
-    out[n] = np.concatenate(rows).astype(np.float32)
-  return out
+  return evidence.label_contrast(emb, near, known, positive, sizes)
 
 
 def _local_shift(name: str, catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
@@ -279,8 +253,7 @@ def fit(name: str, catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle
     positives = normalize(observed_positive_means(catalog)[0])
     return _embedding_method(name, lambda q: positives[q.domain])
   if name == "centroid_global_shift":
-    pos, mean = observed_positive_means(catalog)
-    shift = normalize(pos - mean)
+    shift = evidence.global_directions(catalog)
     return _shift_method(name, catalog, oracle, config.shift_grid, lambda q: shift[q.domain])
   if name == "rerank":
     return _rerank(catalog, oracle, config)

@@ -2,7 +2,8 @@
 
 Cosine schedule, x0-prediction, classifier-free guidance over the domain with a learned null
 domain, and a DDIM sampler. Everything is a pure function of explicit params and PRNG keys; the
-model is passed in as `apply_fn(params, x_t, t, context, context_mask, domain) -> x0_hat`.
+model is passed in as `apply_fn(params, x_t, t, context, context_mask, domain[, evidence])
+-> x0_hat` (evidence only for a model that reads it).
 """
 
 import math
@@ -29,6 +30,14 @@ class Condition(NamedTuple):
   context: jnp.ndarray       # float [B, L, d] item embeddings
   context_mask: jnp.ndarray  # bool [B, L], True = real item
   domain: jnp.ndarray        # int32 [B], num_domains = null domain
+  evidence: jnp.ndarray | None = None  # float [B, E, d] (modit_jax/evidence.py), or None
+
+
+def apply_condition(apply_fn: ApplyFn, params: Any, x_t: jnp.ndarray, t: jnp.ndarray,
+                    cond: Condition) -> jnp.ndarray:
+  """`apply_fn` on `cond`; the evidence argument is passed only when there is evidence."""
+  args = cond if cond.evidence is not None else cond[:3]
+  return apply_fn(params, x_t, t, *args)
 
 
 def l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
@@ -91,7 +100,7 @@ def denoising_error(apply_fn: ApplyFn, params: Any, x0: jnp.ndarray, t: jnp.ndar
   loser under the same t, noise and condition.
   """
   x_t = q_sample(x0, t, noise)
-  x0_hat = apply_fn(params, x_t, t, cond.context, cond.context_mask, cond.domain)
+  x0_hat = apply_condition(apply_fn, params, x_t, t, cond)
   return jnp.mean(jnp.square(x0_hat.astype(jnp.float32) - x0.astype(jnp.float32)), axis=-1)
 
 
@@ -128,15 +137,16 @@ def guided_prediction(apply_fn: ApplyFn, params: Any, x_t: jnp.ndarray, t: jnp.n
   branch, so only that one is evaluated; otherwise both run in one batched call.
   """
   if _is_static(guidance_scale, 1.0):
-    return apply_fn(params, x_t, t, cond.context, cond.context_mask, cond.domain)
+    return apply_condition(apply_fn, params, x_t, t, cond)
   if null_domain is None:
     raise ValueError("null_domain is required when guidance_scale != 1")
   null = jnp.full_like(cond.domain, null_domain)
   if _is_static(guidance_scale, 0.0):
-    return apply_fn(params, x_t, t, cond.context, cond.context_mask, null)
-  both = lambda a: jnp.concatenate([a, a], axis=0)
-  x0_both = apply_fn(params, both(x_t), both(t), both(cond.context), both(cond.context_mask),
-                     jnp.concatenate([cond.domain, null], axis=0))
+    return apply_condition(apply_fn, params, x_t, t, cond._replace(domain=null))
+  both = lambda a: None if a is None else jnp.concatenate([a, a], axis=0)
+  doubled = Condition(*map(both, cond))._replace(
+      domain=jnp.concatenate([cond.domain, null], axis=0))
+  x0_both = apply_condition(apply_fn, params, both(x_t), both(t), doubled)
   x0_cond, x0_uncond = jnp.split(x0_both, 2, axis=0)
   scale = jnp.asarray(guidance_scale, jnp.float32)
   if scale.ndim == 1:
@@ -184,16 +194,20 @@ def ddim_sample(apply_fn: ApplyFn, params: Any, cond: Condition, rng: jax.Array,
 
 
 def sample_rows(params: Any, context: jnp.ndarray, context_mask: jnp.ndarray,
-                domain: jnp.ndarray, guidance_scale: jnp.ndarray, rng: jax.Array, *,
+                domain: jnp.ndarray, guidance_scale: jnp.ndarray, rng: jax.Array,
+                evidence: jnp.ndarray | None = None, *,
                 apply: ApplyFn, dim: int, num_steps: int, null_domain: int,
                 space: TargetSpace = TargetSpace(1.0), temperature: float = 1.0) -> jnp.ndarray:
   """Unit DDIM samples [B, dim] for contexts [B, L, d], domains [B] and guidance scales [B].
+
+  `evidence` [B, E, d] for a model that reads it (None otherwise).
 
   Each row is sampled on its own with its own key, so a row's sample does not depend on the
   rest of the batch (padding rows change nothing). Jit it with the keywords bound.
   """
   keys = jax.random.split(rng, context.shape[0])
-  return jax.vmap(lambda k, c, m, d, g: ddim_sample(
-      apply, params, Condition(c[None], m[None], d[None]), k, dim, num_steps,
+  one = lambda a: None if a is None else a[None]
+  return jax.vmap(lambda k, c, m, d, g, e: ddim_sample(
+      apply, params, Condition(c[None], m[None], d[None], one(e)), k, dim, num_steps,
       g, null_domain, space=space, temperature=temperature)[0])(
-          keys, context, context_mask, domain, guidance_scale)
+          keys, context, context_mask, domain, guidance_scale, evidence)

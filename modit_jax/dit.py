@@ -174,6 +174,9 @@ class DiT(nn.Module):
     max_context: largest context length L accepted.
     learned_positions: add a learned position embedding to context tokens (ordered
       trajectories); without it the output is invariant to permuting the context (seed sets).
+    num_evidence: evidence vectors per example (modit_jax/evidence.py; 0: none). Each gets
+      its own token (a shared projection plus a learned slot embedding); they are masked
+      out for the null domain, so the unconditional branch of guidance sees the seeds only.
     dtype: the Dense layers' matmul operand dtype. With bfloat16 (mixed precision) they
       multiply bfloat16 operands and accumulate in float32. Everything else, params and the
       output included, is float32.
@@ -186,11 +189,13 @@ class DiT(nn.Module):
   mlp_ratio: int = 4
   max_context: int = 16
   learned_positions: bool = False
+  num_evidence: int = 0
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x_t: jnp.ndarray, t: jnp.ndarray, context: jnp.ndarray,
-               context_mask: jnp.ndarray, domain: jnp.ndarray) -> jnp.ndarray:
+               context_mask: jnp.ndarray, domain: jnp.ndarray,
+               evidence: jnp.ndarray | None = None) -> jnp.ndarray:
     """Predicts the clean query embedding.
 
     Args:
@@ -199,6 +204,7 @@ class DiT(nn.Module):
       context: float [B, L, d] context item embeddings, L <= max_context.
       context_mask: bool [B, L], True for real items; padded slots never affect the output.
       domain: int [B] in [0, num_domains]; `num_domains` is the null domain.
+      evidence: float [B, num_evidence, d], required when num_evidence > 0 (else None).
 
     Returns:
       float32 [B, d] prediction, read at the query token.
@@ -221,9 +227,21 @@ class DiT(nn.Module):
     domain_tok = nn.Embed(self.num_domains + 1, self.width,
                           embedding_init=nn.initializers.normal(0.02),
                           name="domain_embed")(domain)[:, None, :]
-    x = jnp.concatenate([query_tok, context_tok, domain_tok], axis=1)
-    ones = jnp.ones((x.shape[0], 1), bool)
-    key_mask = jnp.concatenate([ones, context_mask, ones], axis=1)
+    ones = jnp.ones((x_t.shape[0], 1), bool)
+    tokens, masks = [query_tok, context_tok], [ones, context_mask]
+    if self.num_evidence:
+      if evidence is None or evidence.shape[1:] != (self.num_evidence, self.dim):
+        raise ValueError(f"this model reads evidence [B, {self.num_evidence}, {self.dim}]; got "
+                         f"{None if evidence is None else evidence.shape}")
+      slots = self.param("evidence_slot", nn.initializers.normal(0.02),
+                         (self.num_evidence, self.width))
+      tokens.append(_dense(self.width, self.dtype, "evidence_embed")(evidence) + slots[None])
+      real = (domain != self.num_domains)[:, None]
+      masks.append(jnp.broadcast_to(real, (x_t.shape[0], self.num_evidence)))
+    elif evidence is not None:
+      raise ValueError("this model reads no evidence (num_evidence = 0); got some")
+    x = jnp.concatenate(tokens + [domain_tok], axis=1)
+    key_mask = jnp.concatenate(masks + [ones], axis=1)
 
     c = timestep_embedding(t, self.width)
     c = _dense(self.width, self.dtype, "time_mlp1", nn.initializers.normal(0.02))(c)
@@ -254,6 +272,8 @@ def init_params(model: DiT, rng: jax.Array, batch_size: int = 1,
                 context_len: int | None = None) -> Any:
   """Initialises `model` on dummy inputs and returns its params pytree."""
   length = model.max_context if context_len is None else context_len
+  evidence = (jnp.zeros((batch_size, model.num_evidence, model.dim), jnp.float32)
+              if model.num_evidence else None)
 
   # Jitted: one compile is far cheaper than dispatching (and compiling) every op eagerly.
   @jax.jit
@@ -264,7 +284,7 @@ def init_params(model: DiT, rng: jax.Array, batch_size: int = 1,
         jnp.zeros((batch_size,), jnp.float32),
         jnp.zeros((batch_size, length, model.dim), jnp.float32),
         jnp.ones((batch_size, length), bool),
-        jnp.zeros((batch_size,), jnp.int32))["params"]
+        jnp.zeros((batch_size,), jnp.int32), evidence)["params"]
 
   return init(rng)
 
@@ -274,10 +294,10 @@ def flops_per_example(model: DiT, context_len: int) -> float:
 
   A training step (forward + backward) costs about 3x this.
   """
-  w, d, n = model.width, model.dim, context_len + 2
+  w, d, n = model.width, model.dim, context_len + model.num_evidence + 2
   hidden = model.mlp_ratio * w
   flops = 2 * d * w                    # query token projection
-  flops += 2 * context_len * d * w     # context token projection
+  flops += 2 * (context_len + model.num_evidence) * d * w  # context and evidence projections
   flops += 2 * (2 * w * w)             # time MLP (frequency dim = width)
   per_block = (2 * w * 6 * w           # adaLN modulation
                + 2 * n * w * 3 * w     # qkv

@@ -50,24 +50,35 @@ class Generator:
     self.context_predictor = None
     if self.config.model.learned_positions:
       self.context_predictor = _saved_predictor(workdir)
+    # A model that reads neighbour evidence computes it from the catalog it is bound to.
+    self.reads_evidence = self.model.num_evidence > 0
+    self._evidence = None
 
   @staticmethod
   def _seeded_rows(sample_rows, params, context, context_mask, domain, guidance_scale, seeds,
-                   index):
+                   index, evidence):
     # Each row is a batch of one keyed by fold_in(PRNGKey(its seed), index): its sample depends
     # on nothing else in the batch, not even its position. With one query this is the key an
     # int seed gives row 0, so both paths agree on a single query.
-    def one(c, m, d, g, seed):
+    def one(c, m, d, g, seed, e):
       rng = jax.random.fold_in(jax.random.PRNGKey(seed), index)
-      return sample_rows(params, c[None], m[None], d[None], g[None], rng)[0]
-    return jax.vmap(one)(context, context_mask, domain, guidance_scale, seeds)
+      e = None if e is None else e[None]
+      return sample_rows(params, c[None], m[None], d[None], g[None], rng, e)[0]
+    return jax.vmap(one)(context, context_mask, domain, guidance_scale, seeds, evidence)
 
-  def check_catalog(self, catalog: catalog_lib.Catalog) -> None:
-    """Refuses a catalog of another dimension or number of domains than the model's."""
+  def bind_catalog(self, catalog: catalog_lib.Catalog) -> None:
+    """Checks that `catalog` fits the model, and reads its neighbour evidence from it.
+
+    Refuses a catalog of another dimension or number of domains than the model's. A model
+    that reads neighbour evidence computes it from this catalog's train items and observed
+    labels (`training.neighbour_evidence`), as its training did.
+    """
     if (self.dim, self.num_domains) != (catalog.dim, catalog.num_domains):
       raise errors.UserError(
           f"the model was trained on d={self.dim} with {self.num_domains} domains; the "
           f"catalog has d={catalog.dim} and {catalog.num_domains}")
+    if self.reads_evidence:
+      self._evidence = training.neighbour_evidence(self.config, catalog)
 
   def params_on(self, sharding: jax.sharding.Sharding) -> Any:
     """The EMA parameters placed with `sharding`, sent to the devices once per sharding."""
@@ -88,7 +99,8 @@ class Generator:
 
   def sample(self, context: np.ndarray, context_mask: np.ndarray, domain: np.ndarray,
              seed: int | np.ndarray = 0, num_samples: int = 1,
-             guidance_scale: float | np.ndarray | None = None) -> np.ndarray:
+             guidance_scale: float | np.ndarray | None = None,
+             exclude_items: np.ndarray | None = None) -> np.ndarray:
     """Unit query embeddings float32 [Q, num_samples, d] for contexts [Q, L, d].
 
     `domain` int [Q] holds domain ids, or `num_domains` (the null domain) for none.
@@ -96,14 +108,24 @@ class Generator:
     [Q] per-query seeds (a query's samples then depend only on its own seed and inputs, not on
     its batch or position). `guidance_scale` is a scalar or per-query [Q] (None: the training
     config's value). Both are traced, so changing them does not recompile; the batch is padded
-    to `padded_size(Q)`, so only a new (bucket, L) compiles.
+    to `padded_size(Q)`, so only a new (bucket, L) compiles. `exclude_items` int [Q, s]
+    (catalog ids, -1: none), the seeds' ids, are kept out of their own neighbourhood when the
+    model reads neighbour evidence (`bind_catalog` first).
     """
     scale = self.guidance_scale if guidance_scale is None else guidance_scale
     num = context.shape[0]
+    evidence = None
+    if self.reads_evidence:
+      if self._evidence is None:
+        raise errors.UserError("this model reads neighbour evidence from its catalog: call "
+                               "bind_catalog(catalog) before sampling")
+      evidence = self._evidence(context, context_mask, domain, exclude_items)
     padded = self.padded_size(num)
     pad = lambda x: np.concatenate([x, np.zeros((padded - num,) + x.shape[1:], x.dtype)])
     ctx, mask = pad(np.asarray(context, np.float32)), pad(np.asarray(context_mask, bool))
     dom = pad(np.asarray(domain, np.int32))
+    if evidence is not None:
+      evidence = pad(evidence)
     if self.context_predictor is not None:
       # After padding: the predictor then also compiles once per bucket.
       ctx, mask = self.order_context(ctx, mask, dom)
@@ -116,7 +138,7 @@ class Generator:
     # Rows are split over the local devices (on CPU, --cpu_devices of them): each row's sample
     # depends only on its own inputs and key, so the split changes it only by float rounding.
     rows, replicated = engine.local_row_shardings(padded)
-    ctx, mask, dom, scale = jax.device_put((ctx, mask, dom, scale), rows)
+    ctx, mask, dom, scale, evidence = jax.device_put((ctx, mask, dom, scale, evidence), rows)
     params = self.params_on(replicated)
     if seeds is not None:
       seeds = jax.device_put(seeds, rows)
@@ -124,10 +146,10 @@ class Generator:
     for s in range(num_samples):
       if seeds is None:
         rng = jax.device_put(jax.random.fold_in(jax.random.PRNGKey(seed), s), replicated)
-        x = self._sample(params, ctx, mask, dom, scale, rng)
+        x = self._sample(params, ctx, mask, dom, scale, rng, evidence)
       else:
         x = self._sample_seeded(params, ctx, mask, dom, scale, seeds,
-                                jax.device_put(np.int32(s), replicated))
+                                jax.device_put(np.int32(s), replicated), evidence)
       out.append(np.asarray(x)[:num])
     return np.stack(out, axis=1)
 
@@ -214,7 +236,7 @@ def fit(name: str, workdir: str, catalog: catalog_lib.Catalog,
   """
   check_workdir(name, workdir)
   generator = Generator(workdir)
-  generator.check_catalog(catalog)
+  generator.bind_catalog(catalog)
   # Stage 1 never sees a domain token: it is asked with the null domain (guidance is moot).
   conditioned = generator.config.stage != "pretrain"
   emb = catalog.embeddings
@@ -224,7 +246,7 @@ def fit(name: str, workdir: str, catalog: catalog_lib.Catalog,
     context = np.asarray(emb[queries.seeds], np.float32)
     domain = queries.domain if conditioned else np.full(len(queries), generator.num_domains)
     return generator.sample(context, np.ones(queries.seeds.shape, bool), domain, config.seed,
-                            num_samples, scale)
+                            num_samples, scale, exclude_items=queries.seeds)
 
   scales = np.full(catalog.num_domains, generator.guidance_scale)
   knob = None

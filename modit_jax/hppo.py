@@ -38,6 +38,9 @@ from modit_jax import trajectories
 
 POLICIES = ("policy", "reference", "seed_centroid", "tail_centroid", "interpolation",
             "feedback")
+# Policies a config may add to the default pool (docs/evidence.md): not in the default pool, so
+# not in the candidate-policy ablation either.
+OPTIONAL_POLICIES = ("neighbourhood",)
 _POOL_STREAM = 4
 _PAIR_STREAM = 5
 
@@ -60,6 +63,11 @@ def default_config() -> ml_collections.ConfigDict:
   # mean of all of them); each further round starts from the last candidate.
   c.feedback_depth = 50
   c.feedback_rounds = 2
+  # The optional `neighbourhood` policy: seed centroid + a * (mean of the oracle's positives
+  # among the `neighbourhood_size` train items nearest it - mean of those items), a in
+  # `neighbourhood_steps`: `local_shift` with the oracle's labels (local_shift_train_oracle).
+  c.neighbourhood_size = 200
+  c.neighbourhood_steps = (2.0, 4.0, 8.0)
   c.pool_queries = 256                # training queries per pool
   c.pool_every = 100                  # steps between pool rebuilds
   c.oracle_k = 20
@@ -75,11 +83,12 @@ def default_config() -> ml_collections.ConfigDict:
 def parse_policies(value: str) -> list[str]:
   """The pool's policies from a comma-separated string; unknown names are an error."""
   names = [p.strip() for p in str(value).split(",") if p.strip()]
-  unknown = [p for p in names if p not in POLICIES]
+  known = POLICIES + OPTIONAL_POLICIES
+  unknown = [p for p in names if p not in known]
   if unknown or not names:
     raise errors.UserError(f"hppo.policies {value!r}: unknown or empty; known: "
-                           f"{', '.join(POLICIES)}")
-  return [p for p in POLICIES if p in names]
+                           f"{', '.join(known)}")
+  return [p for p in known if p in names]
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -130,9 +139,9 @@ def preference_drifts(apply_fn: Callable[..., jnp.ndarray], params: Any, referen
   `context_mask`, `domain` of the batch); `winner`, `loser` are unit embeddings [B, d]. The
   reference enters only through `stop_gradient`.
   """
-  twice = lambda a: jnp.concatenate([a, a], axis=0)
+  twice = lambda a: None if a is None else jnp.concatenate([a, a], axis=0)
   cond = diffusion.Condition(twice(batch["context"]), twice(batch["context_mask"]),
-                             twice(batch["domain"]))
+                             twice(batch["domain"]), twice(batch.get("evidence")))
   x0 = space.encode(jnp.concatenate([batch["winner"], batch["loser"]], axis=0), cond)
   # One call for winners and losers together: half the dispatches, the same numbers.
   e_policy = diffusion.denoising_error(apply_fn, params, x0, twice(t), twice(noise), cond)
@@ -183,6 +192,7 @@ class Pool:
   purity: np.ndarray               # float64 [Q, C]
   pairs: np.ndarray                # int64 [P, 3] (query, winner, loser)
   counts: dict[str, int]
+  evidence: np.ndarray | None = None  # float32 [Q, E, d] for a model that reads evidence
 
 
 class CandidatePools:
@@ -196,14 +206,17 @@ class CandidatePools:
   def __init__(self, catalog: catalog_lib.Catalog, source: trajectories.TrajectorySource,
                oracle: oracle_lib.OnlineOracle, apply_fn: Callable[..., jnp.ndarray],
                reference_params: Any, config: ml_collections.ConfigDict, null_domain: int,
-               space: diffusion.TargetSpace, temperature: float = 1.0):
+               space: diffusion.TargetSpace, temperature: float = 1.0,
+               evidence: Any = None):
     self._config = config
+    self._evidence = evidence  # an evidence.NeighbourEvidence for a model that reads it
     self._hppo = config.hppo
     self._policies = parse_policies(self._hppo.policies)
     if len(catalog.queries["train"]) == 0:
       raise errors.UserError("HPPO needs train queries; queries_train.npz is empty")
     # Only the fit slice: the validation queries choose knobs and never train (query_split).
     self._queries = query_split.fit_queries(catalog)
+    self._catalog = catalog
     self.embeddings = catalog.embeddings
     self._source = source
     self._oracle = oracle
@@ -235,14 +248,15 @@ class CandidatePools:
     return np.stack([self._tail_centroids.tail_centroid(int(c), int(m))
                      for c, m in zip(majority, queries.domain)])
 
-  def _model(self, params: Any, queries: catalog_lib.Queries, scales: Sequence[float],
-             num_noise: int, pool_index: int, stream: int) -> tuple[list[np.ndarray], list[str]]:
+  def _model(self, params: Any, queries: catalog_lib.Queries, evidence: np.ndarray | None,
+             scales: Sequence[float], num_noise: int, pool_index: int,
+             stream: int) -> tuple[list[np.ndarray], list[str]]:
     """Samples of `params` at each guidance scale and noise seed: (embeddings, names)."""
     # The pool's rows are split over the local devices (see Generator.sample).
     rows, replicated = engine.local_row_shardings(len(queries))
-    context, mask, domain = jax.device_put(
+    context, mask, domain, evidence = jax.device_put(
         (np.asarray(self.embeddings[queries.seeds], np.float32),
-         np.ones(queries.seeds.shape, bool), queries.domain.astype(np.int32)), rows)
+         np.ones(queries.seeds.shape, bool), queries.domain.astype(np.int32), evidence), rows)
     params = jax.device_put(params, replicated)
     out, names = [], []
     for scale in scales:
@@ -251,7 +265,7 @@ class CandidatePools:
             jax.random.PRNGKey(self._config.seed), stream), pool_index), n)
         g = jax.device_put(np.full(len(queries), float(scale), np.float32), rows)
         out.append(np.asarray(self._sample(params, context, mask, domain, g,
-                                           jax.device_put(rng, replicated))))
+                                           jax.device_put(rng, replicated), evidence)))
         names.append(f"g{scale:g}/n{n}")
     return out, names
 
@@ -280,7 +294,13 @@ class CandidatePools:
     queries = self._draw(pool_index)
     centroid = baselines.seed_centroids(self.embeddings, queries.seeds)
     tail = self._tail(queries)
-    policy, policy_names = self._model(params, queries, hppo.policy_guidance,
+    evidence = None
+    if self._evidence is not None:
+      # Seeds are train items: they are excluded from their own neighbourhood.
+      evidence = self._evidence(np.asarray(self.embeddings[queries.seeds], np.float32),
+                                np.ones(queries.seeds.shape, bool), queries.domain,
+                                exclude_items=queries.seeds)
+    policy, policy_names = self._model(params, queries, evidence, hppo.policy_guidance,
                                        int(hppo.policy_noise_seeds), pool_index, 0)
     candidates: list[np.ndarray] = []
     names: list[str] = []
@@ -292,7 +312,8 @@ class CandidatePools:
 
     add("policy", policy, policy_names)
     if "reference" in self._policies:
-      ref, ref_names = self._model(self._reference, queries, hppo.reference_guidance, 1,
+      ref, ref_names = self._model(self._reference, queries, evidence,
+                                   hppo.reference_guidance, 1,
                                    pool_index, 1)
       add("reference", ref, ref_names)
     add("seed_centroid", [centroid], ["mean"])
@@ -308,6 +329,14 @@ class CandidatePools:
     if "feedback" in self._policies:
       add("feedback", self._feedback(centroid, queries),
           [f"r{r + 1}" for r in range(int(hppo.feedback_rounds))])
+    if "neighbourhood" in self._policies:
+      size = int(hppo.neighbourhood_size)
+      oracle_labels = lambda near, domains: (np.ones(near.shape, bool),
+                                             self._oracle.labels(near, domains))
+      contrast = baselines.local_directions(self._catalog, self._oracle, queries, [size],
+                                            oracle_labels)[size]
+      steps = [float(a) for a in hppo.neighbourhood_steps]
+      add("neighbourhood", [centroid + a * contrast for a in steps], [f"a{a:g}" for a in steps])
     if len(candidates) < 2:
       raise errors.UserError(f"hppo.policies={hppo.policies!r} gives {len(candidates)} "
                              "candidate per query; pairs need at least 2")
@@ -324,7 +353,7 @@ class CandidatePools:
       raise errors.UserError(
           f"HPPO pool {pool_index} has no preference pair after the margin "
           f"{hppo.margin} and Pareto filter: lower hppo.margin or add policies")
-    return Pool(queries, stacked, names, joint, purity, pairs, counts)
+    return Pool(queries, stacked, names, joint, purity, pairs, counts, evidence)
 
 
 class PairBatches:
@@ -371,7 +400,10 @@ class PairBatches:
     rows = rows[data.process_slice(batch_size, process_index, process_count)]
     query, winner, loser = rows.T
     seeds = pool.queries.seeds[query]
-    return {"context": np.asarray(self._pools.embeddings[seeds], np.float32),
-            "context_mask": np.ones(seeds.shape, bool),
-            "domain": pool.queries.domain[query].astype(np.int32),
-            "winner": pool.candidates[query, winner], "loser": pool.candidates[query, loser]}
+    batch = {"context": np.asarray(self._pools.embeddings[seeds], np.float32),
+             "context_mask": np.ones(seeds.shape, bool),
+             "domain": pool.queries.domain[query].astype(np.int32),
+             "winner": pool.candidates[query, winner], "loser": pool.candidates[query, loser]}
+    if pool.evidence is not None:
+      batch["evidence"] = pool.evidence[query]
+    return batch

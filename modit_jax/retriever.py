@@ -58,7 +58,7 @@ class Retriever:
     Raises:
       errors.UserError: the parts do not fit together, or a bad scale or sample count.
     """
-    generator.check_catalog(catalog)
+    generator.bind_catalog(catalog)
     if (index.num_items, index.dim) != (catalog.num_items, catalog.dim):
       raise errors.UserError(
           f"the index holds {index.num_items} items of d={index.dim}; the catalog has "
@@ -262,7 +262,8 @@ class Retriever:
     domain = np.asarray(domain_ids, np.int32)
     model_domain = domain if self.conditioned else np.full(num, self.generator.num_domains)
     samples = self.generator.sample(context, mask, model_domain, np.full(num, self.seed),
-                                    self.num_samples, self.guidance_scale[domain])
+                                    self.num_samples, self.guidance_scale[domain],
+                                    exclude_items=exclude)
     ids, scores = generative.search_samples(self.index, samples, exclude, k,
                                             return_scores=True)
     return ids.astype(np.int64), scores.astype(np.float32)

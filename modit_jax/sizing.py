@@ -65,6 +65,17 @@ def num_latent_clusters(num_train_items: int, seed_size: int) -> int:
   return int(max(2, round(num_train_items / (SEED_SETS_PER_CLUSTER * seed_size))))
 
 
+# The metric predictor's regions (metric_predictor.RelativeFeatures) are coarser than the latent
+# clusters: about a pattern's worth of train items each. On the development world 2x coarser
+# than the latent clusters gave the best held-out AUC of 1x, 2x and 4x (docs/evidence.md).
+SEED_SETS_PER_PREDICTOR_REGION = 2 * SEED_SETS_PER_CLUSTER
+
+
+def num_predictor_regions(num_train_items: int, seed_size: int) -> int:
+  """Regions of the predictor's relative features: one per 20 seed sets of train items, >= 2."""
+  return int(max(2, round(num_train_items / (SEED_SETS_PER_PREDICTOR_REGION * seed_size))))
+
+
 def seed_set_spread(catalog: catalog_lib.Catalog) -> float:
   """RMS distance of a train query's seed from its seed set's mean (unbiased for the set size).
 

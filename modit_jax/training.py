@@ -24,6 +24,7 @@ from modit_jax import diffusion
 from modit_jax import dit
 from modit_jax import engine
 from modit_jax import errors
+from modit_jax import evidence as evidence_lib
 from modit_jax import hppo
 from modit_jax import metric_predictor
 from modit_jax import oracle as oracle_lib
@@ -31,6 +32,12 @@ from modit_jax import sizing
 from modit_jax import trajectories
 
 STAGES = ("pretrain", "cpt", "sft", "hppo")
+# The neighbourhood sizes of the conditioned stages' evidence when it is on (docs/evidence.md):
+# the span of local_shift's validation grid, from a pattern's core to its siblings.
+NEIGHBOUR_EVIDENCE = (50, 200, 800)
+# The stages whose batches carry evidence (SFT examples, HPPO pairs).
+EVIDENCE_STAGES = ("sft", "hppo")
+
 CONFIG_FILE = "config.json"
 # Latent clusters, the metric predictor's validation and its parameters.
 DIAGNOSTICS_FILE = "data_diagnostics.npz"
@@ -60,6 +67,10 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # Raw sequences are walks in random order and seed sets are sets: no positions, except in
   # stage 2 (configs/cpt.py), whose trajectories are ordered.
   c.model.learned_positions = False
+  # Neighbourhood sizes of the evidence vectors a conditioned model reads besides its seeds
+  # (modit_jax/evidence.py: the global direction, and per size the observed-label contrast
+  # and the offset of the train items nearest the seeds). (): none, the model reads seeds only.
+  c.model.neighbour_evidence = ()
   # Compute dtype of the DiT's Dense matmuls: float32 or bfloat16 (mixed precision: params,
   # optimiser state, norms, softmax and loss stay float32). Worth it where the hardware has
   # bf16 units (TPU, GPU tensor cores, CPUs with AMX): on this 2-core AMX CPU the matmuls ran
@@ -96,6 +107,9 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.sft.context_size = 8            # as many as a query's seeds
   c.sft.tail_fraction = 0.2
   c.sft.low_fraction = 0.6          # seeds come from the low part of their pattern
+  # With neighbour evidence: the share of examples whose own latent cluster is hidden from the
+  # neighbourhood, so the model also learns seed sets of patterns with no train items nearby.
+  c.sft.hide_cluster_prob = 0.5
   # Stage 4: candidate pools, pairs and the DPO loss (hppo.default_config documents fields).
   c.hppo = hppo.default_config()
 
@@ -168,15 +182,17 @@ def make_model(model_config: ml_collections.ConfigDict, dim: int, num_domains: i
   if model_config.width % model_config.num_heads:
     raise errors.UserError(f"model.width {model_config.width} must be divisible by "
                            f"model.num_heads {model_config.num_heads}")
+  sizes = evidence_lib.check_sizes(tuple(model_config.get("neighbour_evidence", ())))
   return dit.DiT(dim=dim, num_domains=num_domains, width=model_config.width,
                  depth=model_config.depth, num_heads=model_config.num_heads,
                  mlp_ratio=model_config.mlp_ratio, max_context=model_config.max_context,
                  learned_positions=model_config.learned_positions,
+                 num_evidence=evidence_lib.num_tokens(sizes),
                  dtype=compute_dtype(model_config.get("dtype", "float32")))
 
 
 def apply_fn(model: dit.DiT) -> Callable[..., jnp.ndarray]:
-  """`(params, x_t, t, context, context_mask, domain) -> x0 prediction` for `model`."""
+  """`(params, x_t, t, context, context_mask, domain[, evidence]) -> x0 prediction`."""
   return lambda params, *args: model.apply({"params": params}, *args)
 
 
@@ -214,7 +230,8 @@ def denoising_loss_fn(model: dit.DiT, config: ml_collections.ConfigDict):
   drop = float(config.diffusion.cond_drop_prob)
 
   def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array):
-    cond = diffusion.Condition(batch["context"], batch["context_mask"], batch["domain"])
+    cond = diffusion.Condition(batch["context"], batch["context_mask"], batch["domain"],
+                               batch.get("evidence"))
     x0 = space.encode(batch["target"], cond)
     loss, _ = diffusion.training_loss(apply_fn(model), params, x0, cond, rng, null_domain, drop)
     return loss, {}
@@ -326,8 +343,24 @@ def _batch_fn(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog, n
         trajectory_source, config.sft.context_size, config.sft.tail_fraction,
         config.sft.low_fraction, null_domain, config.seed,
         # A model with positions reads its context in ascending density, as inference gives it.
-        context_order="metric" if config.model.learned_positions else "random")
+        context_order="metric" if config.model.learned_positions else "random",
+        evidence=neighbour_evidence(config, catalog, trajectory_source.assign),
+        hide_cluster_prob=float(config.sft.get("hide_cluster_prob", 0.0)))
   return lambda step, pi, pc: source(step, config.batch_size, pi, pc)
+
+
+def neighbour_evidence(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog,
+                       groups: np.ndarray | None = None
+                       ) -> evidence_lib.NeighbourEvidence | None:
+  """The evidence a model of `config` reads on `catalog` (None: it reads none).
+
+  `groups` (the latent cluster of each train item) lets training hide a seed set's own cluster.
+  """
+  sizes = evidence_lib.check_sizes(tuple(config.model.get("neighbour_evidence", ())))
+  if not sizes:
+    return None
+  scale = target_space(config, catalog.dim).scale
+  return evidence_lib.NeighbourEvidence(catalog, sizes, scale, groups)
 
 
 def _hppo_loop_args(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog,
@@ -348,7 +381,8 @@ def _hppo_loop_args(config: ml_collections.ConfigDict, catalog: catalog_lib.Cata
                                    index_kind=config.hppo.oracle_index_kind)
   space = target_space(config, model.dim)
   pools = hppo.CandidatePools(catalog, source, oracle, apply_fn(model), reference, config,
-                              model.num_domains, space, sample_temperature(config))
+                              model.num_domains, space, sample_temperature(config),
+                              neighbour_evidence(config, catalog))
   batches = hppo.PairBatches(pools, config)
   loss_fn = hppo.dpo_loss_fn(apply_fn(model), space, config.hppo.beta,
                              config.hppo.sft_weight)
@@ -358,22 +392,30 @@ def _hppo_loop_args(config: ml_collections.ConfigDict, catalog: catalog_lib.Cata
               resume_every=every)
 
 
+# Parameters one stage's model may have and the next may not (see _fit_to_model).
+_STAGE_SPECIFIC_PARAMS = ("context_pos", "evidence_embed", "evidence_slot")
+
+
 def _fit_to_model(restored: Any, model: dit.DiT, config: ml_collections.ConfigDict) -> Any:
   """An earlier stage's parameters, fitted to this stage's model.
 
-  The only difference allowed is the learned position table (`context_pos`): stage 2 adds one
-  to a stage-1 model (freshly initialised), and stage 3 drops it (seed sets have no order).
+  The only differences allowed are `_STAGE_SPECIFIC_PARAMS`: stage 2 adds a learned position
+  table to a stage-1 model (freshly initialised) and stage 3 drops it (seed sets have no
+  order); a model that reads neighbour evidence adds its evidence projection and slots.
   Anything else that differs is a wrong `init_from` and is refused.
   """
   shapes = jax.eval_shape(lambda: dit.init_params(model, jax.random.PRNGKey(config.seed)))
   fitted = dict(restored)
-  if "context_pos" in fitted and "context_pos" not in shapes:
-    logging.info("Dropping the learned positions of %s: this model has none", config.init_from)
-    del fitted["context_pos"]
-  if "context_pos" in shapes and "context_pos" not in fitted:
-    logging.info("Adding freshly initialised learned positions to %s", config.init_from)
-    fresh = dit.init_params(model, jax.random.PRNGKey(config.seed))
-    fitted["context_pos"] = np.asarray(jax.device_get(fresh["context_pos"]))
+  fresh = None
+  for name in _STAGE_SPECIFIC_PARAMS:
+    if name in fitted and name not in shapes:
+      logging.info("Dropping %s of %s: this model has none", name, config.init_from)
+      del fitted[name]
+    if name in shapes and name not in fitted:
+      logging.info("Adding freshly initialised %s to %s", name, config.init_from)
+      if fresh is None:
+        fresh = jax.device_get(dit.init_params(model, jax.random.PRNGKey(config.seed)))
+      fitted[name] = jax.tree.map(np.asarray, fresh[name])
   expected = jax.tree.map(lambda x: tuple(x.shape), shapes)
   found = jax.tree.map(lambda x: tuple(np.shape(x)), fitted)
   if found != expected:
@@ -413,6 +455,10 @@ def train(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> engi
   if config.stage == "hppo" and config.model.learned_positions:
     raise errors.UserError("the hppo stage does not support model.learned_positions: its pools "
                            "and pairs give the model seed sets in no order")
+  if config.model.get("neighbour_evidence", ()) and config.stage not in EVIDENCE_STAGES:
+    raise errors.UserError(
+        f"model.neighbour_evidence is read by the {' and '.join(EVIDENCE_STAGES)} stages only; "
+        f"the {config.stage} stage's batches have none")
   catalog = catalog_lib.load_catalog(dataset)
   config = _resolve_sizes(config, catalog)
   model = make_model(config.model, catalog.dim, catalog.num_domains)

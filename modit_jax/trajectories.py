@@ -23,6 +23,7 @@ from, and `build_source` hands the metric predictor and k-means train rows only.
 """
 
 import math
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -39,6 +40,7 @@ CONTEXT_ORDERS = ("random", "metric")
 # (seed, step) are unrelated, and unrelated to stage 1's `default_rng([seed, step])`.
 _CPT_STREAM = 2
 _SFT_STREAM = 3
+_HIDE_STREAM = 1  # under _SFT_STREAM: which examples hide their cluster from the evidence
 # Tolerance when turning a fraction of a cluster into a count: 0.1 * 30 is 3.0000000000000004
 # in floating point and must count 3 items, not 4.
 _COUNT_EPS = 1e-9
@@ -143,7 +145,10 @@ def build_source(catalog: catalog_lib.Catalog, num_clusters: int, cluster_seed: 
   emb = np.asarray(catalog.embeddings[train], np.float32)
   observed = np.asarray(catalog.observed[train], bool)
   labels = np.where(observed, np.asarray(catalog.attributes[train], bool), False)
-  predictor = metric_predictor.train(emb, labels, observed, predictor_config)
+  predictor_config = predictor_config or metric_predictor.default_config()
+  predictor = metric_predictor.train(
+      emb, labels, observed, predictor_config,
+      metric_predictor.relative_features(catalog, predictor_config))
   density = predictor.predict(emb)
   train_items, assign, _ = clusters.latent_clusters(catalog, num_clusters, cluster_seed)
   # latent_clusters and this function both use train_items() order; density rows follow it.
@@ -278,7 +283,8 @@ class TailCentroidTargets:
 
   def __init__(self, source: TrajectorySource, context_size: int, tail_fraction: float,
                low_fraction: float, null_domain: int, seed: int,
-               context_order: str = "random"):
+               context_order: str = "random", evidence: Any = None,
+               hide_cluster_prob: float = 0.0):
     if not isinstance(context_size, (int, np.integer)) or context_size < 1:
       raise errors.UserError(f"context_size must be an integer >= 1; got {context_size!r}")
     _check_fraction("tail_fraction", tail_fraction)
@@ -293,6 +299,13 @@ class TailCentroidTargets:
     self._low_fraction = float(low_fraction)
     self._seed = int(seed)
     self._context_order = context_order
+    # `evidence` (an evidence.NeighbourEvidence grouped by this source's clusters) adds each
+    # example's evidence vectors; with probability `hide_cluster_prob` its own cluster is
+    # hidden from the neighbourhood, as an unseen pattern's would be absent.
+    self._evidence = evidence
+    if not 0 <= float(hide_cluster_prob) <= 1:
+      raise errors.UserError(f"sft.hide_cluster_prob must be in [0, 1]; got {hide_cluster_prob!r}")
+    self._hide_cluster_prob = float(hide_cluster_prob)
     self._num_low = low_count(source.sizes, self._low_fraction, self._tail_fraction)
     self._centroids = self._tail_centroids()
 
@@ -340,8 +353,16 @@ class TailCentroidTargets:
     part = data.process_slice(batch_size, process_index, process_count)
     ids = self.ids(step, batch_size)
     domain, cluster = ids["domain"][part], ids["cluster"][part]
-    return data.gather(self._source.embeddings, ids["context_ids"][part],
-                   self._centroids[domain, cluster], domain)
+    batch = data.gather(self._source.embeddings, ids["context_ids"][part],
+                        self._centroids[domain, cluster], domain)
+    if self._evidence is not None:
+      # Its own stream: the context, domain and target draws are those of a model without it.
+      rng = np.random.default_rng([self._seed, _SFT_STREAM, step, _HIDE_STREAM])
+      hide = rng.random(batch_size)[part] < self._hide_cluster_prob
+      batch["evidence"] = self._evidence(batch["context"], batch["context_mask"], domain,
+                                         exclude_items=ids["context_ids"][part],
+                                         exclude_group=np.where(hide, cluster, -1))
+    return batch
 
 
 def _check_fraction(name: str, value: float) -> None:

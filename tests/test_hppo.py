@@ -247,6 +247,32 @@ def test_pool_never_reads_held_out_truth(tiny_world, sft_workdir):
     assert a.joint[:, names == round_name][:, 0].mean() > centroid.mean() + 0.05
 
 
+def test_the_neighbourhood_policy_reads_train_labels_only_and_finds_hits(tiny_world,
+                                                                         sft_workdir):
+  """The optional policy: local_shift with the oracle's labels of train items."""
+  config = _hppo_config(sft_workdir)
+  config.hppo.policies = "seed_centroid,neighbourhood"
+  config.hppo.neighbourhood_size = 40
+  cat = catalog_lib.load_catalog(tiny_world)
+  held_out = cat.item_split != 0
+  poisoned = dataclasses.replace(
+      cat, attributes=np.where(held_out[:, None], ~cat.attributes, cat.attributes))
+  params = engine.restore_params(sft_workdir)
+  a, b = (_pool_builder(c, config, params).build(params, 0) for c in (cat, poisoned))
+  assert a.names == ["seed_centroid:mean", "neighbourhood:a2", "neighbourhood:a4",
+                     "neighbourhood:a8"]
+  np.testing.assert_array_equal(a.candidates, b.candidates)
+  np.testing.assert_array_equal(a.joint, b.joint)
+  # Not vacuous: the train labels it reads do move it.
+  flipped = dataclasses.replace(
+      cat, attributes=np.where(held_out[:, None], cat.attributes, ~cat.attributes))
+  c = _pool_builder(flipped, config, params).build(params, 0)
+  assert not np.allclose(a.candidates[:, 1:], c.candidates[:, 1:])
+  assert a.joint[:, 1:].max(axis=1).mean() > a.joint[:, 0].mean() + 0.1
+  with pytest.raises(errors.UserError, match="neighbourhood"):
+    hppo.parse_policies("policy,neighbours")
+
+
 def test_pools_draw_only_fit_queries(tiny_world, sft_workdir):
   """Validation queries choose knobs; no HPPO pool may train on them (query_split)."""
   config = _hppo_config(sft_workdir)
@@ -258,3 +284,43 @@ def test_pools_draw_only_fit_queries(tiny_world, sft_workdir):
   for pool_index in range(3):
     drawn = {tuple(s) for s in builder.build(params, pool_index).queries.seeds}
     assert drawn and drawn <= fit and not drawn & validation
+
+
+def test_a_model_that_reads_neighbour_evidence_trains_and_samples(tiny_world, tmp_path,
+                                                                  fast_compile):
+  """SFT and HPPO with neighbour evidence (modit_jax/evidence.py), then sampling from it."""
+  del fast_compile
+  from modit_jax import generative  # pylint: disable=g-import-not-at-top
+  sizes = (5, 20)
+  sft = sft_config.get_config("tiny")
+  sft.init_from, sft.num_steps, sft.model.neighbour_evidence = "", 30, sizes
+  training.train(sft, str(tiny_world), str(tmp_path / "sft"))
+  assert engine.restore_params(str(tmp_path / "sft"))["evidence_slot"].shape == (5, 32)
+  # HPPO's pools compute their queries' evidence and its pairs carry it: the model refuses a
+  # batch without it, so a finished run shows both.
+  config = _hppo_config(str(tmp_path / "sft"), num_steps=20)
+  config.model.neighbour_evidence = sizes
+  training.train(config, str(tiny_world), str(tmp_path / "hppo"))
+  records = [json.loads(line) for line in open(tmp_path / "hppo" / engine.METRICS_FILE)]
+  assert any("dpo_loss" in r for r in records)
+
+  cat = catalog_lib.load_catalog(tiny_world)
+  queries = cat.queries["item_holdout"].take(np.arange(6))
+  context = np.asarray(cat.embeddings[queries.seeds], np.float32)
+  mask = np.ones(queries.seeds.shape, bool)
+  generator = generative.Generator(str(tmp_path / "hppo"))
+  assert generator.reads_evidence
+  with pytest.raises(errors.UserError, match="bind_catalog"):
+    generator.sample(context, mask, queries.domain)
+  generator.bind_catalog(cat)
+  out = generator.sample(context, mask, queries.domain, guidance_scale=4.0,
+                         exclude_items=queries.seeds)
+  assert out.shape == (6, 1, cat.dim)
+  np.testing.assert_allclose(np.linalg.norm(out, axis=-1), 1.0, atol=1e-5)
+  # The answer depends on the observed labels near the seeds: flip them and it moves.
+  flipped = dataclasses.replace(
+      cat, attributes=np.where(cat.observed, ~cat.attributes, cat.attributes))
+  generator.bind_catalog(flipped)
+  moved = generator.sample(context, mask, queries.domain, guidance_scale=4.0,
+                           exclude_items=queries.seeds)
+  assert not np.allclose(out, moved, atol=1e-4)

@@ -1,0 +1,207 @@
+"""Neighbour evidence: what the observed labels of train items near a seed set say (issue 19).
+
+A conditioned model can read, besides its seeds and domain m, a few evidence vectors computed
+from train items and their observed labels only (what DESIGN section 2 lets training read):
+
+  token 0            g_m, the global direction of m: normalise(mean of the observed positives
+                     of m - mean of the observed items of m), the `centroid_global_shift` one;
+  per size n, two    the local label contrast: mean of the observed positives of m among the n
+                     train items nearest the seed centroid - mean of the observed items of m
+                     there (0 with no observed positive nearby), the `local_shift` one; and the
+                     neighbourhood offset: mean of those n items - the seeds' mean.
+
+Every vector is a displacement from the seeds' mean, in the model's target units (times the
+target scale), so the model reads them as candidate answers it could generate. The offset
+tells it how far the neighbourhood is: near for a seed set of a pattern that has train items
+(item holdout), farther for an unseen pattern, where the local contrast belongs to other
+patterns and the model should trust it less. Training shows it both cases by hiding, for some
+examples, the latent cluster the seeds come from (`exclude_group`); latent clusters are k-means
+over train items, so no hidden truth enters. Seeds given as catalog ids are never their own
+neighbours, and held-out items are never neighbours (only train rows are searched).
+
+Neighbours are found by exact search over the train embeddings (one code path for training,
+evaluation and serving, with no index approximation between them).
+"""
+
+from typing import Sequence
+
+import numpy as np
+
+from modit_jax import catalog as catalog_lib
+from modit_jax import errors
+
+# Rows per block of the exact search: a [rows, train items] float32 block of at most ~64 MiB.
+_SEARCH_CELLS = 1 << 24
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+  """L2-normalises the rows of x (float32)."""
+  x = np.asarray(x, np.float32)
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def observed_positive_means(catalog: catalog_lib.Catalog) -> tuple[np.ndarray, np.ndarray]:
+  """Means over observed labels, per domain: (observed positives [M, d], observed items [M, d])."""
+  observed = np.asarray(catalog.observed, bool)
+  positive = observed & np.asarray(catalog.attributes, bool)  # read only where observed
+  emb = np.asarray(catalog.embeddings, np.float32)
+  pos, all_ = [], []
+  for m in range(catalog.num_domains):
+    if not positive[:, m].any():
+      raise errors.UserError(
+          f"domain {catalog.domains[m]!r} has no observed positive label; the attribute "
+          f"baselines need at least one")
+    pos.append(emb[positive[:, m]].mean(axis=0))
+    all_.append(emb[observed[:, m]].mean(axis=0))
+  return np.stack(pos), np.stack(all_)
+
+
+def global_directions(catalog: catalog_lib.Catalog) -> np.ndarray:
+  """float32 [M, d]: g_m = normalise(mean observed positives - mean observed items) per domain."""
+  positives, labelled = observed_positive_means(catalog)
+  return normalize(positives - labelled)
+
+
+def label_contrast(embeddings: np.ndarray, near: np.ndarray, known: np.ndarray,
+                   positive: np.ndarray, sizes: Sequence[int]) -> dict[int, np.ndarray]:
+  """Per size n: float32 [Q, d], labelled-positive mean minus labelled mean over near[:, :n].
+
+  `near` int [Q, n_max] are item ids (rows of `embeddings`) nearest first; `known` and
+  `positive` bool [Q, n_max] their labels. A row with no labelled positive among its first n
+  gets a zero vector: no evidence of a direction.
+  """
+  out = {}
+  for n in sorted(int(s) for s in sizes):
+    rows = []
+    for start in range(0, len(near), 256):  # [256, n, d] at a time: bounded memory
+      block = np.asarray(embeddings[near[start:start + 256, :n]], np.float32)
+      k, p = known[start:start + 256, :n], positive[start:start + 256, :n]
+      mean_known = np.einsum("qn,qnd->qd", k, block) / np.maximum(k.sum(1), 1)[:, None]
+      mean_pos = np.einsum("qn,qnd->qd", p, block) / np.maximum(p.sum(1), 1)[:, None]
+      rows.append(np.where(p.any(1)[:, None], mean_pos - mean_known, 0.0))
+    out[n] = (np.concatenate(rows) if rows else np.zeros((0, embeddings.shape[1]))
+              ).astype(np.float32)
+  return out
+
+
+def num_tokens(sizes: Sequence[int]) -> int:
+  """Evidence vectors per query for neighbourhood `sizes`: g_m, then a contrast and an offset
+  per size (0 when `sizes` is empty: the model reads no evidence)."""
+  return 1 + 2 * len(sizes) if len(sizes) else 0
+
+
+def check_sizes(sizes: Sequence[int], field: str = "model.neighbour_evidence") -> tuple[int, ...]:
+  """The sizes as sorted ints; a UserError naming `field` unless each is an integer >= 1."""
+  out = []
+  for s in sizes:
+    if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
+      raise errors.UserError(f"{field} must hold neighbourhood sizes >= 1; got {tuple(sizes)}")
+    out.append(int(s))
+  if len(set(out)) != len(out):
+    raise errors.UserError(f"{field} has a repeated size: {tuple(sizes)}")
+  return tuple(sorted(out))
+
+
+class NeighbourEvidence:
+  """Computes the evidence vectors of seed sets from a catalog's train items."""
+
+  def __init__(self, catalog: catalog_lib.Catalog, sizes: Sequence[int], scale: float,
+               groups: np.ndarray | None = None):
+    """Reads the train rows of `catalog`: embeddings and observed labels.
+
+    Args:
+      catalog: the catalog (only train items and their observed labels are read).
+      sizes: neighbourhood sizes n (at least one).
+      scale: the model's target scale; every vector is multiplied by it.
+      groups: int [train items] a group id per train item in `catalog.train_items()` order
+        (the latent clusters), for `exclude_group`; None: no group can be excluded.
+    """
+    self.sizes = check_sizes(sizes)
+    if not self.sizes:
+      raise errors.UserError("neighbour evidence needs at least one neighbourhood size")
+    self.scale = float(scale)
+    self.num_domains = catalog.num_domains
+    train = catalog.train_items()
+    if len(train) < 2:
+      raise errors.UserError("neighbour evidence needs at least 2 train items")
+    self._train = train
+    self._embeddings = np.ascontiguousarray(catalog.embeddings[train], dtype=np.float32)
+    observed = np.asarray(catalog.observed[train], bool)
+    self._known = observed
+    self._positive = observed & np.asarray(catalog.attributes[train], bool)
+    self._global = global_directions(catalog)
+    self._row_of = np.full(catalog.num_items, -1, np.int64)
+    self._row_of[train] = np.arange(len(train))
+    if groups is not None:
+      groups = np.asarray(groups, np.int64)
+      if groups.shape != (len(train),):
+        raise ValueError(f"groups must have shape ({len(train)},), got {groups.shape}")
+    self._groups = groups
+
+  @property
+  def num_tokens(self) -> int:
+    return num_tokens(self.sizes)
+
+  def neighbours(self, centroids: np.ndarray, exclude_items: np.ndarray | None = None,
+                 exclude_group: np.ndarray | None = None) -> np.ndarray:
+    """Train rows int64 [Q, n_max] nearest each unit centroid [Q, d], nearest first.
+
+    `exclude_items` int [Q, s] catalog ids (-1: none) and `exclude_group` int [Q] (-1: none)
+    are never returned. Ties go to the lower row, so the result does not depend on blocking.
+    """
+    num, count = len(centroids), len(self._train)
+    want = min(self.sizes[-1], count - 1)
+    out = np.empty((num, want), np.int64)
+    block = max(1, _SEARCH_CELLS // count)
+    for start in range(0, num, block):
+      stop = min(num, start + block)
+      sims = np.asarray(centroids[start:stop], np.float32) @ self._embeddings.T
+      if exclude_items is not None:
+        rows = self._row_of[np.maximum(exclude_items[start:stop], 0)]
+        rows = np.where(np.asarray(exclude_items[start:stop]) >= 0, rows, -1)
+        q, col = np.nonzero(rows >= 0)
+        sims[q, rows[q, col]] = -np.inf
+      if exclude_group is not None:
+        if self._groups is None:
+          raise ValueError("exclude_group needs the groups given at construction")
+        hide = exclude_group[start:stop, None] == self._groups[None, :]
+        sims[hide & (exclude_group[start:stop, None] >= 0)] = -np.inf
+      top = np.argpartition(-sims, want - 1, axis=1)[:, :want]
+      top_sims = np.take_along_axis(sims, top, 1)
+      order = np.lexsort((top, -top_sims), axis=1)
+      out[start:stop] = np.take_along_axis(top, order, 1)
+    return out
+
+  def __call__(self, context: np.ndarray, context_mask: np.ndarray, domain: np.ndarray,
+               exclude_items: np.ndarray | None = None,
+               exclude_group: np.ndarray | None = None) -> np.ndarray:
+    """float32 [Q, num_tokens, d] for contexts [Q, L, d] (mask [Q, L]) and domains [Q].
+
+    A row whose domain is not a real one (the null domain) gets zeros: the model masks it.
+    """
+    context = np.asarray(context, np.float32)
+    mask = np.asarray(context_mask, bool)
+    domain = np.asarray(domain, np.int64)
+    out = np.zeros((len(context), self.num_tokens, context.shape[-1]), np.float32)
+    for start in range(0, len(context), 256):  # [256, n_max, d] gathers at a time
+      rows = slice(start, start + 256)
+      pick = lambda a: None if a is None else np.asarray(a)[rows]
+      out[rows] = self._block(context[rows], mask[rows], domain[rows], pick(exclude_items),
+                              pick(exclude_group))
+    return out
+
+  def _block(self, context: np.ndarray, mask: np.ndarray, domain: np.ndarray,
+             exclude_items: np.ndarray | None, exclude_group: np.ndarray | None) -> np.ndarray:
+    real = (domain >= 0) & (domain < self.num_domains)
+    m = np.where(real, domain, 0)
+    anchor = (context * mask[..., None]).sum(1) / np.maximum(mask.sum(1), 1)[:, None]
+    near = self.neighbours(normalize(anchor), exclude_items, exclude_group)
+    known = self._known[near, m[:, None]]
+    positive = self._positive[near, m[:, None]]
+    contrast = label_contrast(self._embeddings, near, known, positive, self.sizes)
+    tokens = [self._global[m]]
+    for n in self.sizes:
+      tokens.append(contrast[n])
+      tokens.append(self._embeddings[near[:, :n]].mean(axis=1) - anchor)
+    out = np.stack(tokens, axis=1) * self.scale
+    return np.where(real[:, None, None], out, 0.0).astype(np.float32)

@@ -1,0 +1,188 @@
+"""Neighbour evidence: what it reads (train items, observed labels), what the model does with it."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from modit_jax import baselines
+from modit_jax import catalog as catalog_lib
+from modit_jax import dit
+from modit_jax import errors
+from modit_jax import evidence
+from modit_jax import oracle as oracle_lib
+from modit_jax import training
+from modit_jax import trajectories
+
+_SIZES = (5, 20, 60)
+_SCALE = 3.0
+
+
+@pytest.fixture(scope="module")
+def cat(tiny_world):
+  return catalog_lib.load_catalog(tiny_world)
+
+
+def _queries(cat, split):
+  q = cat.queries[split]
+  return q.take(np.arange(min(40, len(q))))
+
+
+def _evidence(cat, queries, groups=None, exclude_group=None, source=None):
+  source = source or evidence.NeighbourEvidence(cat, _SIZES, _SCALE, groups)
+  context = np.asarray(cat.embeddings[queries.seeds], np.float32)
+  return source(context, np.ones(queries.seeds.shape, bool), queries.domain,
+                exclude_items=queries.seeds, exclude_group=exclude_group)
+
+
+def test_vectors_are_the_documented_ones(cat):
+  q = _queries(cat, "item_holdout")
+  got = _evidence(cat, q)
+  assert got.shape == (len(q), evidence.num_tokens(_SIZES), cat.dim) == (len(q), 7, cat.dim)
+  emb = np.asarray(cat.embeddings, np.float64)
+  train = cat.train_items()
+  for i in (0, 7, len(q) - 1):
+    m = int(q.domain[i])
+    anchor = emb[q.seeds[i]].mean(0)
+    sims = emb[train] @ (anchor / np.linalg.norm(anchor))
+    near = train[np.argsort(-sims, kind="stable")]
+    labelled = np.asarray(cat.observed)[:, m]
+    positive = labelled & np.asarray(cat.attributes)[:, m]
+    g = emb[positive].mean(0) - emb[labelled].mean(0)
+    np.testing.assert_allclose(got[i, 0], _SCALE * g / np.linalg.norm(g), atol=1e-5)
+    for j, n in enumerate(_SIZES):
+      ids = near[:n]
+      contrast = (emb[ids[positive[ids]]].mean(0) - emb[ids[labelled[ids]]].mean(0)
+                  if positive[ids].any() else np.zeros(cat.dim))
+      np.testing.assert_allclose(got[i, 1 + 2 * j], _SCALE * contrast, atol=1e-5)
+      np.testing.assert_allclose(got[i, 2 + 2 * j], _SCALE * (emb[ids].mean(0) - anchor),
+                                 atol=1e-5)
+
+
+def test_reads_only_train_items_and_their_observed_labels(cat):
+  """Hidden labels flipped, patterns shuffled, held-out items moved: the same evidence."""
+  rng = np.random.default_rng(7)
+  observed = np.asarray(cat.observed)
+  heldout = np.asarray(cat.item_split) != 0
+  emb = np.array(cat.embeddings)
+  noise = rng.normal(size=(heldout.sum(), cat.dim)).astype(np.float32)
+  emb[heldout] = noise / np.linalg.norm(noise, axis=1, keepdims=True)
+  poisoned = dataclasses.replace(
+      cat, attributes=np.where(observed, cat.attributes, ~np.asarray(cat.attributes)),
+      patterns=rng.permutation(np.asarray(cat.patterns)), embeddings=emb)
+  for split in ("train", "item_holdout", "pattern_holdout"):
+    q = _queries(cat, split)
+    context = np.asarray(cat.embeddings[q.seeds], np.float32)  # the seeds themselves unchanged
+    args = (context, np.ones(q.seeds.shape, bool), q.domain)
+    a = evidence.NeighbourEvidence(cat, _SIZES, _SCALE)(*args, exclude_items=q.seeds)
+    b = evidence.NeighbourEvidence(poisoned, _SIZES, _SCALE)(*args, exclude_items=q.seeds)
+    np.testing.assert_array_equal(a, b)
+  # Not vacuous: the observed labels it may read do move it.
+  flipped = dataclasses.replace(
+      cat, attributes=np.where(observed, ~np.asarray(cat.attributes), cat.attributes))
+  q = _queries(cat, "item_holdout")
+  assert not np.allclose(_evidence(cat, q), _evidence(flipped, q))
+
+
+def test_neighbours_are_train_items_never_seeds_nor_a_hidden_group(cat):
+  train = cat.train_items()
+  groups = np.arange(len(train)) % 9
+  source = evidence.NeighbourEvidence(cat, _SIZES, _SCALE, groups)
+  q = _queries(cat, "train")
+  centroids = baselines.seed_centroids(cat.embeddings, q.seeds)
+  near = source.neighbours(centroids, exclude_items=q.seeds)
+  assert near.shape == (len(q), _SIZES[-1])
+  rows = np.full(cat.num_items, -1)
+  rows[train] = np.arange(len(train))
+  for i in range(len(q)):
+    assert not np.isin(rows[q.seeds[i]], near[i]).any()
+    assert len(set(near[i])) == near.shape[1]
+  # The seeds would otherwise be their own nearest neighbours.
+  assert np.isin(rows[q.seeds[0]], source.neighbours(centroids[:1])[0]).any()
+  hide = np.arange(len(q)) % 9
+  hidden = source.neighbours(centroids, exclude_items=q.seeds, exclude_group=hide)
+  assert not (groups[hidden] == hide[:, None]).any()
+  # -1 hides nothing.
+  np.testing.assert_array_equal(
+      source.neighbours(centroids, q.seeds, np.full(len(q), -1)), near)
+
+
+def test_local_shift_reads_the_same_contrast(cat):
+  """The baseline and the model's evidence share one contrast: equal on equal neighbours."""
+  q = _queries(cat, "item_holdout")
+  oracle = oracle_lib.OnlineOracle(cat, index_kind="exact")
+  got = baselines.local_directions(cat, oracle, q, _SIZES)
+  ours = _evidence(cat, q)
+  for j, n in enumerate(_SIZES):
+    close = np.isclose(got[n], ours[:, 1 + 2 * j] / _SCALE, atol=1e-5).all(axis=1)
+    assert close.mean() > 0.9, n  # exact-search ties may order a few neighbours differently
+
+
+def test_null_domain_rows_are_zero_and_bad_sizes_are_refused(cat):
+  q = _queries(cat, "item_holdout")
+  source = evidence.NeighbourEvidence(cat, _SIZES, _SCALE)
+  context = np.asarray(cat.embeddings[q.seeds], np.float32)
+  null = np.full(len(q), cat.num_domains)
+  assert not source(context, np.ones(q.seeds.shape, bool), null).any()
+  for sizes in ((0,), (5, 5), (2.5,)):
+    with pytest.raises(errors.UserError, match="neighbour_evidence"):
+      evidence.NeighbourEvidence(cat, sizes, _SCALE)
+  assert evidence.num_tokens(()) == 0
+
+
+def test_sft_batches_carry_evidence_that_hides_the_cluster_on_a_share(cat):
+  config = trajectories.metric_predictor.default_config()
+  config.num_steps, config.hidden = 100, (32,)
+  source = trajectories.build_source(cat, 26, 0, config)[0]
+  neighbour = evidence.NeighbourEvidence(cat, _SIZES, _SCALE, source.assign)
+  plain = trajectories.TailCentroidTargets(source, 8, 0.2, 0.6, cat.num_domains, 0)
+  with_ev = trajectories.TailCentroidTargets(source, 8, 0.2, 0.6, cat.num_domains, 0,
+                                             evidence=neighbour, hide_cluster_prob=0.5)
+  a, b = plain(3, 64), with_ev(3, 64)
+  # The evidence stream is separate: everything else is the batch of a model without it.
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key])
+  assert b["evidence"].shape == (64, 7, cat.dim)
+  ids = with_ev.ids(3, 64)
+  shown = neighbour(b["context"], b["context_mask"], b["domain"], ids["context_ids"])
+  hidden = neighbour(b["context"], b["context_mask"], b["domain"], ids["context_ids"],
+                     ids["cluster"])
+  is_shown = np.all(np.isclose(b["evidence"], shown), axis=(1, 2))
+  is_hidden = np.all(np.isclose(b["evidence"], hidden), axis=(1, 2))
+  assert np.all(is_shown | is_hidden)
+  assert 0.2 < np.mean(~is_shown) < 0.8
+
+
+def test_model_masks_evidence_for_the_null_domain(fast_compile):
+  del fast_compile
+  model = dit.tiny(dim=6, num_domains=3, num_evidence=4)
+  params = dit.init_params(model, jax.random.PRNGKey(0))
+  params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(1), p.shape),
+                        params)
+  rng = np.random.default_rng(0)
+  x, t = jnp.asarray(rng.normal(size=(2, 6)), jnp.float32), jnp.array([0.3, 0.7])
+  context = jnp.asarray(rng.normal(size=(2, 5, 6)), jnp.float32)
+  mask = jnp.ones((2, 5), bool)
+  ev1 = jnp.asarray(rng.normal(size=(2, 4, 6)), jnp.float32)
+  ev2 = jnp.asarray(rng.normal(size=(2, 4, 6)), jnp.float32)
+  apply = lambda d, e: model.apply({"params": params}, x, t, context, mask, d, e)
+  null, real = jnp.array([3, 3]), jnp.array([0, 2])
+  np.testing.assert_allclose(apply(null, ev1), apply(null, ev2), atol=1e-6)
+  assert not np.allclose(apply(real, ev1), apply(real, ev2), atol=1e-3)
+  # The seeds stay a set: permuting them changes nothing.
+  perm = context[:, ::-1]
+  np.testing.assert_allclose(
+      model.apply({"params": params}, x, t, perm, mask, real, ev1), apply(real, ev1), atol=1e-5)
+  with pytest.raises(ValueError, match="evidence"):
+    model.apply({"params": params}, x, t, context, mask, real)
+
+
+def test_only_the_stages_whose_batches_carry_evidence_accept_it(tiny_world, tmp_path):
+  for stage in ("pretrain", "cpt"):
+    config = training.default_config("tiny")
+    config.stage, config.model.neighbour_evidence = stage, (5,)
+    with pytest.raises(errors.UserError, match="sft and hppo stages only"):
+      training.train(config, str(tiny_world), str(tmp_path / stage))
+    assert not (tmp_path / stage).exists()
