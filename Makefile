@@ -27,7 +27,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/retrieval.py
-	$(PY) bench/train_step.py
+	$(PY) bench/train_step.py --torch_peer
 	$(PY) bench/scale.py
 	$(PY) bench/faiss_compare.py
 	$(PY) bench/end_to_end.py

@@ -48,6 +48,7 @@ setuptools.setup(
                  "onnxruntime==1.32.0", "tokenizers==0.23.3"],
         # faiss-cpu: the HNSW and IVF-PQ baselines of bench/faiss_compare.py, which ScaNN is
         # measured against. Benchmark-only: the library searches with ScaNN alone.
-        "bench": ["faiss-cpu==1.15.1"],
+        # torch: bench-only (bench/train_step.py's PyTorch peer); 2.13.0: the CPU build on disk.
+        "bench": ["faiss-cpu==1.15.1", "torch==2.13.0"],
     },
 )

@@ -8,6 +8,7 @@ Run from the repository root:
   python bench/train_step.py --width=256 --variants=dtype=bfloat16   # f32 and mixed precision
   python bench/train_step.py --variants='devices=1;devices=2'         # 4 CPU devices vs 1, 2
   python bench/train_step.py --config=configs/pretrain.py:tiny --steps=2  # a quick check
+  python bench/train_step.py --torch_peer      # also the PyTorch peer (pip install -e '.[bench]')
 
 One run measures:
 
@@ -29,14 +30,23 @@ One run measures:
    gives a ceiling: the fraction of peak the step would reach if nothing but its matmuls took
    time;
 4. the FLOPs of each compiled function from XLA's cost analysis next to the analytic count
-   (`dit.flops_per_example`, x3 for a train step).
+   (`dit.flops_per_example`, x3 for a train step);
+5. with `--torch_peer`, the same step in PyTorch (bench/torch_dit.py: the DiT ported, started
+   from the same initial params, the same loss, clip, AdamW schedule and EMA), once eager and
+   once under `torch.compile`, on the same batch as the JAX full step (already in memory)
+   with torch using every core; both get the same analytic FLOP count per step. torch's
+   OpenMP threads wait for each other after every op: with libgomp's default wait policy the
+   tiny step ran ~100x slower (1.1 s, not 9 ms) while another process kept this 2-core
+   machine busy, and about 12 ms with OMP_WAIT_POLICY=PASSIVE; the policy in force is printed.
 
 The machine may be shared, and other jobs only ever add time. So every measurement is one call
 at a time, waited for, and the measurements take turns (round-robin, `--rounds` rounds) so that
 each one sees the same quiet and busy spells; the fastest call of each is reported (the median
 is shown too). The last line is `fraction_of_peak=<x>`: the full step's analytic FLOP/s
 (3 * forward FLOPs * batch / fastest step, device batch) over the float32 matmul peak, whatever
-the model's dtype; a bfloat16 step's fraction of the bfloat16 peak is printed above it.
+the model's dtype; a bfloat16 step's fraction of the bfloat16 peak is printed above it. With
+`--torch_peer` the lines above it are `torch_eager_ratio=<x>` and `torch_compile_ratio=<x>`:
+the JAX full step's examples/s over the PyTorch step's (above 1: JAX is faster).
 """
 
 import argparse
@@ -68,6 +78,9 @@ _D = 64            # item-embedding dimension of the default synthetic world
 _NUM_DOMAINS = 4
 _DOTS_SHOWN = 12
 _DOTS_ROW = "step's matmuls alone"
+# The PyTorch peer's rows: name -> (under torch.compile, the key of its ratio line).
+_TORCH_STEPS = {"torch eager step": (False, "torch_eager_ratio"),
+                "torch.compile step": (True, "torch_compile_ratio")}
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
@@ -110,6 +123,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
                       help="jax_default_matmul_precision (e.g. highest); empty: JAX's default")
   parser.add_argument("--profile_dir", default="",
                       help="also write a jax.profiler trace of 3 full steps here")
+  parser.add_argument("--torch_peer", action="store_true",
+                      help="also time the step in PyTorch (bench/torch_dit.py), eager and under "
+                      "torch.compile, in the same round-robin (needs pip install -e '.[bench]')")
   return parser.parse_args(argv)
 
 
@@ -349,8 +365,54 @@ def profile_summary(trace_dir: str, hlo_text: str, num_steps: int, top: int = 15
     print(f"  {ms:8.1f} ms {100 * ms / total:5.1f}%  {name}")
 
 
+def _import_torch_peer() -> Any:
+  """bench/torch_dit.py, with torch on every core; a missing torch ends the run with a hint."""
+  # The bench's own directory, as when it is run as a script (the tests load it by path).
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import torch_dit  # pylint: disable=g-import-not-at-top
+  except ModuleNotFoundError as e:
+    if e.name != "torch":
+      raise
+    raise SystemExit("--torch_peer needs PyTorch, a bench-only extra: "
+                     "pip install -e '.[bench]'") from None
+  torch.set_num_threads(os.cpu_count())
+  return torch_dit
+
+
+def _torch_peer_steps(torch_dit: Any, config: Any, model: dit.DiT, params: Any,
+                      batch_np: dict[str, np.ndarray],
+                      warmup: int) -> dict[str, Callable[[], Any]]:
+  """{name: one PyTorch train step}: eager and `torch.compile`d, each on its own model.
+
+  Both start from the JAX model's initial params and step on `batch_np`, converted once (as
+  the JAX full step's batch is already on the device), and take `warmup` untimed steps after
+  the first, as the JAX step does.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}")
+  batch = torch_dit.to_torch(batch_np)
+  steps = {}
+  for name, (compiled, _) in _TORCH_STEPS.items():
+    module = torch_dit.DiT.like(model)
+    torch_dit.load_jax_params(module, params)
+    train_step = torch_dit.TrainStep(module, config, compiled=compiled, seed=config.seed)
+    # The first call compiles (under torch.compile); timed here because it is not small.
+    start = time.perf_counter()
+    train_step(batch)
+    print(f"{name}: first call {time.perf_counter() - start:.1f} s")
+    for _ in range(warmup):
+      train_step(batch)
+    steps[name] = functools.partial(train_step, batch)
+  return steps
+
+
 def main(argv: list[str]) -> None:
   args = _parse_args(argv)
+  # Before anything slow: a missing torch should fail at once.
+  torch_dit = _import_torch_peer() if args.torch_peer else None
   rounds = args.rounds or args.steps
   # XLA reads XLA_FLAGS once, when the backend starts (the first device use, not the import).
   if args.xla_flags:
@@ -361,6 +423,9 @@ def main(argv: list[str]) -> None:
 
   config = _load_config(args.config, args)
   model_dtype = config.model.get("dtype", "float32")
+  if torch_dit is not None and model_dtype != "float32":
+    raise SystemExit(f"--torch_peer: the PyTorch peer is float32 only; the model's dtype is "
+                     f"{model_dtype}")
   batch_size, context_len = int(config.batch_size), int(config.model.max_context)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs; "
         f"jax {jax.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
@@ -441,6 +506,10 @@ def main(argv: list[str]) -> None:
   measured["full step (device batch)"] = (functools.partial(step, False), step_flops,
                                           _cost_flops(compiled_step, mesh.size))
   measured.update(variant_fns)
+  if torch_dit is not None:
+    for name, fn in _torch_peer_steps(torch_dit, config, model, params, batch_np,
+                                      args.warmup).items():
+      measured[name] = (fn, step_flops, float("nan"))
   dots = []
   if not args.no_breakdown:
     step_rng = jax.random.fold_in(rng, 0)
@@ -494,6 +563,11 @@ def main(argv: list[str]) -> None:
   times = round_robin({name: m[0] for name, m in measured.items()}, calls, rounds)
   if not np.isfinite(float(metrics["loss"])):
     raise RuntimeError(f"the step's loss is not finite: {metrics['loss']}")
+  torch_rows = [name for name in _TORCH_STEPS if name in measured]
+  for name in torch_rows:
+    loss = float(measured[name][0]()["loss"])
+    if not np.isfinite(loss):
+      raise RuntimeError(f"the {name}'s loss is not finite: {loss}")
 
   if args.profile_dir:
     with jax.profiler.trace(args.profile_dir):
@@ -570,6 +644,14 @@ def main(argv: list[str]) -> None:
   if model_dtype != "float32":
     print(f"the {model_dtype} step reaches {step_flops / step_s / peaks[model_dtype]:.3f} of the "
           f"{model_dtype} peak")
+  for name in torch_rows:
+    torch_s = times[name][0]
+    print(f"{name}: {batch_size / torch_s:.1f} examples/s, "
+          f"{step_flops / torch_s / 1e9:.1f} GFLOP/s = {step_flops / torch_s / peak:.3f} of the "
+          f"float32 matmul peak (JAX: {fraction:.3f})")
+  for name in torch_rows:
+    # JAX's examples/s over torch's, the same batch and FLOPs: the torch time over JAX's.
+    print(f"{_TORCH_STEPS[name][1]}={times[name][0] / step_s:.3f}")
   print(f"fraction_of_peak={fraction:.3f}")
 
 
