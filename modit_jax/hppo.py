@@ -37,10 +37,7 @@ from modit_jax import query_split
 from modit_jax import trajectories
 
 POLICIES = ("policy", "reference", "seed_centroid", "tail_centroid", "interpolation",
-            "feedback")
-# Policies a config may add to the default pool (docs/evidence.md): not in the default pool, so
-# not in the candidate-policy ablation either.
-OPTIONAL_POLICIES = ("neighbourhood",)
+            "feedback", "neighbourhood")
 _POOL_STREAM = 4
 _PAIR_STREAM = 5
 
@@ -63,32 +60,39 @@ def default_config() -> ml_collections.ConfigDict:
   # mean of all of them); each further round starts from the last candidate.
   c.feedback_depth = 50
   c.feedback_rounds = 2
-  # The optional `neighbourhood` policy: seed centroid + a * (mean of the oracle's positives
-  # among the `neighbourhood_size` train items nearest it - mean of those items), a in
-  # `neighbourhood_steps`: `local_shift` with the oracle's labels (local_shift_train_oracle).
+  # The `neighbourhood` policy: seed centroid + a * (mean of the oracle's positives among the
+  # `neighbourhood_size` train items nearest it - mean of those items), a in
+  # `neighbourhood_steps`: `local_shift` with the oracle's labels (local_shift_train_oracle),
+  # the pool's strongest winners (mean train Joint@20 0.80 against the policy's 0.26-0.37 on
+  # the development world; docs/hppo.md, "Winners the policy can follow").
   c.neighbourhood_size = 200
   c.neighbourhood_steps = (2.0, 4.0, 8.0)
   c.pool_queries = 256                # training queries per pool
   c.pool_every = 100                  # steps between pool rebuilds
   c.oracle_k = 20
   c.oracle_index_kind = "scann"
-  c.margin = 0.05                     # Joint(w) > Joint(l) + margin
+  # Joint(w) > Joint(l) + margin. A wide margin keeps the pairs whose winner is clearly better
+  # (mostly the neighbourhood candidates); with the SFT term below, the policy then learns to
+  # produce them (docs/hppo.md, "Winners the policy can follow").
+  c.margin = 0.4
   c.pareto = True                     # keep a pair only if Purity(w) >= Purity(l)
   c.min_winner_purity = 0.0           # and, if > 0, only if Purity(w) >= this
   c.beta = 200.0
-  c.sft_weight = 0.0                  # optional SFT anchor: + sft_weight * e_theta(w)
+  # + sft_weight * e_theta(w): a supervised pull toward the pairs' winners. DPO alone left the
+  # policy where it was with winners at 0.9 in the pool; with this term (and the margin above,
+  # and a higher rate) it moved toward them.
+  c.sft_weight = 5.0
   return c
 
 
 def parse_policies(value: str) -> list[str]:
   """The pool's policies from a comma-separated string; unknown names are an error."""
   names = [p.strip() for p in str(value).split(",") if p.strip()]
-  known = POLICIES + OPTIONAL_POLICIES
-  unknown = [p for p in names if p not in known]
+  unknown = [p for p in names if p not in POLICIES]
   if unknown or not names:
     raise errors.UserError(f"hppo.policies {value!r}: unknown or empty; known: "
-                           f"{', '.join(known)}")
-  return [p for p in known if p in names]
+                           f"{', '.join(POLICIES)}")
+  return [p for p in POLICIES if p in names]
 
 
 # ----------------------------------------------------------------------------- pairs

@@ -235,7 +235,7 @@ def test_pool_never_reads_held_out_truth(tiny_world, sft_workdir):
   params = engine.restore_params(sft_workdir)
   pools = [_pool_builder(c, config, params).build(params, 0) for c in (cat, poisoned)]
   a, b = pools
-  assert a.names == b.names and len(a.names) == 11
+  assert a.names == b.names and len(a.names) == 14
   np.testing.assert_array_equal(a.candidates, b.candidates)
   np.testing.assert_array_equal(a.joint, b.joint)
   np.testing.assert_array_equal(a.pairs, b.pairs)
@@ -252,7 +252,7 @@ def test_the_neighbourhood_policy_reads_train_labels_only_and_finds_hits(tiny_wo
   """The optional policy: local_shift with the oracle's labels of train items."""
   config = _hppo_config(sft_workdir)
   config.hppo.policies = "seed_centroid,neighbourhood"
-  config.hppo.neighbourhood_size = 40
+  config.hppo.neighbourhood_size, config.hppo.margin = 40, 0.05  # pairs among 4 candidates
   cat = catalog_lib.load_catalog(tiny_world)
   held_out = cat.item_split != 0
   poisoned = dataclasses.replace(
