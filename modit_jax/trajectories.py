@@ -145,7 +145,8 @@ def build_source(catalog: catalog_lib.Catalog, num_clusters: int, cluster_seed: 
   emb = np.asarray(catalog.embeddings[train], np.float32)
   observed = np.asarray(catalog.observed[train], bool)
   labels = np.where(observed, np.asarray(catalog.attributes[train], bool), False)
-  predictor_config = predictor_config or metric_predictor.default_config()
+  if predictor_config is None:
+    predictor_config = metric_predictor.default_config()
   predictor = metric_predictor.train(
       emb, labels, observed, predictor_config,
       metric_predictor.relative_features(catalog, predictor_config))
@@ -304,7 +305,8 @@ class TailCentroidTargets:
     # hidden from the neighbourhood, as an unseen pattern's would be absent.
     self._evidence = evidence
     if not 0 <= float(hide_cluster_prob) <= 1:
-      raise errors.UserError(f"sft.hide_cluster_prob must be in [0, 1]; got {hide_cluster_prob!r}")
+      raise errors.UserError(
+          f"sft.hide_cluster_prob must be in [0, 1]; got {hide_cluster_prob!r}")
     self._hide_cluster_prob = float(hide_cluster_prob)
     self._num_low = low_count(source.sizes, self._low_fraction, self._tail_fraction)
     self._centroids = self._tail_centroids()
