@@ -168,6 +168,12 @@ class NeighbourEvidence:
         sims[hide & (exclude_group[start:stop, None] >= 0)] = -np.inf
       top = np.argpartition(-sims, want - 1, axis=1)[:, :want]
       top_sims = np.take_along_axis(sims, top, 1)
+      if np.isneginf(top_sims).any():
+        # Fewer items than `want` are left after the exclusions: never hand back an excluded one.
+        raise errors.UserError(
+            f"neighbour evidence of size {want} needs more of the {count} train items than are "
+            "left after excluding the seeds and the hidden cluster: use smaller neighbourhood "
+            "sizes")
       order = np.lexsort((top, -top_sims), axis=1)
       out[start:stop] = np.take_along_axis(top, order, 1)
     return out

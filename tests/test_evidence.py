@@ -186,3 +186,13 @@ def test_only_the_stages_whose_batches_carry_evidence_accept_it(tiny_world, tmp_
     with pytest.raises(errors.UserError, match="sft and hppo stages only"):
       training.train(config, str(tiny_world), str(tmp_path / stage))
     assert not (tmp_path / stage).exists()
+
+
+def test_too_few_train_items_left_is_a_clear_error(cat):
+  q = _queries(cat, "train").take(np.arange(2))
+  count = len(cat.train_items())
+  source = evidence.NeighbourEvidence(cat, (count - 1,), _SCALE, np.zeros(count, np.int64))
+  centroids = baselines.seed_centroids(cat.embeddings, q.seeds)
+  assert source.neighbours(centroids).shape == (2, count - 1)  # nothing excluded: all fit
+  with pytest.raises(errors.UserError, match="smaller neighbourhood sizes"):
+    source.neighbours(centroids, exclude_items=q.seeds)
