@@ -158,15 +158,7 @@ class DiT(nn.Module):
 
   def forward(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
               context_mask: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-    """The x0 prediction [B, d], as `dit.DiT.__call__`.
-
-    Args:
-      x_t: float [B, d] noisy query embedding.
-      t: float [B] diffusion time in [0, 1].
-      context: float [B, L, d] context item embeddings, L <= max_context.
-      context_mask: bool [B, L], True for real items; padded slots never affect the output.
-      domain: int [B] in [0, num_domains]; `num_domains` is the null domain.
-    """
+    """The x0 prediction [B, d]; the arguments are `dit.DiT.__call__`'s (no evidence)."""
     length = context.shape[1]
     if length > self.max_context:
       raise ValueError(f"context length {length} exceeds max_context {self.max_context}")
