@@ -75,9 +75,11 @@ from modit_jax import diffusion
 from modit_jax import dit
 from modit_jax import engine
 from modit_jax import evaluation
-from modit_jax import generative
+from modit_jax import generator as generator_lib
+from modit_jax import models
 from modit_jax import retrieval
 from modit_jax import retriever as retriever_lib
+from modit_jax import run_dir
 from modit_jax import training
 
 _TARGET_SEED_SETS_PER_S = 1000  # the issue's target, at 100k items on 2 cores
@@ -119,7 +121,7 @@ def random_workdir(root: str, dim: int, num_domains: int, guidance_scale: float,
   config = training.default_config()
   config.stage = "sft"  # domain-conditioned, as served after SFT or HPPO
   config.diffusion.guidance_scale = guidance_scale
-  model = training.make_model(config.model, dim, num_domains)
+  model = models.make_model(config.model, dim, num_domains)
   init_rng, noise_rng = jax.random.split(jax.random.PRNGKey(seed))
   params = dit.init_params(model, init_rng)
   # adaLN-Zero leaves the output layer at zero; noise makes the samples non-degenerate.
@@ -129,7 +131,7 @@ def random_workdir(root: str, dim: int, num_domains: int, guidance_scale: float,
       p + _PARAM_NOISE * jax.random.normal(key, p.shape, p.dtype)
       for p, key in zip(leaves, keys)])
   workdir = os.path.join(root, "random_model")
-  training.write_run_config(workdir, config, dim, num_domains)
+  run_dir.write_run_config(workdir, config, dim, num_domains)
   checkpointer = engine.Checkpointer(workdir)
   checkpointer.save(0, engine.create_train_state(params, engine.make_optimizer(config)),
                     force=True)
@@ -160,7 +162,7 @@ def seed_sets(items: np.ndarray, num: int, size: int, seed: int) -> np.ndarray:
   return ids.astype(np.int64)
 
 
-def _synthetic_catalogs(args: argparse.Namespace, generator: generative.Generator,
+def _synthetic_catalogs(args: argparse.Namespace, generator: generator_lib.Generator,
                         num: int) -> list[dict]:
   """One entry per `--sizes` N: nested mixture catalogs, a ScaNN index, random domains."""
   rng = np.random.default_rng(args.seed + 4)
@@ -219,10 +221,10 @@ def main(argv: list[str]) -> None:
       generator = pipeline.generator
       what = f"final model of the pipeline {args.pipeline}"
     elif args.workdir:
-      generator = generative.Generator(args.workdir)
+      generator = generator_lib.Generator(args.workdir)
       what = f"trained model {args.workdir}"
     else:
-      generator = generative.Generator(random_workdir(
+      generator = generator_lib.Generator(random_workdir(
           tmp, args.dim, args.domains, args.guidance_scale, args.seed))
       what = "random-init model of training.default_config() (stage sft)"
   model, dim, num_domains = generator.model, generator.dim, generator.num_domains
@@ -247,10 +249,10 @@ def main(argv: list[str]) -> None:
   query_seeds = np.full(num, args.seed)  # what Retriever passes: one seed for every query
   chunks = {b: [slice(s, min(s + b, num)) for s in range(0, num, b)] for b in batch_sizes}
   plain_sample = jax.jit(functools.partial(
-      diffusion.sample_rows, apply=training.apply_fn(model), dim=dim,
+      diffusion.sample_rows, apply=models.apply_fn(model), dim=dim,
       num_steps=generator.num_steps, null_domain=num_domains,
-      space=training.target_space(generator.config, dim),
-      temperature=training.sample_temperature(generator.config)))
+      space=models.target_space(generator.config, dim),
+      temperature=models.sample_temperature(generator.config)))
   fns, setups = {}, []
   for entry in catalogs:
     n, items, ids, domains = entry["n"], entry["items"], entry["ids"], entry["domains"]
@@ -275,7 +277,7 @@ def main(argv: list[str]) -> None:
     index = retriever.index
     setups.append({
         "n": n, "build_s": entry["build_s"], "index": index, "exclude": exclude,
-        "samples": samples, "exact_ids": generative.search_samples(exact, samples, exclude, args.k),
+        "samples": samples, "exact_ids": generator_lib.search_samples(exact, samples, exclude, args.k),
         "near_recall": common.recall(index.search(near, args.k)[0],
                                      exact.search(near, args.k)[0])})
     print(f"N={n:,}: {num} seed sets of {seed_size}", flush=True)
@@ -305,7 +307,7 @@ def main(argv: list[str]) -> None:
     for b in batch_sizes:
       fns[f"search N={s['n']} B={b}"] = (
           lambda ix=s["index"], q=s["samples"], ex=s["exclude"], b=b: [
-              generative.search_samples(ix, q[c], ex[c], args.k, return_scores=True)
+              generator_lib.search_samples(ix, q[c], ex[c], args.k, return_scores=True)
               for c in chunks[b]])
 
   print(f"timing {len(fns)} functions, {args.rounds} rounds, {num} seed sets per call "

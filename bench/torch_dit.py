@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from modit_jax import diffusion
 from modit_jax import dit
 from modit_jax import engine
-from modit_jax import training
+from modit_jax import models
 
 # The port reads the JAX modules' own constants, so that the two cannot drift apart.
 # pylint: disable=protected-access
@@ -272,7 +272,7 @@ class TrainStep:
     self.ema_params = [p.detach().clone() for p in self.params]
     self.step = 0
     self._config = config
-    self._space = training.target_space(config, model.dim)
+    self._space = models.target_space(config, model.dim)
     self._drop_prob = float(config.diffusion.cond_drop_prob)
     self._clip = float(config.grad_clip_norm)
     self._generator = torch.Generator().manual_seed(seed)

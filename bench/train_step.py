@@ -16,7 +16,7 @@ One run measures:
    first device (which uses every core); the best FLOP/s any size reaches. For a bfloat16
    model (`--dtype` or a `dtype=` variant) also the bfloat16 peak, with float32 accumulation
    and output as the model's matmuls have;
-2. the train step exactly as `modit_jax.train` builds it (`training.make_model`,
+2. the train step exactly as `modit_jax.train` builds it (`models.make_model`,
    `training.denoising_loss_fn`, `engine.make_optimizer`, `engine.create_train_state`,
    `engine.jit_train_step` over `engine.make_mesh()`, donated state), on a random batch of unit
    embeddings with every context slot real. On CPU the mesh has the binaries' default number
@@ -71,6 +71,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from modit_jax import dit
 from modit_jax import engine
 from modit_jax import errors
+from modit_jax import models
 from modit_jax import training
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -168,7 +169,7 @@ def _parse_variant(spec: str) -> tuple[dict[str, Any], dict[str, Any]]:
                          f"{jax.device_count()} (see --cpu_devices)")
     elif key == "dtype":
       try:
-        training.compute_dtype(value, "--variants: dtype")
+        models.compute_dtype(value, "--variants: dtype")
       except errors.UserError as e:
         raise SystemExit(str(e)) from None
       settings["dtype"] = value
@@ -181,7 +182,7 @@ def _parse_variant(spec: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _build_step(config: Any, mesh: Any) -> tuple[Any, ...]:
   """(model, loss_fn, tx, params, host_state, shardings, jitted step) as modit_jax.train has."""
-  model = training.make_model(config.model, _D, _NUM_DOMAINS)
+  model = models.make_model(config.model, _D, _NUM_DOMAINS)
   loss_fn = training.denoising_loss_fn(model, config)
   tx = engine.make_optimizer(config)
   params = jax.device_get(dit.init_params(model, jax.random.PRNGKey(config.seed)))
@@ -496,7 +497,7 @@ def main(argv: list[str]) -> None:
   measured = {}
   peak_names = collections.defaultdict(list)
   for dtype_name in dict.fromkeys(peak_dtypes):
-    dtype = training.compute_dtype(dtype_name)
+    dtype = models.compute_dtype(dtype_name)
     for n in (int(s) for s in args.matmul_sizes.split(",")):
       a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
       b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)

@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from modit_jax import catalog as catalog_lib
+from modit_jax import clusters
 from modit_jax import errors
 from modit_jax import evidence
 from modit_jax import metric_predictor
@@ -51,11 +52,6 @@ NEEDS_TRUE_DIRECTIONS = frozenset({"oracle_shift"})
 # One definition each, shared with the model's neighbour evidence (modit_jax/evidence.py).
 normalize = evidence.normalize
 observed_positive_means = evidence.observed_positive_means
-
-
-def seed_centroids(embeddings: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-  """float32 [Q, d]: the normalised mean embedding of each query's seeds."""
-  return normalize(np.asarray(embeddings[np.asarray(seeds)], np.float32).mean(axis=1))
 
 
 @dataclasses.dataclass
@@ -126,7 +122,7 @@ def _shift_method(name: str, catalog: catalog_lib.Catalog, oracle: oracle_lib.On
   emb = catalog.embeddings
 
   def embed(q: catalog_lib.Queries, alpha: np.ndarray) -> np.ndarray:
-    return normalize(seed_centroids(emb, q.seeds) + alpha[:, None] * direction(q))
+    return normalize(evidence.seed_centroids(emb, q.seeds) + alpha[:, None] * direction(q))
 
   best = tune_per_domain(
       catalog, oracle, grid,
@@ -140,7 +136,7 @@ def _rerank(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
             config: ml_collections.ConfigDict) -> Fitted:
   predictor = metric_predictor.train(
       catalog.embeddings, catalog.attributes, catalog.observed, config.metric_predictor,
-      metric_predictor.relative_features(catalog, config.metric_predictor))
+      clusters.relative_features(catalog, config.metric_predictor))
   for name, v in zip(catalog.domains, predictor.validation):
     logging.info("metric predictor %s: held-out AUC %.3f, ECE %.3f (n=%d)", name, v["auc"],
                  v["ece"], v["n_heldout"])
@@ -159,43 +155,18 @@ def _rerank(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
   grid = [int(n) for n in config.rerank_pool_grid]
   best = tune_per_domain(
       catalog, oracle, grid,
-      lambda q, n: reorder(oracle.search(seed_centroids(emb, q.seeds), q.seeds, n),
+      lambda q, n: reorder(oracle.search(evidence.seed_centroids(emb, q.seeds), q.seeds, n),
                            np.full(len(q), n), q.domain, oracle.k),
       "rerank pool size").astype(int)
 
   def retrieve(q: catalog_lib.Queries, index: retrieval.Index, k: int) -> np.ndarray:
     pools = np.maximum(best[q.domain], k)
-    pool = _search(index, seed_centroids(emb, q.seeds), q.seeds, int(pools.max()))
+    pool = _search(index, evidence.seed_centroids(emb, q.seeds), q.seeds, int(pools.max()))
     return reorder(pool, pools, q.domain, k)
 
   knob = dict(zip(catalog.domains, best.tolist()))
   knob.update({f"auc_{n}": v["auc"] for n, v in zip(catalog.domains, predictor.validation)})
   return Fitted("rerank", retrieve, knob=knob)
-
-
-def local_directions(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
-                     q: catalog_lib.Queries, sizes: Sequence[int],
-                     labels: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
-                     | None = None) -> dict[int, np.ndarray]:
-  """Per neighbourhood size n: float32 [Q, d], labelled-positive mean minus labelled mean.
-
-  Over the n train items nearest each query's seed centroid (`oracle.neighbours`: embeddings
-  only). Labels are the observed labels of the query's domain, or `labels(near, domains)` ->
-  (known, positive) bool [Q, n_max] when given (a bound reads the oracle's). A query with no
-  labelled positive nearby gets a zero direction.
-  """
-  emb = catalog.embeddings
-  sizes = sorted(int(n) for n in sizes)
-  centroid = seed_centroids(emb, q.seeds)
-  near = oracle.neighbours(centroid, q.seeds,
-                           min(sizes[-1], len(oracle.train_items) - q.seeds.shape[1]))
-  if labels is None:
-    domain = np.asarray(q.domain)[:, None]
-    known = np.asarray(catalog.observed, bool)[near, domain]   # train items' observed labels
-    positive = known & np.asarray(catalog.attributes, bool)[near, domain]  # only where observed
-  else:
-    known, positive = labels(near, q.domain)
-  return evidence.label_contrast(emb, near, known, positive, sizes)
 
 
 def _local_shift(name: str, catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
@@ -212,7 +183,7 @@ def _local_shift(name: str, catalog: catalog_lib.Catalog, oracle: oracle_lib.Onl
     return np.ones(near.shape, bool), oracle.labels(near, domains)
 
   def directions(q: catalog_lib.Queries) -> dict[int, np.ndarray]:
-    return local_directions(catalog, oracle, q, sizes, oracle_labels if true_labels else None)
+    return oracle_lib.local_directions(catalog, oracle, q, sizes, oracle_labels if true_labels else None)
 
   cache: dict[int, tuple[catalog_lib.Queries, dict[int, np.ndarray]]] = {}
 
@@ -226,7 +197,7 @@ def _local_shift(name: str, catalog: catalog_lib.Catalog, oracle: oracle_lib.Onl
     for n in sizes:
       rows = knobs[:, 0] == n
       shift[rows] = by_size[n][rows]
-    return normalize(seed_centroids(emb, q.seeds) + knobs[:, 1:2] * shift)
+    return normalize(evidence.seed_centroids(emb, q.seeds) + knobs[:, 1:2] * shift)
 
   grid = [(float(n), a) for n in sizes for a in steps]
   best = tune_per_domain(
@@ -248,7 +219,7 @@ def fit(name: str, catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle
   `local_neighbourhood_grid` and `local_shift_grid`."""
   emb = catalog.embeddings
   if name == "seed_centroid":
-    return _embedding_method(name, lambda q: seed_centroids(emb, q.seeds))
+    return _embedding_method(name, lambda q: evidence.seed_centroids(emb, q.seeds))
   if name == "global_attribute":
     positives = normalize(observed_positive_means(catalog)[0])
     return _embedding_method(name, lambda q: positives[q.domain])

@@ -14,10 +14,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from modit_jax import catalog as catalog_lib
 from modit_jax import errors
+from modit_jax import metric_predictor
+from modit_jax import sizing
 
 # k-means++ seeding looks at this many points at most (more only when k is larger): seeding is
 # k sequential passes over the sample, so it must not grow with N.
@@ -249,3 +252,21 @@ def _kmeanspp(sample: jax.Array, key: jax.Array, k: int, trials: int) -> jax.Arr
 
   idx, _, _ = jax.lax.fori_loop(1, k, body, (idx, d2, key))
   return idx
+
+
+def relative_features(catalog: catalog_lib.Catalog, config: ml_collections.ConfigDict
+                      ) -> metric_predictor.RelativeFeatures | None:
+  """The metric predictor's relative features that `config` (its config) asks for on `catalog`.
+
+  None: the bare embedding. The regions are k-means over the catalog's train items only
+  (`sizing.num_predictor_regions` of them); the offsets enter at unit mean norm.
+  """
+  if not config.get("relative_features", False):
+    return None
+  train_items = catalog.train_items()
+  count = sizing.num_predictor_regions(len(train_items), sizing.train_seed_size(catalog))
+  x = np.asarray(catalog.embeddings[train_items], np.float32)
+  centres, assign = kmeans(x, min(count, len(train_items)), seed=int(config.seed))
+  centres = np.asarray(centres, np.float32)
+  scale = float(np.linalg.norm(x - centres[np.asarray(assign)], axis=1).mean())
+  return metric_predictor.RelativeFeatures(centres, max(scale, 1e-6))

@@ -35,8 +35,8 @@ from modit_jax import metrics
 from modit_jax import oracle as oracle_lib
 from modit_jax import query_split
 from modit_jax import retrieval
+from modit_jax import run_dir
 from modit_jax import stats
-from modit_jax import training
 
 EVAL_SPLITS = ("item_holdout", "pattern_holdout")
 STRONGEST_BASELINE = "strongest_baseline"
@@ -265,7 +265,7 @@ def data_diagnostics(catalog: catalog_lib.Catalog, methods: Sequence[str],
   out = {}
   for name in methods:
     workdir = config.workdirs.get(name, "") if name in generative.GENERATIVE_METHODS else ""
-    path = os.path.join(workdir, training.DIAGNOSTICS_FILE) if workdir else ""
+    path = os.path.join(workdir, run_dir.DIAGNOSTICS_FILE) if workdir else ""
     if not path or not os.path.isfile(path):
       continue
     saved = np.load(path)

@@ -40,6 +40,11 @@ def normalize(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def seed_centroids(embeddings: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+  """float32 [Q, d]: the normalised mean embedding of each query's seeds."""
+  return normalize(np.asarray(embeddings[np.asarray(seeds)], np.float32).mean(axis=1))
+
+
 def observed_positive_means(catalog: catalog_lib.Catalog) -> tuple[np.ndarray, np.ndarray]:
   """Means over observed labels, per domain: (observed positives [M, d], observed items [M, d])."""
   observed = np.asarray(catalog.observed, bool)

@@ -26,12 +26,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from modit_jax import baselines
 from modit_jax import catalog as catalog_lib
 from modit_jax import data
 from modit_jax import diffusion
 from modit_jax import engine
 from modit_jax import errors
+from modit_jax import evidence as evidence_lib
 from modit_jax import oracle as oracle_lib
 from modit_jax import query_split
 from modit_jax import trajectories
@@ -279,7 +279,7 @@ class CandidatePools:
     A query with no hit in a round keeps its candidate (there is nothing to move toward).
     """
     depth = int(self._hppo.feedback_depth)
-    current = baselines.normalize(np.asarray(start, np.float32))
+    current = evidence_lib.normalize(np.asarray(start, np.float32))
     out = []
     for _ in range(int(self._hppo.feedback_rounds)):
       ids = self._oracle.search(current, queries.seeds, depth)
@@ -288,7 +288,7 @@ class CandidatePools:
       num_hits = hits.sum(axis=1, keepdims=True)
       hit_mean = (emb * hits[..., None]).sum(axis=1) / np.maximum(num_hits, 1)
       step = np.where(num_hits > 0, hit_mean - emb.mean(axis=1), 0.0)
-      current = baselines.normalize(current + step)
+      current = evidence_lib.normalize(current + step)
       out.append(current)
     return out
 
@@ -296,7 +296,7 @@ class CandidatePools:
     """The labelled pool `pool_index` with the current policy `params` (host or device)."""
     hppo = self._hppo
     queries = self._draw(pool_index)
-    centroid = baselines.seed_centroids(self.embeddings, queries.seeds)
+    centroid = evidence_lib.seed_centroids(self.embeddings, queries.seeds)
     tail = self._tail(queries)
     evidence = None
     if self._evidence is not None:
@@ -311,7 +311,7 @@ class CandidatePools:
 
     def add(policy_name: str, embeddings: list[np.ndarray], variants: list[str]) -> None:
       if policy_name in self._policies:
-        candidates.extend(baselines.normalize(e) for e in embeddings)
+        candidates.extend(evidence_lib.normalize(e) for e in embeddings)
         names.extend(f"{policy_name}:{v}" for v in variants)
 
     add("policy", policy, policy_names)
@@ -337,7 +337,7 @@ class CandidatePools:
       size = int(hppo.neighbourhood_size)
       oracle_labels = lambda near, domains: (np.ones(near.shape, bool),
                                              self._oracle.labels(near, domains))
-      contrast = baselines.local_directions(self._catalog, self._oracle, queries, [size],
+      contrast = oracle_lib.local_directions(self._catalog, self._oracle, queries, [size],
                                             oracle_labels)[size]
       steps = [float(a) for a in hppo.neighbourhood_steps]
       add("neighbourhood", [centroid + a * contrast for a in steps], [f"a{a:g}" for a in steps])

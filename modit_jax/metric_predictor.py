@@ -5,7 +5,7 @@ items only (DESIGN.md section 2). Unobserved labels are never read: labels are t
 `np.where(observed, attributes, False)` and every unobserved entry is masked out of the loss.
 It re-ranks in the `rerank` baseline and orders trajectories in stage 2.
 
-Relative features (`relative_features`, off by default): besides the embedding x, the MLP
+Relative features (`clusters.relative_features`, off by default): besides the embedding x, the MLP
 reads x's offset from the nearest of a few coarse k-means regions of the train items, scaled
 to unit mean norm. Whether an item is attribute-positive depends on where it sits within its
 pattern, not only on where the pattern sits; the offset says that directly. On the
@@ -32,10 +32,7 @@ import numpy as np
 import optax
 import scipy.stats
 
-from modit_jax import catalog as catalog_lib
-from modit_jax import clusters
 from modit_jax import errors
-from modit_jax import sizing
 
 _PREDICT_BATCH = 65536
 _PARAM_PREFIX = "predictor_param/"
@@ -57,14 +54,6 @@ class RelativeFeatures:
     offset = (x - self.regions[nearest]) / np.float32(self.offset_scale)
     return np.concatenate([x, offset], axis=1)
 
-  @classmethod
-  def fit(cls, embeddings: np.ndarray, num_regions: int, seed: int) -> "RelativeFeatures":
-    """k-means regions of `embeddings` (train items only) and their mean offset norm."""
-    x = np.asarray(embeddings, np.float32)
-    centres, assign = clusters.kmeans(x, int(num_regions), seed=seed)
-    centres = np.asarray(centres, np.float32)
-    scale = float(np.linalg.norm(x - centres[np.asarray(assign)], axis=1).mean())
-    return cls(centres, max(scale, 1e-6))
 
 
 class PredictorMLP(nn.Module):
@@ -155,21 +144,6 @@ class MetricPredictor:
 def has_saved(names: Any) -> bool:
   """Whether an .npz with these array names holds a predictor `to_arrays` wrote."""
   return f"{_PARAM_PREFIX}hidden" in names
-
-
-def relative_features(catalog: catalog_lib.Catalog,
-                      config: ml_collections.ConfigDict) -> RelativeFeatures | None:
-  """The relative features `config` asks for on `catalog` (None: the bare embedding).
-
-  The regions are k-means over the catalog's train items only
-  (`sizing.num_predictor_regions` of them).
-  """
-  if not config.get("relative_features", False):
-    return None
-  train_items = catalog.train_items()
-  count = sizing.num_predictor_regions(len(train_items), sizing.train_seed_size(catalog))
-  return RelativeFeatures.fit(np.asarray(catalog.embeddings[train_items], np.float32),
-                              min(count, len(train_items)), int(config.seed))
 
 
 def train(embeddings: np.ndarray, attributes: np.ndarray, observed: np.ndarray,

@@ -8,12 +8,13 @@ refuses queries whose seeds are not train items, so held-out items and patterns 
 training through it. Baselines tune their one knob with it too (on train queries).
 """
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from modit_jax import catalog as catalog_lib
 from modit_jax import errors
+from modit_jax import evidence
 from modit_jax import metrics
 from modit_jax import retrieval
 
@@ -104,3 +105,28 @@ class OnlineOracle:
             queries: catalog_lib.Queries) -> dict[str, np.ndarray]:
     """Joint@k and Purity@k (float64 [Q]) of one candidate query embedding per query."""
     return self.score_ids(self.search(query_embeddings, queries.seeds, self.k), queries)
+
+
+def local_directions(catalog: catalog_lib.Catalog, oracle: OnlineOracle,
+                     q: catalog_lib.Queries, sizes: Sequence[int],
+                     labels: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+                     | None = None) -> dict[int, np.ndarray]:
+  """Per neighbourhood size n: float32 [Q, d], labelled-positive mean minus labelled mean.
+
+  Over the n train items nearest each query's seed centroid (`oracle.neighbours`: embeddings
+  only). Labels are the observed labels of the query's domain, or `labels(near, domains)` ->
+  (known, positive) bool [Q, n_max] when given (a bound reads the oracle's). A query with no
+  labelled positive nearby gets a zero direction.
+  """
+  emb = catalog.embeddings
+  sizes = sorted(int(n) for n in sizes)
+  centroid = evidence.seed_centroids(emb, q.seeds)
+  near = oracle.neighbours(centroid, q.seeds,
+                           min(sizes[-1], len(oracle.train_items) - q.seeds.shape[1]))
+  if labels is None:
+    domain = np.asarray(q.domain)[:, None]
+    known = np.asarray(catalog.observed, bool)[near, domain]   # train items' observed labels
+    positive = known & np.asarray(catalog.attributes, bool)[near, domain]  # only where observed
+  else:
+    known, positive = labels(near, q.domain)
+  return evidence.label_contrast(emb, near, known, positive, sizes)

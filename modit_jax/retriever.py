@@ -26,9 +26,9 @@ import numpy as np
 
 from modit_jax import catalog as catalog_lib
 from modit_jax import errors
-from modit_jax import generative
+from modit_jax import generator as generator_lib
 from modit_jax import retrieval
-from modit_jax import training
+from modit_jax import run_dir
 
 PIPELINE_FILE = "pipeline.json"  # written by the pipeline binary into its output directory
 GUIDANCE_FILE = "guidance.json"  # {"guidance_scale": {"<domain>": float, ...}}
@@ -41,7 +41,7 @@ GuidanceScale = float | Mapping[str, float]
 class Retriever:
   """Answers (seed set, domain) queries with the best k catalog items."""
 
-  def __init__(self, generator: generative.Generator, catalog: catalog_lib.Catalog,
+  def __init__(self, generator: generator_lib.Generator, catalog: catalog_lib.Catalog,
                index: retrieval.Index, guidance_scale: GuidanceScale | None = None,
                num_samples: int = 1, seed: int = 0):
     """Wraps a loaded model, its catalog and an index of that catalog.
@@ -73,8 +73,9 @@ class Retriever:
     self.seed = int(seed)
     self.guidance_scale = _domain_scales(guidance_scale, generator.guidance_scale,
                                          catalog.domains, "guidance_scale")
-    # Stage 1 never saw a domain token: it is asked with the null domain, as in evaluation.
-    self.conditioned = generator.config.stage != "pretrain"
+    # A model that never saw a domain token (stage 1) is asked with the null domain, as in
+    # evaluation.
+    self.conditioned = generator.facts.conditioned
     self.max_context = int(generator.config.model.max_context)
 
   @classmethod
@@ -105,11 +106,11 @@ class Retriever:
     root = os.fspath(workdir)
     pipeline = _read_pipeline(root)
     model_dir = pipeline.get("final_workdir", root)
-    generator = generative.Generator(model_dir)
-    dataset = dataset or pipeline.get("dataset") or training.run_dataset(model_dir)
+    generator = generator_lib.Generator(model_dir)
+    dataset = dataset or pipeline.get("dataset") or run_dir.run_dataset(model_dir)
     if not dataset:
       raise errors.UserError(
-          f"{model_dir}/{training.CONFIG_FILE} records no catalog: pass the dataset "
+          f"{model_dir}/{run_dir.CONFIG_FILE} records no catalog: pass the dataset "
           f"(--dataset=DIR)")
     # Memory-mapped: seed lookups touch a few rows, and the index keeps its own copy.
     catalog = catalog_lib.load_catalog(dataset, mmap=True)
@@ -264,7 +265,7 @@ class Retriever:
     samples = self.generator.sample(context, mask, model_domain, np.full(num, self.seed),
                                     self.num_samples, self.guidance_scale[domain],
                                     exclude_items=exclude)
-    ids, scores = generative.search_samples(self.index, samples, exclude, k,
+    ids, scores = generator_lib.search_samples(self.index, samples, exclude, k,
                                             return_scores=True)
     return ids.astype(np.int64), scores.astype(np.float32)
 
@@ -279,12 +280,12 @@ def _read_json(path: str) -> Any:
 
 def _read_pipeline(root: str) -> dict[str, str]:
   """{} for a training workdir; else pipeline.json's paths, resolved against `root`."""
-  if os.path.isfile(os.path.join(root, training.CONFIG_FILE)):
+  if os.path.isfile(os.path.join(root, run_dir.CONFIG_FILE)):
     return {}
   path = os.path.join(root, PIPELINE_FILE)
   if not os.path.isfile(path):
     raise errors.UserError(
-        f"{root}: neither a training workdir ({training.CONFIG_FILE}) nor a pipeline output "
+        f"{root}: neither a training workdir ({run_dir.CONFIG_FILE}) nor a pipeline output "
         f"directory ({PIPELINE_FILE})")
   saved = _read_json(path)
   if not isinstance(saved, dict) or not isinstance(saved.get("final_workdir"), str):

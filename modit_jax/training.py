@@ -2,19 +2,18 @@
 
 Every stage trains the same DiT with the same denoising objective through `engine.train_loop`;
 a stage only decides what the context, the domain and the target of an example are (its batch
-function) and which earlier checkpoint it starts from (`config.init_from`). The workdir gets a
-`config.json` so that evaluation can rebuild the model that a checkpoint belongs to.
+function) and which earlier checkpoint it starts from (`config.init_from`). The workdir is a
+`run_dir` run directory, so that evaluation and serving rebuild the model a checkpoint belongs
+to without this module.
 """
 
 import hashlib
 import json
-import math
 import os
 from typing import Any, Callable
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -24,10 +23,11 @@ from modit_jax import diffusion
 from modit_jax import dit
 from modit_jax import engine
 from modit_jax import errors
-from modit_jax import evidence as evidence_lib
 from modit_jax import hppo
 from modit_jax import metric_predictor
+from modit_jax import models
 from modit_jax import oracle as oracle_lib
+from modit_jax import run_dir
 from modit_jax import sizing
 from modit_jax import trajectories
 
@@ -37,10 +37,6 @@ STAGES = ("pretrain", "cpt", "sft", "hppo")
 NEIGHBOUR_EVIDENCE = (50, 200, 800)
 # The stages whose batches carry evidence (SFT examples, HPPO pairs).
 EVIDENCE_STAGES = ("sft", "hppo")
-
-CONFIG_FILE = "config.json"
-# Latent clusters, the metric predictor's validation and its parameters.
-DIAGNOSTICS_FILE = "data_diagnostics.npz"
 
 
 def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -78,7 +74,8 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.model.dtype = "float32"
 
   c.diffusion = ml_collections.ConfigDict()
-  c.diffusion.target_scale = 0.0    # 0: sqrt(d), unit per-coordinate variance (target_space())
+  # 0: sqrt(d), unit per-coordinate variance (models.target_space()).
+  c.diffusion.target_scale = 0.0
   # Generate the query's displacement from the context's mean instead of the query itself
   # (diffusion.TargetSpace; docs/diffusion.md, "Anchored targets").
   c.diffusion.anchored = True
@@ -155,77 +152,13 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
   return c
 
 
-# `model.dtype` names; a config saved before the field existed means float32.
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def compute_dtype(name: str, field: str = "model.dtype", may_be_empty: bool = False) -> Any:
-  """The dtype that `COMPUTE_DTYPES` names `name`; any other name is a UserError naming `field`.
-
-  `may_be_empty` only words the error for a field where "" means the default.
-  """
-  if name not in COMPUTE_DTYPES:
-    raise errors.UserError(f"{field} must be {'empty or ' if may_be_empty else ''}one of "
-                           f"{', '.join(COMPUTE_DTYPES)}; got {name!r}")
-  return COMPUTE_DTYPES[name]
-
-
-def make_model(model_config: ml_collections.ConfigDict, dim: int, num_domains: int) -> dit.DiT:
-  """The DiT of `model_config` for embeddings of `dim` and `num_domains` domains.
-
-  A model config that cannot build a DiT is a UserError naming the field.
-  """
-  for field in ("width", "depth", "num_heads", "mlp_ratio", "max_context"):
-    value = model_config[field]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise errors.UserError(f"model.{field} must be a positive integer, got {value!r}")
-  if model_config.width % model_config.num_heads:
-    raise errors.UserError(f"model.width {model_config.width} must be divisible by "
-                           f"model.num_heads {model_config.num_heads}")
-  sizes = evidence_lib.check_sizes(tuple(model_config.get("neighbour_evidence", ())))
-  return dit.DiT(dim=dim, num_domains=num_domains, width=model_config.width,
-                 depth=model_config.depth, num_heads=model_config.num_heads,
-                 mlp_ratio=model_config.mlp_ratio, max_context=model_config.max_context,
-                 learned_positions=model_config.learned_positions,
-                 num_evidence=evidence_lib.num_tokens(sizes),
-                 dtype=compute_dtype(model_config.get("dtype", "float32")))
-
-
-def apply_fn(model: dit.DiT) -> Callable[..., jnp.ndarray]:
-  """`(params, x_t, t, context, context_mask, domain[, evidence]) -> x0 prediction`."""
-  return lambda params, *args: model.apply({"params": params}, *args)
-
-
-def sample_temperature(config: ml_collections.ConfigDict) -> float:
-  """The sampler's temperature; a run config saved before the field existed means 1."""
-  value = float(config.diffusion.get("sample_temperature", 1.0))
-  if value < 0:
-    raise errors.UserError(f"diffusion.sample_temperature must be >= 0; got {value}")
-  return value
-
-
-def target_space(config: ml_collections.ConfigDict, dim: int) -> diffusion.TargetSpace:
-  """How unit targets map to the diffusion's x0 (`diffusion.TargetSpace`).
-
-  The scale is `diffusion.target_scale`, or sqrt(dim) when it is 0: unit per-coordinate variance
-  for unit targets, the scale the noise schedule (and the sampler's N(0, I) start) assume,
-  whatever the catalog's dimension. A run config saved before `diffusion.anchored` existed
-  means unanchored.
-  """
-  scale = float(config.diffusion.target_scale)
-  if scale < 0:
-    raise errors.UserError(f"diffusion.target_scale must be >= 0 (0: sqrt(d)); got {scale}")
-  return diffusion.TargetSpace(scale or math.sqrt(dim),
-                               bool(config.diffusion.get("anchored", False)))
-
-
 def denoising_loss_fn(model: dit.DiT, config: ml_collections.ConfigDict):
   """The engine's `loss_fn(params, batch, rng)`: the denoising loss on batch targets.
 
   Targets are unit embeddings mapped to x0 by `target_space` (scaled, and anchored at the
   context's mean when `diffusion.anchored`); samples are mapped back and re-normalised.
   """
-  space = target_space(config, model.dim)
+  space = models.target_space(config, model.dim)
   null_domain = model.num_domains
   drop = float(config.diffusion.cond_drop_prob)
 
@@ -233,42 +166,11 @@ def denoising_loss_fn(model: dit.DiT, config: ml_collections.ConfigDict):
     cond = diffusion.Condition(batch["context"], batch["context_mask"], batch["domain"],
                                batch.get("evidence"))
     x0 = space.encode(batch["target"], cond)
-    loss, _ = diffusion.training_loss(apply_fn(model), params, x0, cond, rng, null_domain, drop)
+    loss, _ = diffusion.training_loss(models.apply_fn(model), params, x0, cond, rng,
+                                      null_domain, drop)
     return loss, {}
 
   return loss_fn
-
-
-def write_run_config(workdir: str, config: ml_collections.ConfigDict, dim: int,
-                     num_domains: int, dataset: str = "") -> None:
-  """Records what a checkpoint in `workdir` is: the config, the catalog's shape and path."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    json.dump({"config": json.loads(config.to_json_best_effort()), "dim": dim,
-               "num_domains": num_domains,
-               "dataset": os.path.abspath(dataset) if dataset else ""}, f, indent=1)
-    f.write("\n")
-
-
-def _read_run_file(workdir: str) -> dict[str, Any]:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(path):
-    raise errors.UserError(f"{workdir} is not a training workdir (no {CONFIG_FILE})")
-  with open(path) as f:
-    return json.load(f)
-
-
-def read_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, int, int]:
-  """(config, dim, num_domains) of a training workdir."""
-  saved = _read_run_file(workdir)
-  return ml_collections.ConfigDict(saved["config"]), saved["dim"], saved["num_domains"]
-
-
-def run_dataset(workdir: str) -> str:
-  """The absolute catalog path a training workdir was trained on ("" if not recorded)."""
-  return _read_run_file(workdir).get("dataset", "")
 
 
 def _trajectory_source(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog,
@@ -304,22 +206,12 @@ def _trajectory_source(config: ml_collections.ConfigDict, catalog: catalog_lib.C
         predictor_n=np.array([v["n_heldout"] for v in validation], np.int64),
         **predictor.to_arrays())
     if cache:
-      _save_npz_atomically(cache, arrays)
+      run_dir.save_npz_atomically(cache, arrays)
   # What evaluation reports about the data path (predictor validation, cluster agreement),
   # and the predictor that orders a learned-positions model's context at inference.
-  _save_npz_atomically(os.path.join(workdir, DIAGNOSTICS_FILE), arrays)
+  run_dir.save_npz_atomically(os.path.join(workdir, run_dir.DIAGNOSTICS_FILE), arrays)
   return trajectories.TrajectorySource(arrays["train_items"], arrays["assign"],
                                        arrays["density"], catalog.embeddings)
-
-
-def _save_npz_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
-  """Process 0 writes; readers never see a partial file (processes may share a cache)."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  partial = f"{path}.partial"
-  catalog_lib.save_npz(partial, **arrays)
-  os.replace(partial, path)
 
 
 def _batch_fn(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog, null_domain: int,
@@ -344,23 +236,9 @@ def _batch_fn(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog, n
         config.sft.low_fraction, null_domain, config.seed,
         # A model with positions reads its context in ascending density, as inference gives it.
         context_order="metric" if config.model.learned_positions else "random",
-        evidence=neighbour_evidence(config, catalog, trajectory_source.assign),
+        evidence=models.neighbour_evidence(config, catalog, trajectory_source.assign),
         hide_cluster_prob=float(config.sft.get("hide_cluster_prob", 0.0)))
   return lambda step, pi, pc: source(step, config.batch_size, pi, pc)
-
-
-def neighbour_evidence(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog,
-                       groups: np.ndarray | None = None
-                       ) -> evidence_lib.NeighbourEvidence | None:
-  """The evidence a model of `config` reads on `catalog` (None: it reads none).
-
-  `groups` (the latent cluster of each train item) lets training hide a seed set's own cluster.
-  """
-  sizes = evidence_lib.check_sizes(tuple(config.model.get("neighbour_evidence", ())))
-  if not sizes:
-    return None
-  scale = target_space(config, catalog.dim).scale
-  return evidence_lib.NeighbourEvidence(catalog, sizes, scale, groups)
 
 
 def _hppo_loop_args(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog,
@@ -379,12 +257,13 @@ def _hppo_loop_args(config: ml_collections.ConfigDict, catalog: catalog_lib.Cata
   source = _trajectory_source(config, catalog, dataset, workdir)
   oracle = oracle_lib.OnlineOracle(catalog, k=config.hppo.oracle_k,
                                    index_kind=config.hppo.oracle_index_kind)
-  space = target_space(config, model.dim)
-  pools = hppo.CandidatePools(catalog, source, oracle, apply_fn(model), reference, config,
-                              model.num_domains, space, sample_temperature(config),
-                              neighbour_evidence(config, catalog))
+  space = models.target_space(config, model.dim)
+  pools = hppo.CandidatePools(catalog, source, oracle, models.apply_fn(model), reference,
+                              config, model.num_domains, space,
+                              models.sample_temperature(config),
+                              models.neighbour_evidence(config, catalog))
   batches = hppo.PairBatches(pools, config)
-  loss_fn = hppo.dpo_loss_fn(apply_fn(model), space, config.hppo.beta,
+  loss_fn = hppo.dpo_loss_fn(models.apply_fn(model), space, config.hppo.beta,
                              config.hppo.sft_weight)
   # A resumed run rebuilds its pool from the checkpoint's policy: exact only at a pool start.
   return dict(loss_fn=loss_fn, frozen_params=reference, before_step=batches.before_step,
@@ -461,7 +340,7 @@ def train(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> engi
         f"the {config.stage} stage's batches have none")
   catalog = catalog_lib.load_catalog(dataset)
   config = _resolve_sizes(config, catalog)
-  model = make_model(config.model, catalog.dim, catalog.num_domains)
+  model = models.make_model(config.model, catalog.dim, catalog.num_domains)
   if config.init_from:
     logging.info("Initialising from %s", config.init_from)
     init_params = _fit_to_model(engine.restore_params(config.init_from, use_ema=True), model,
@@ -474,5 +353,5 @@ def train(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> engi
   else:
     loop_args = dict(loss_fn=denoising_loss_fn(model, config),
                      batch_fn=_batch_fn(config, catalog, model.num_domains, dataset, workdir))
-  write_run_config(workdir, config, catalog.dim, catalog.num_domains, dataset)
+  run_dir.write_run_config(workdir, config, catalog.dim, catalog.num_domains, dataset)
   return engine.train_loop(config, workdir, init_params=init_params, **loop_args)

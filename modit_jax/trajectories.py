@@ -149,7 +149,7 @@ def build_source(catalog: catalog_lib.Catalog, num_clusters: int, cluster_seed: 
     predictor_config = metric_predictor.default_config()
   predictor = metric_predictor.train(
       emb, labels, observed, predictor_config,
-      metric_predictor.relative_features(catalog, predictor_config))
+      clusters.relative_features(catalog, predictor_config))
   density = predictor.predict(emb)
   train_items, assign, _ = clusters.latent_clusters(catalog, num_clusters, cluster_seed)
   # latent_clusters and this function both use train_items() order; density rows follow it.

@@ -29,6 +29,7 @@ from modit_jax import catalog as catalog_lib
 from modit_jax import engine
 from modit_jax import errors
 from modit_jax import evaluation
+from modit_jax import models
 from modit_jax import pooling
 from modit_jax import properties
 from modit_jax import report
@@ -243,7 +244,7 @@ def run_pipeline(config: ml_collections.ConfigDict, out: str) -> str:
   start = time.perf_counter()
   # Checked before the dataset is made, which can take minutes.
   if config.model_dtype:
-    training.compute_dtype(config.model_dtype, "model_dtype", may_be_empty=True)
+    models.compute_dtype(config.model_dtype, "model_dtype", may_be_empty=True)
   os.makedirs(out, exist_ok=True)
   notes: list[str] = []
   dataset, catalog = _dataset(config, out, notes)

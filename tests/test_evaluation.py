@@ -12,7 +12,9 @@ import pytest
 from configs import evaluate as evaluate_config
 from modit_jax import baselines
 from modit_jax import catalog as catalog_lib
+from modit_jax import clusters
 from modit_jax import errors
+from modit_jax import evidence
 from modit_jax import evaluation
 from modit_jax import metric_predictor
 from modit_jax import metrics
@@ -125,11 +127,11 @@ def test_oracle_refuses_held_out_items(tiny):
   cat = catalog_lib.load_catalog(tiny)
   oracle = oracle_lib.OnlineOracle(cat, k=20, index_kind="exact")
   held = cat.queries["item_holdout"]
-  emb = baselines.seed_centroids(cat.embeddings, held.seeds)
+  emb = evidence.seed_centroids(cat.embeddings, held.seeds)
   with pytest.raises(errors.UserError, match="not a train item"):
     oracle.score(emb, held)
   train = cat.queries["train"]
-  ids = oracle.search(baselines.seed_centroids(cat.embeddings, train.seeds), train.seeds, 20)
+  ids = oracle.search(evidence.seed_centroids(cat.embeddings, train.seeds), train.seeds, 20)
   assert np.all(cat.item_split[ids] == 0)
   # Its scores equal the evaluation metrics computed on the same train-only ids.
   scores = oracle.score_ids(ids, train)
@@ -160,7 +162,7 @@ def test_metric_predictor_never_reads_unobserved_labels_nor_heldout_items(tiny):
   poisoned = dataclasses.replace(
       cat, attributes=np.where(cat.observed, cat.attributes, ~cat.attributes), embeddings=emb)
   a, b = (metric_predictor.train(c.embeddings, c.attributes, c.observed, config,
-                                 metric_predictor.relative_features(c, config))
+                                 clusters.relative_features(c, config))
           for c in (cat, poisoned))
   np.testing.assert_array_equal(a.predict(cat.embeddings[:100]), b.predict(cat.embeddings[:100]))
   assert a.validation == b.validation
@@ -171,7 +173,7 @@ def test_metric_predictor_learns_the_easy_domain(tiny):
   config = evaluate_config.get_config("tiny").metric_predictor
   config.relative_features = True  # saved and loaded with its regions
   predictor = metric_predictor.train(cat.embeddings, cat.attributes, cat.observed, config,
-                                     metric_predictor.relative_features(cat, config))
+                                     clusters.relative_features(cat, config))
   # Domain 0 leans mostly along a shared axis (a_m = 0.8): clearly learnable.
   assert predictor.validation[0]["auc"] > 0.75
   # Saved and loaded (as a learned-positions model's run does), it predicts the same.
@@ -190,10 +192,10 @@ def test_relative_features_help_where_the_direction_is_pattern_local(tiny):
   config = evaluate_config.get_config("tiny").metric_predictor
   assert not config.relative_features
   plain = metric_predictor.train(cat.embeddings, cat.attributes, cat.observed, config,
-                                 metric_predictor.relative_features(cat, config))
+                                 clusters.relative_features(cat, config))
   config.relative_features = True
   relative = metric_predictor.train(cat.embeddings, cat.attributes, cat.observed, config,
-                                    metric_predictor.relative_features(cat, config))
+                                    clusters.relative_features(cat, config))
   assert plain.features is None and relative.features is not None
   gain = relative.validation[3]["auc"] - plain.validation[3]["auc"]
   assert gain > 0.03, (relative.validation[3], plain.validation[3])

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from modit_jax import baselines
 from modit_jax import catalog as catalog_lib
 from modit_jax import dit
 from modit_jax import errors
@@ -91,7 +90,7 @@ def test_neighbours_are_train_items_never_seeds_nor_a_hidden_group(cat):
   groups = np.arange(len(train)) % 9
   source = evidence.NeighbourEvidence(cat, _SIZES, _SCALE, groups)
   q = _queries(cat, "train")
-  centroids = baselines.seed_centroids(cat.embeddings, q.seeds)
+  centroids = evidence.seed_centroids(cat.embeddings, q.seeds)
   near = source.neighbours(centroids, exclude_items=q.seeds)
   assert near.shape == (len(q), _SIZES[-1])
   rows = np.full(cat.num_items, -1)
@@ -113,7 +112,7 @@ def test_local_shift_reads_the_same_contrast(cat):
   """The baseline and the model's evidence share one contrast: equal on equal neighbours."""
   q = _queries(cat, "item_holdout")
   oracle = oracle_lib.OnlineOracle(cat, index_kind="exact")
-  got = baselines.local_directions(cat, oracle, q, _SIZES)
+  got = oracle_lib.local_directions(cat, oracle, q, _SIZES)
   ours = _evidence(cat, q)
   for j, n in enumerate(_SIZES):
     close = np.isclose(got[n], ours[:, 1 + 2 * j] / _SCALE, atol=1e-5).all(axis=1)
@@ -192,7 +191,7 @@ def test_too_few_train_items_left_is_a_clear_error(cat):
   q = _queries(cat, "train").take(np.arange(2))
   count = len(cat.train_items())
   source = evidence.NeighbourEvidence(cat, (count - 1,), _SCALE, np.zeros(count, np.int64))
-  centroids = baselines.seed_centroids(cat.embeddings, q.seeds)
+  centroids = evidence.seed_centroids(cat.embeddings, q.seeds)
   assert source.neighbours(centroids).shape == (2, count - 1)  # nothing excluded: all fit
   with pytest.raises(errors.UserError, match="smaller neighbourhood sizes"):
     source.neighbours(centroids, exclude_items=q.seeds)

@@ -17,7 +17,9 @@ from modit_jax import diffusion
 from modit_jax import dit
 from modit_jax import engine
 from modit_jax import errors
+from modit_jax import generator as generator_lib
 from modit_jax import hppo
+from modit_jax import models
 from modit_jax import oracle as oracle_lib
 from modit_jax import query_split
 from modit_jax import training
@@ -46,7 +48,7 @@ def model_and_params(fast_compile):
   del fast_compile
   model = _tiny_model()
   params = perturb(dit.init_params(model, jax.random.PRNGKey(0)), seed=1)
-  return model, params, training.apply_fn(model)
+  return model, params, models.apply_fn(model)
 
 
 def test_pareto_pairs_hand_made():
@@ -213,13 +215,13 @@ def test_hppo_config_errors(tiny_world, sft_workdir, tmp_path):
 
 def _pool_builder(cat, config, params) -> hppo.CandidatePools:
   """HPPO's pool builder on `cat` with the SFT model's `params` as policy and reference."""
-  model = training.make_model(config.model, cat.dim, cat.num_domains)
+  model = models.make_model(config.model, cat.dim, cat.num_domains)
   source, _ = trajectories.build_source(cat, config.num_clusters, config.seed,
                                         config.metric_predictor)
   oracle = oracle_lib.OnlineOracle(cat, k=20, index_kind="exact")
-  return hppo.CandidatePools(cat, source, oracle, training.apply_fn(model), params, config,
-                             model.num_domains, training.target_space(config, model.dim),
-                             training.sample_temperature(config))
+  return hppo.CandidatePools(cat, source, oracle, models.apply_fn(model), params, config,
+                             model.num_domains, models.target_space(config, model.dim),
+                             models.sample_temperature(config))
 
 
 def test_pool_never_reads_held_out_truth(tiny_world, sft_workdir):
@@ -290,7 +292,6 @@ def test_a_model_that_reads_neighbour_evidence_trains_and_samples(tiny_world, tm
                                                                   fast_compile):
   """SFT and HPPO with neighbour evidence (modit_jax/evidence.py), then sampling from it."""
   del fast_compile
-  from modit_jax import generative  # pylint: disable=g-import-not-at-top
   sizes = (5, 20)
   sft = sft_config.get_config("tiny")
   sft.init_from, sft.num_steps, sft.model.neighbour_evidence = "", 30, sizes
@@ -308,7 +309,7 @@ def test_a_model_that_reads_neighbour_evidence_trains_and_samples(tiny_world, tm
   queries = cat.queries["item_holdout"].take(np.arange(6))
   context = np.asarray(cat.embeddings[queries.seeds], np.float32)
   mask = np.ones(queries.seeds.shape, bool)
-  generator = generative.Generator(str(tmp_path / "hppo"))
+  generator = generator_lib.Generator(str(tmp_path / "hppo"))
   assert generator.reads_evidence
   with pytest.raises(errors.UserError, match="bind_catalog"):
     generator.sample(context, mask, queries.domain)

@@ -11,7 +11,7 @@ import pytest
 from configs import pipeline as pipeline_config
 from modit_jax import errors
 from modit_jax import retriever
-from modit_jax import training
+from modit_jax import run_dir
 from modit_jax import workflow
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,8 +151,8 @@ def test_pipeline_runs_on_a_converted_catalog(tmp_path, fast_compile):
     methods = {r["method"] for r in json.load(f)["records"]}
   assert {"modit_hppo", "modit_sft", "rerank"} <= methods and "oracle_shift" not in methods
   # The catalog's seed-set size reaches the stages that depend on it.
-  cpt_config = training.read_run_config(str(tmp_path / "out" / "cpt"))[0]
-  sft_config = training.read_run_config(str(tmp_path / "out" / "sft"))[0]
+  cpt_config = run_dir.read_run_config(str(tmp_path / "out" / "cpt"))[0]
+  sft_config = run_dir.read_run_config(str(tmp_path / "out" / "sft"))[0]
   assert cpt_config.cpt.trajectory_length == 3 and sft_config.sft.context_size == 3
   assert cpt_config.model.dtype == sft_config.model.dtype == "bfloat16"
   report = open(tmp_path / "out" / "report.md").read()

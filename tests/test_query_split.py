@@ -10,6 +10,7 @@ from configs import evaluate as evaluate_config
 from modit_jax import baselines
 from modit_jax import catalog as catalog_lib
 from modit_jax import errors
+from modit_jax import evidence
 from modit_jax import oracle as oracle_lib
 from modit_jax import query_split
 
@@ -47,7 +48,7 @@ def test_knobs_are_scored_on_validation_queries_only(cat):
 
   def retrieve(q, value):
     seen.append(q.seeds)
-    return oracle.search(baselines.seed_centroids(cat.embeddings, q.seeds), q.seeds, oracle.k)
+    return oracle.search(evidence.seed_centroids(cat.embeddings, q.seeds), q.seeds, oracle.k)
 
   baselines.tune_per_domain(cat, oracle, [0.0, 1.0], retrieve, "test knob")
   validation = {tuple(s) for s in query_split.validation_queries(cat).seeds}

@@ -13,9 +13,10 @@ from configs import sft as sft_config
 from modit_jax import catalog as catalog_lib
 from modit_jax import engine
 from modit_jax import errors
-from modit_jax import generative
+from modit_jax import generator as generator_lib
 from modit_jax import retrieval
 from modit_jax import retriever as retriever_lib
+from modit_jax import run_dir
 from modit_jax import training
 import modit_jax
 
@@ -64,7 +65,7 @@ def _new_items(cat, seeds, seed=0):
 
 def test_padded_size_buckets():
   sizes = [0, 1, 2, 3, 4, 5, 255, 256, 257, 600]
-  assert [generative.Generator.padded_size(n) for n in sizes] == [
+  assert [generator_lib.Generator.padded_size(n) for n in sizes] == [
       1, 1, 2, 4, 4, 8, 256, 256, 512, 768]
 
 
@@ -79,7 +80,7 @@ def test_item_id_seeds_exclude_seeds_and_match_the_generator(retriever, cat):
   samples = retriever.generator.sample(
       cat.embeddings[seeds][None], np.ones((1, len(seeds)), bool), np.array([domain_id]),
       seed=0, guidance_scale=retriever.guidance_scale[domain_id])
-  want_ids, want_scores = generative.search_samples(retriever.index, samples, seeds[None], 20,
+  want_ids, want_scores = generator_lib.search_samples(retriever.index, samples, seeds[None], 20,
                                                     return_scores=True)
   np.testing.assert_array_equal(ids, want_ids[0])
   np.testing.assert_allclose(scores, want_scores[0], atol=1e-5)
@@ -230,6 +231,37 @@ def test_workdir_errors(sft_workdir, tmp_path):
   (tmp_path / retriever_lib.GUIDANCE_FILE).write_text(json.dumps({"guidance_scale": {"x": 1}}))
   with pytest.raises(errors.UserError, match=r"guidance.json: unknown domain\(s\) x"):
     retriever_lib.Retriever.from_workdir(tmp_path)
+
+
+# The training stack: serving a trained model must load none of it.
+_TRAINING_MODULES = ("baselines", "clusters", "data", "evaluation", "hppo", "oracle",
+                     "query_split", "trajectories", "training", "workflow")
+
+
+def test_serving_imports_nothing_of_the_training_stack():
+  code = ("import sys; import modit_jax.retrieve, modit_jax.retriever; "
+          "print(' '.join(sorted(m for m in sys.modules if m.startswith('modit_jax.'))))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=_REPO, capture_output=True,
+                       text=True, timeout=300, check=True).stdout.split()
+  assert "modit_jax.generator" in out and "modit_jax.run_dir" in out  # the check can fail
+  loaded = sorted(set(out) & {f"modit_jax.{m}" for m in _TRAINING_MODULES})
+  assert not loaded, f"serving imports the training stack: {loaded}"
+
+
+def test_model_facts_are_recorded_and_read_back(sft_workdir, tmp_path):
+  facts = run_dir.read_facts(sft_workdir)
+  assert facts == run_dir.ModelFacts("sft", conditioned=True, learned_positions=False)
+  # A run directory written before the facts were recorded gets the same ones from its config.
+  legacy = tmp_path / "legacy"
+  legacy.mkdir()
+  saved = json.loads(open(os.path.join(sft_workdir, run_dir.CONFIG_FILE)).read())
+  del saved["facts"]
+  (legacy / run_dir.CONFIG_FILE).write_text(json.dumps(saved))
+  assert run_dir.read_facts(str(legacy)) == facts
+  # Inference reads the recorded fact, not the stage's name.
+  saved["facts"] = {"stage": "sft", "conditioned": False, "learned_positions": False}
+  (legacy / run_dir.CONFIG_FILE).write_text(json.dumps(saved))
+  assert not run_dir.read_facts(str(legacy)).conditioned
 
 
 def _run_binary(*args):

@@ -11,9 +11,9 @@ from configs import pipeline as pipeline_config
 from configs import synthetic as synthetic_config
 from modit_jax import catalog as catalog_lib
 from modit_jax import errors
+from modit_jax import run_dir
 from modit_jax import sizing
 from modit_jax import synthetic
-from modit_jax import training
 from modit_jax import workflow
 
 
@@ -101,7 +101,7 @@ def test_pipeline_applies_the_sizes(text_shaped_catalog, tmp_path, fast_compile)
     recorded = json.load(f)
   assert (recorded["seed_size"], recorded["width"]) == (5, 128)
   for name in ("pretrain", "cpt", "sft"):
-    run, dim, _ = training.read_run_config(os.path.join(out, name))
+    run, dim, _ = run_dir.read_run_config(os.path.join(out, name))
     assert dim == 384
     assert run.model.width == 128
     assert run.num_clusters == recorded["num_clusters"]

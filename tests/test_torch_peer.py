@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")
 from conftest import perturb
 from modit_jax import dit
 from modit_jax import engine
+from modit_jax import models
 from modit_jax import training
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -61,7 +62,7 @@ def _inputs(seed: int = 0) -> dict[str, np.ndarray]:
 
 def _models(torch_dit, config):
   """(JAX DiT, its perturbed params, the torch DiT holding the same params)."""
-  model = training.make_model(config.model, _DIM, _NUM_DOMAINS)
+  model = models.make_model(config.model, _DIM, _NUM_DOMAINS)
   # Perturbed, so the zero-initialised adaLN and output layers take part.
   params = perturb(dit.init_params(model, jax.random.PRNGKey(0), context_len=_CONTEXT))
   module = torch_dit.DiT.like(model)
@@ -137,7 +138,7 @@ def test_torch_loss_equals_jax_training_loss(torch_dit, fast_compile):
   draws = _jax_draws(torch_dit, rng, 0.5)
   assert 0 < int(draws.drop.sum()) < _BATCH
   got = torch_dit.denoising_loss(module, torch_dit.to_torch(batch), draws,
-                                 training.target_space(config, _DIM))
+                                 models.target_space(config, _DIM))
   assert float(expected) > 0.01
   np.testing.assert_allclose(got.item(), float(expected), rtol=1e-5, atol=1e-6)
 

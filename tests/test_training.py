@@ -16,9 +16,11 @@ from modit_jax import data
 from modit_jax import engine
 from modit_jax import errors
 from modit_jax import evaluation
-from modit_jax import generative
+from modit_jax import generator as generator_lib
 from modit_jax import metrics
+from modit_jax import models
 from modit_jax import retrieval
+from modit_jax import run_dir
 from modit_jax import training
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,7 +106,7 @@ def test_unknown_model_dtype_is_a_clear_error():
   config = pretrain_config.get_config("tiny")
   config.model.dtype = "float16"
   with pytest.raises(errors.UserError, match="model.dtype must be one of float32, bfloat16"):
-    training.make_model(config.model, 8, 3)
+    models.make_model(config.model, 8, 3)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -117,7 +119,7 @@ def test_a_model_config_that_cannot_build_a_dit_is_a_clear_error(field, value, m
   with config.unlocked():
     config.model[field] = value
   with pytest.raises(errors.UserError, match=message):
-    training.make_model(config.model, 8, 3)
+    models.make_model(config.model, 8, 3)
 
 
 def test_a_refused_config_leaves_the_workdir_untouched(tiny, tmp_path):
@@ -167,7 +169,7 @@ def test_cpt_then_sft_train_from_the_earlier_stage_and_evaluate(tiny, pretrained
   assert "context_pos" not in engine.restore_params(pretrained)
   assert "context_pos" in engine.restore_params(cpt_workdir)
   assert "context_pos" not in engine.restore_params(str(tmp_path / "sft"))
-  diagnostics = np.load(tmp_path / "sft" / training.DIAGNOSTICS_FILE)
+  diagnostics = np.load(tmp_path / "sft" / run_dir.DIAGNOSTICS_FILE)
   assert diagnostics["predictor_auc"].shape == (4,)
   cat = catalog_lib.load_catalog(tiny)
   assert np.all(cat.item_split[diagnostics["train_items"]] == 0)
@@ -194,7 +196,7 @@ def test_init_from_a_different_model_is_refused(tiny, pretrained, tmp_path):
 
 def test_a_positions_model_gets_its_seeds_in_ascending_density(tiny, cpt_workdir):
   cat = catalog_lib.load_catalog(tiny)
-  generator = generative.Generator(cpt_workdir)
+  generator = generator_lib.Generator(cpt_workdir)
   assert generator.context_predictor is not None
   train = cat.train_items()
   context = np.asarray(cat.embeddings[train[[5, 40, 3, 77, 12, 60]]], np.float32)[None]
@@ -223,9 +225,9 @@ def test_a_positions_model_without_a_saved_predictor_is_a_clear_error(cpt_workdi
   import shutil  # pylint: disable=g-import-not-at-top
   copy = tmp_path / "cpt"
   shutil.copytree(cpt_workdir, copy)
-  os.remove(copy / training.DIAGNOSTICS_FILE)
+  os.remove(copy / run_dir.DIAGNOSTICS_FILE)
   with pytest.raises(errors.UserError, match="no saved predictor"):
-    generative.Generator(str(copy))
+    generator_lib.Generator(str(copy))
 
 
 def test_data_cache_is_reused_and_changes_nothing(tiny, pretrained, tmp_path, monkeypatch):
@@ -247,8 +249,8 @@ def test_data_cache_is_reused_and_changes_nothing(tiny, pretrained, tmp_path, mo
   for state in (first, second):
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(plain.params)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  with np.load(tmp_path / "plain" / training.DIAGNOSTICS_FILE) as x, np.load(
-      tmp_path / "second" / training.DIAGNOSTICS_FILE) as y:
+  with np.load(tmp_path / "plain" / run_dir.DIAGNOSTICS_FILE) as x, np.load(
+      tmp_path / "second" / run_dir.DIAGNOSTICS_FILE) as y:
     assert sorted(x.files) == sorted(y.files)
     for name in x.files:
       np.testing.assert_array_equal(x[name], y[name])

@@ -1,0 +1,135 @@
+"""A training run directory: what a checkpoint is, and loading it back.
+
+A run directory holds, besides the engine's `checkpoints/` and metric files:
+
+  config.json            the run's resolved config, the catalog's shape (`dim`, `num_domains`),
+                         the catalog path it was trained on, and `facts` (`ModelFacts`): what
+                         inference must know about the trained model;
+  data_diagnostics.npz   stages 2-4's data path: latent clusters, the metric predictor's
+                         validation and parameters (a learned-positions model orders its seeds
+                         with that predictor at inference).
+
+Training writes it (`write_run_config`, `save_npz_atomically`); evaluation and serving read it
+here, and nothing of the training stack is needed to load a model (`load`).
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from modit_jax import catalog as catalog_lib
+from modit_jax import dit
+from modit_jax import engine
+from modit_jax import errors
+from modit_jax import metric_predictor
+from modit_jax import models
+
+CONFIG_FILE = "config.json"
+# Latent clusters, the metric predictor's validation and its parameters.
+DIAGNOSTICS_FILE = "data_diagnostics.npz"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+  """What inference must know about a trained model, recorded when it is trained."""
+  stage: str
+  conditioned: bool        # it reads a domain token (False: ask it with the null domain)
+  learned_positions: bool  # it reads its context in ascending predicted density
+
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict) -> "ModelFacts":
+    """The facts of a model trained with `config`: only stage 1 never sees a domain token."""
+    return cls(str(config.stage), config.stage != "pretrain",
+               bool(config.model.learned_positions))
+
+
+def write_run_config(workdir: str, config: ml_collections.ConfigDict, dim: int,
+                     num_domains: int, dataset: str = "") -> None:
+  """Records what a checkpoint in `workdir` is: the config, the catalog's shape and path."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    json.dump({"config": json.loads(config.to_json_best_effort()), "dim": dim,
+               "num_domains": num_domains,
+               "dataset": os.path.abspath(dataset) if dataset else "",
+               "facts": dataclasses.asdict(ModelFacts.of(config))}, f, indent=1)
+    f.write("\n")
+
+
+def _read_run_file(workdir: str) -> dict[str, Any]:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise errors.UserError(f"{workdir} is not a training workdir (no {CONFIG_FILE})")
+  with open(path) as f:
+    return json.load(f)
+
+
+def read_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, int, int]:
+  """(config, dim, num_domains) of a training workdir."""
+  saved = _read_run_file(workdir)
+  return ml_collections.ConfigDict(saved["config"]), saved["dim"], saved["num_domains"]
+
+
+def read_facts(workdir: str) -> ModelFacts:
+  """The `ModelFacts` recorded in a training workdir.
+
+  A run written before the facts were recorded gets them from its config, by the rule that
+  wrote them since (`ModelFacts.of`).
+  """
+  saved = _read_run_file(workdir)
+  if "facts" in saved:
+    return ModelFacts(**saved["facts"])
+  return ModelFacts.of(ml_collections.ConfigDict(saved["config"]))
+
+
+def run_dataset(workdir: str) -> str:
+  """The absolute catalog path a training workdir was trained on ("" if not recorded)."""
+  return _read_run_file(workdir).get("dataset", "")
+
+
+def save_npz_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
+  """Process 0 writes; readers never see a partial file (processes may share a cache)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  partial = f"{path}.partial"
+  catalog_lib.save_npz(partial, **arrays)
+  os.replace(partial, path)
+
+
+def saved_predictor(workdir: str) -> metric_predictor.MetricPredictor:
+  """The metric predictor saved with a stage 2-4 run (`DIAGNOSTICS_FILE`)."""
+  path = os.path.join(workdir, DIAGNOSTICS_FILE)
+  if os.path.isfile(path):
+    with np.load(path) as saved:
+      if metric_predictor.has_saved(saved.files):
+        return metric_predictor.MetricPredictor.from_arrays(
+            {name: saved[name] for name in saved.files})
+  raise errors.UserError(
+      f"the model in {workdir} has learned positions and orders its seeds by the metric "
+      f"predictor, but {path} holds no saved predictor: retrain the run with this version")
+
+
+@dataclasses.dataclass
+class Run:
+  """A trained model loaded from its run directory."""
+  config: ml_collections.ConfigDict
+  dim: int
+  num_domains: int
+  facts: ModelFacts
+  model: dit.DiT
+  params: Any  # the EMA parameters of the latest checkpoint
+
+
+def load(workdir: str) -> Run:
+  """The model of a training workdir with the EMA parameters of its latest checkpoint."""
+  config, dim, num_domains = read_run_config(workdir)
+  return Run(config, dim, num_domains, read_facts(workdir),
+             models.make_model(config.model, dim, num_domains),
+             engine.restore_params(workdir, use_ema=True))

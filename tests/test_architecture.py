@@ -1,0 +1,73 @@
+"""The package's layers (docs/architecture.md): no module imports a higher layer, no cycles."""
+
+import ast
+import os
+
+import pytest
+
+_PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "modit_jax")
+
+# Lowest first; a module may import its own layer and the ones before it.
+LAYERS = (
+    ("foundations", {"errors", "stopping", "catalog", "metrics", "stats", "sizing", "retrieval",
+                     "diffusion", "dit", "evidence"}),
+    ("models and runs", {"metric_predictor", "models", "engine", "run_dir", "generator"}),
+    ("serving", {"retriever"}),
+    ("training", {"data", "clusters", "trajectories", "query_split", "oracle", "hppo",
+                  "training"}),
+    ("evaluation", {"baselines", "generative", "evaluation", "report", "pooling", "properties"}),
+    ("orchestration", {"workflow", "synthetic", "byo", "music_catalog", "text_encoder"}),
+    ("binaries", {"app", "train", "evaluate", "retrieve", "build_index", "make_dataset",
+                  "make_music_catalog", "convert_catalog", "pipeline", "protocol",
+                  "results_tables"}),
+)
+_LAYER_OF = {m: i for i, (_, modules) in enumerate(LAYERS) for m in modules}
+
+
+def _modules() -> list[str]:
+  return sorted(f[:-3] for f in os.listdir(_PACKAGE) if f.endswith(".py") and f != "__init__.py")
+
+
+def _imports(module: str) -> set[str]:
+  """The modit_jax modules `module` imports, at any depth of its code."""
+  with open(os.path.join(_PACKAGE, f"{module}.py")) as f:
+    tree = ast.parse(f.read())
+  out = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and node.module == "modit_jax":
+      out.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("modit_jax."):
+      out.add(node.module.split(".")[1])
+    elif isinstance(node, ast.Import):
+      out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("modit_jax."))
+  return out
+
+
+def test_every_module_has_a_layer():
+  assert sorted(set(_modules()) - set(_LAYER_OF)) == []
+  assert sorted(set(_LAYER_OF) - set(_modules())) == []  # the table names no stale module
+
+
+@pytest.mark.parametrize("module", _modules())
+def test_no_module_imports_a_higher_layer(module):
+  higher = sorted(m for m in _imports(module) if _LAYER_OF[m] > _LAYER_OF[module])
+  assert not higher, (f"{module} ({LAYERS[_LAYER_OF[module]][0]}) imports "
+                      f"{[(m, LAYERS[_LAYER_OF[m]][0]) for m in higher]}")
+
+
+def test_no_import_cycles():
+  graph = {m: _imports(m) for m in _modules()}
+  state = {}  # module -> "open" while on the walk's stack, "done" after
+
+  def walk(module, path):
+    state[module] = "open"
+    for dep in sorted(graph[module]):
+      assert state.get(dep) != "open", f"import cycle: {' -> '.join(path + [module, dep])}"
+      if dep not in state:
+        walk(dep, path + [module])
+    state[module] = "done"
+
+  for module in graph:
+    if module not in state:
+      walk(module, [])
