@@ -7,23 +7,36 @@ On your own catalog (see docs/byo_catalog.md):
 Variants: `configs/pipeline.py:tiny` (the tests' world and models), `:no_ablations` (the main
 methods only), combinable as `:tiny,no_ablations`.
 
-Every run is a stage config from configs/ (`runs.<name>.config` is `<file>:<variant>`) started
-from the run named in `runs.<name>.init_from`; `runs.<name>.method` is the evaluation method that
-reads it. A finished run is skipped when the pipeline is run again.
+Every run holds its whole stage config (`runs.<name>.stage`, built here by the stage config
+files of configs/, the `<file>:<variant>` in `runs.<name>.source`), so any field of any run can
+be set from the command line, e.g. `--config.runs.hppo.stage.hppo.beta=300`. A run starts from
+the run named in `runs.<name>.init_from`; `runs.<name>.method` is the evaluation method that
+reads it. The pipeline then sets the catalog-dependent sizes on every run (docs/sizing.md). A
+finished run is skipped when the pipeline is run again.
 """
 
 import ml_collections
 
+from configs import cpt as cpt_config
 from configs import evaluate as evaluate_config
+from configs import hppo as hppo_config
+from configs import pretrain as pretrain_config
+from configs import sft as sft_config
 from configs import synthetic as synthetic_config
 from modit_jax import hppo
 from modit_jax import training
 
+_STAGE_CONFIGS = {"pretrain": pretrain_config, "cpt": cpt_config, "sft": sft_config,
+                  "hppo": hppo_config}
 
-def _run(config: str, init_from: str, method: str, ablation: bool = False,
-         num_steps: int = 0) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(config=config, init_from=init_from, method=method,
-                                        ablation=ablation, num_steps=num_steps))
+
+def _run(source: str, init_from: str, method: str,
+         ablation: bool = False) -> ml_collections.ConfigDict:
+  """A run: the stage config `source` ("<file>:<variant>" of configs/) and where it starts."""
+  name, _, variant = source.partition(":")
+  stage = _STAGE_CONFIGS[name].get_config(variant or None)
+  return ml_collections.ConfigDict(dict(stage=stage, source=source, init_from=init_from,
+                                        method=method, ablation=ablation))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -15,7 +15,6 @@
 pools them (modit_jax/pooling.py) into OUT/results.json and OUT/report.md.
 """
 
-import importlib
 import json
 import os
 import time
@@ -45,20 +44,6 @@ EVAL_DIR = "eval"
 EVAL_INPUTS_FILE = "inputs.json"  # in OUT/eval: what the saved results were computed from
 CACHE_DIR = "cache"  # predictor density and latent clusters shared by the runs
 SIZES_FILE = "sizes.json"  # the catalog-dependent sizes of every run, and their rules
-
-
-def stage_config(spec: str) -> ml_collections.ConfigDict:
-  """The config of `configs/<file>.py:<variant>` given as "<file>:<variant>"."""
-  name, _, variant = spec.partition(":")
-  try:
-    module = importlib.import_module(f"configs.{name}")
-  except ModuleNotFoundError:
-    raise errors.UserError(f"no stage config configs/{name}.py (run from the repository "
-                           "root, where configs/ is)") from None
-  try:
-    return module.get_config(variant or None)
-  except ValueError as e:
-    raise errors.UserError(f"configs/{name}.py:{variant}: {e}") from None
 
 
 ABLATION_CHOICES = ("auto", "all", "none")
@@ -160,12 +145,10 @@ def _train_runs(config: ml_collections.ConfigDict, sizes: sizing.Sizes, dataset:
   workdirs = {}
   for name in ordered_runs(config):
     run = config.runs[name]
-    stage = stage_config(run.config)
+    stage = ml_collections.ConfigDict(run.stage.to_dict())  # the pipeline's config stays as given
     stage.init_from = os.path.join(out, run.init_from) if run.init_from else ""
     stage.data_cache = os.path.join(out, CACHE_DIR)
     stage.seed = int(config.seed)
-    if run.num_steps:
-      stage.num_steps = int(run.num_steps)
     stage.num_clusters = sizes.num_clusters
     stage.sft.context_size = sizes.seed_size
     stage.cpt.trajectory_length = sizes.seed_size
@@ -178,12 +161,12 @@ def _train_runs(config: ml_collections.ConfigDict, sizes: sizing.Sizes, dataset:
     workdirs[name] = workdir
     if _latest_step(workdir) >= stage.num_steps:
       logging.info("Run %s is finished (%s); skipped", name, workdir)
-      notes.append(f"run `{name}` ({run.config}): finished earlier, skipped")
+      notes.append(f"run `{name}` ({run.source}): finished earlier, skipped")
       continue
-    logging.info("Run %s: %s from %s", name, run.config, stage.init_from or "scratch")
+    logging.info("Run %s: %s from %s", name, run.source, stage.init_from or "scratch")
     start = time.perf_counter()
     training.train(stage, dataset, workdir)
-    notes.append(f"run `{name}` ({run.config}, {stage.num_steps} steps): "
+    notes.append(f"run `{name}` ({run.source}, {stage.num_steps} steps): "
                  f"{time.perf_counter() - start:.0f} s")
   return workdirs
 

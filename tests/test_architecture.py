@@ -71,3 +71,16 @@ def test_no_import_cycles():
   for module in graph:
     if module not in state:
       walk(module, [])
+
+
+@pytest.mark.parametrize("module", _modules())
+def test_the_library_never_imports_the_configs_folder(module):
+  """configs/ imports the library, never the reverse: binaries run from any directory."""
+  with open(os.path.join(_PACKAGE, f"{module}.py")) as f:
+    tree = ast.parse(f.read())
+  for node in ast.walk(tree):
+    names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+             [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+    assert not [n for n in names if n == "configs" or n.startswith("configs.")], module
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+      assert not node.value.startswith("configs."), f"{module}: {node.value!r}"

@@ -27,7 +27,9 @@ def _fast_tiny_config(ablations: bool = True):
     if name not in _RUNS:
       del config.runs[name]
   for run in config.runs.values():
-    run.num_steps = 20  # wiring, not quality: tests/test_training.py checks learning
+    run.stage.num_steps = 20  # wiring, not quality: tests/test_training.py checks learning
+  # Any field of any run can be set (here as --config.runs.hppo.stage.hppo.beta=150 would).
+  config.runs.hppo.stage.hppo.beta = 150.0
   config.evaluate.num_resamples = 200
   config.evaluate.guidance_grid = (1.0,)
   return config
@@ -56,6 +58,8 @@ def test_pipeline_writes_everything(pipeline_out):
   assert pngs and all(f"plots/{p}" in report for p in pngs)
   for name in config.runs:
     assert os.path.isfile(os.path.join(pipeline_out, name, "config.json"))
+  saved = run_dir.read_run_config(os.path.join(pipeline_out, "hppo"))[0]
+  assert saved.hppo.beta == 150.0 and saved.num_steps == 20
 
 
 def test_pipeline_output_serves_and_reruns(pipeline_out):
