@@ -13,10 +13,7 @@ The loss is Diffusion-DPO on those pairs with the frozen SFT parameters as the r
 Pools are rebuilt every `hppo.pool_every` steps from the current policy parameters; a pool is a
 pure function of (config, rebuild index, the parameters at that step), so a run resumed from a
 checkpoint at a rebuild step replays the same pools (the config requires checkpoints to fall on
-rebuild steps). Only the policy's samples and the interpolations toward them change between
-pools; every other candidate (and its oracle labels) is built the first time a pool draws its
-query and reused, which makes pools of every fit query affordable. See docs/hppo.md for the
-choices made here.
+rebuild steps). See docs/hppo.md for the choices made here.
 """
 
 import dataclasses
@@ -42,7 +39,6 @@ from modit_jax import trajectories
 POLICIES = ("policy", "reference", "seed_centroid", "tail_centroid", "interpolation",
             "feedback", "neighbourhood")
 _POOL_STREAM = 4
-_STATIC_CHUNK = 1024  # fit rows whose policy-free candidates are built together
 _PAIR_STREAM = 5
 
 
@@ -71,11 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
   # the development world; docs/hppo.md, "Winners the policy can follow").
   c.neighbourhood_size = 200
   c.neighbourhood_steps = (2.0, 4.0, 8.0)
-  # Training queries per pool, at most (all fit queries when fewer). Every fit query in every
-  # pool: 256 per pool let the policy see about a thousand seed sets in a run, and the SFT
-  # term had too few winners to learn regions from; all 3,000 fit queries of the development
-  # world raised mean Joint@20 from 0.476 to 0.492 (docs/hppo.md, "Pools of every query").
-  c.pool_queries = 4096
+  c.pool_queries = 256                # training queries per pool
   c.pool_every = 100                  # steps between pool rebuilds
   c.oracle_k = 20
   c.oracle_index_kind = "scann"
@@ -240,20 +232,15 @@ class CandidatePools:
     self._row_of = np.full(catalog.num_items, -1, np.int64)
     self._row_of[source.train_items] = np.arange(len(source.train_items))
     self._pool_size = min(int(self._hppo.pool_queries), len(self._queries))
-    self._temperature = float(temperature)
-    # Chunk of fit rows -> its static candidates, their Joint, Purity and anchors
-    # (_cached_static).
-    self._static: dict[int, dict[str, np.ndarray]] = {}
-    self._static_names: list[str] = []
     self._sample = jax.jit(functools.partial(
         diffusion.sample_rows, apply=apply_fn, dim=catalog.dim,
         num_steps=int(config.diffusion.sample_steps), null_domain=null_domain, space=space,
         temperature=temperature))
 
-  def _draw(self, pool_index: int) -> np.ndarray:
-    """The rows of the fit queries in pool `pool_index`, ascending."""
+  def _draw(self, pool_index: int) -> catalog_lib.Queries:
     rng = np.random.default_rng([self._config.seed, _POOL_STREAM, pool_index])
-    return np.sort(rng.choice(len(self._queries), self._pool_size, replace=False))
+    return self._queries.take(
+        np.sort(rng.choice(len(self._queries), self._pool_size, replace=False)))
 
   def _tail(self, queries: catalog_lib.Queries) -> np.ndarray:
     """The tail centroid of each query's latent cluster (the seeds' majority) for its domain."""
@@ -305,141 +292,65 @@ class CandidatePools:
       out.append(current)
     return out
 
-  def _evidence_of(self, queries: catalog_lib.Queries) -> np.ndarray | None:
-    """The neighbour evidence of `queries` for a model that reads it (None: it reads none)."""
-    if self._evidence is None:
-      return None
-    # Seeds are train items: they are excluded from their own neighbourhood.
-    return self._evidence(np.asarray(self.embeddings[queries.seeds], np.float32),
-                          np.ones(queries.seeds.shape, bool), queries.domain,
-                          exclude_items=queries.seeds)
-
-  def _static_policies(self) -> list[str]:
-    """The policies whose candidates do not depend on the policy parameters or the pool.
-
-    The frozen reference is one only at sampling temperature 0, where its sample is a
-    deterministic function of the query; with a random start it is drawn again per pool.
-    """
-    static = ["seed_centroid", "tail_centroid", "feedback", "neighbourhood"]
-    if self._temperature == 0:
-      static.append("reference")
-    return [p for p in self._policies if p in static]
-
-  def _static_candidates(self, queries: catalog_lib.Queries, evidence: np.ndarray | None,
-                         pool_index: int) -> dict[str, tuple[list[np.ndarray], list[str]]]:
-    """Per static policy, (embeddings [Q, d] per variant, variant names); and "anchors", the
-    seed and tail centroids the interpolations start from."""
+  def build(self, params: Any, pool_index: int) -> Pool:
+    """The labelled pool `pool_index` with the current policy `params` (host or device)."""
     hppo = self._hppo
+    queries = self._draw(pool_index)
     centroid = evidence_lib.seed_centroids(self.embeddings, queries.seeds)
     tail = self._tail(queries)
-    out = {"anchors": ([centroid, tail], ["centroid", "tail"]),
-           "seed_centroid": ([centroid], ["mean"]),
-           "tail_centroid": ([centroid + a * (tail - centroid) for a in hppo.tail_extrapolation],
-                             [f"a{a:g}" for a in hppo.tail_extrapolation])}
-    if "reference" in self._static_policies():
-      out["reference"] = self._model(self._reference, queries, evidence,
-                                     hppo.reference_guidance, 1, pool_index, 1)
+    evidence = None
+    if self._evidence is not None:
+      # Seeds are train items: they are excluded from their own neighbourhood.
+      evidence = self._evidence(np.asarray(self.embeddings[queries.seeds], np.float32),
+                                np.ones(queries.seeds.shape, bool), queries.domain,
+                                exclude_items=queries.seeds)
+    policy, policy_names = self._model(params, queries, evidence, hppo.policy_guidance,
+                                       int(hppo.policy_noise_seeds), pool_index, 0)
+    candidates: list[np.ndarray] = []
+    names: list[str] = []
+
+    def add(policy_name: str, embeddings: list[np.ndarray], variants: list[str]) -> None:
+      if policy_name in self._policies:
+        candidates.extend(evidence_lib.normalize(e) for e in embeddings)
+        names.extend(f"{policy_name}:{v}" for v in variants)
+
+    add("policy", policy, policy_names)
+    if "reference" in self._policies:
+      ref, ref_names = self._model(self._reference, queries, evidence,
+                                   hppo.reference_guidance, 1,
+                                   pool_index, 1)
+      add("reference", ref, ref_names)
+    add("seed_centroid", [centroid], ["mean"])
+    add("tail_centroid", [centroid + a * (tail - centroid) for a in hppo.tail_extrapolation],
+        [f"a{a:g}" for a in hppo.tail_extrapolation])
+    # Interpolations toward the policy's sample at the last `policy_guidance` scale, from either
+    # heuristic anchor.
+    top = policy[(len(hppo.policy_guidance) - 1) * int(hppo.policy_noise_seeds)]
+    weights = list(hppo.interpolation_weights)
+    add("interpolation",
+        [(1 - w) * anchor + w * top for anchor in (centroid, tail) for w in weights],
+        [f"{a}{w:g}" for a in ("centroid", "tail") for w in weights])
     if "feedback" in self._policies:
-      out["feedback"] = (self._feedback(centroid, queries),
-                         [f"r{r + 1}" for r in range(int(hppo.feedback_rounds))])
+      add("feedback", self._feedback(centroid, queries),
+          [f"r{r + 1}" for r in range(int(hppo.feedback_rounds))])
     if "neighbourhood" in self._policies:
       size = int(hppo.neighbourhood_size)
       oracle_labels = lambda near, domains: (np.ones(near.shape, bool),
                                              self._oracle.labels(near, domains))
       contrast = oracle_lib.local_directions(self._catalog, self._oracle, queries, [size],
-                                             oracle_labels)[size]
+                                            oracle_labels)[size]
       steps = [float(a) for a in hppo.neighbourhood_steps]
-      out["neighbourhood"] = ([centroid + a * contrast for a in steps],
-                              [f"a{a:g}" for a in steps])
-    return out
-
-  def _score(self, candidates: np.ndarray, queries: catalog_lib.Queries
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """The oracle's (Joint@k, Purity@k), float64 [Q, C] each, of candidates [Q, C, d]."""
-    num_q, num_c = candidates.shape[:2]
-    flat = queries.take(np.repeat(np.arange(num_q), num_c))  # row q * num_c + c
-    scores = self._oracle.score(candidates.reshape(num_q * num_c, -1), flat)
-    k = self._oracle.k
-    return (scores[f"joint@{k}"].reshape(num_q, num_c),
-            scores[f"purity@{k}"].reshape(num_q, num_c))
-
-  def _cached_static(self, rows: np.ndarray, evidence_of: Callable[[catalog_lib.Queries], Any]
-                     ) -> dict[str, Any]:
-    """The static candidates of fit rows `rows`, their scores and anchors, built once per row.
-
-    A query's static candidates are the same in every pool, so they are built and scored once
-    and kept for the run. They are built in fixed chunks of `_STATIC_CHUNK` fit rows, whatever
-    the pools draw: a sample's floats depend on the batch it is computed in, and a resumed run
-    must rebuild exactly what the interrupted one had.
-    """
-    for chunk in np.unique(rows // _STATIC_CHUNK):
-      if int(chunk) in self._static:
-        continue
-      chunk_rows = np.arange(chunk * _STATIC_CHUNK,
-                             min((chunk + 1) * _STATIC_CHUNK, len(self._queries)))
-      queries = self._queries.take(chunk_rows)
-      built = self._static_candidates(queries, evidence_of(queries), 0)
-      policies = self._static_policies()
-      self._static_names = [f"{p}:{v}" for p in policies for v in built[p][1]]
-      entry = {"anchors": np.stack(built["anchors"][0], axis=1)}
-      if self._static_names:
-        entry["candidates"] = np.stack(
-            [evidence_lib.normalize(e) for p in policies for e in built[p][0]],
-            axis=1).astype(np.float32)
-        entry["joint"], entry["purity"] = self._score(entry["candidates"], queries)
-      self._static[int(chunk)] = entry
-    chunk, offset = rows // _STATIC_CHUNK, rows % _STATIC_CHUNK
-    gather = lambda key: np.stack([self._static[int(c)][key][o] for c, o in zip(chunk, offset)])
-    out = {"names": self._static_names, "anchors": gather("anchors")}
-    for key in ("candidates", "joint", "purity"):
-      out[key] = gather(key) if self._static_names else None
-    return out
-
-  def build(self, params: Any, pool_index: int) -> Pool:
-    """The labelled pool `pool_index` with the current policy `params` (host or device)."""
-    hppo = self._hppo
-    rows = self._draw(pool_index)
-    queries = self._queries.take(rows)
-    evidence = self._evidence_of(queries)
-    static = self._cached_static(rows, self._evidence_of)
-    centroid, tail = static["anchors"][:, 0], static["anchors"][:, 1]
-    policy, policy_names = self._model(params, queries, evidence, hppo.policy_guidance,
-                                       int(hppo.policy_noise_seeds), pool_index, 0)
-    # The policy-dependent candidates, in `POLICIES` order.
-    dynamic = {"policy": (policy, policy_names)}
-    if "reference" in self._policies and "reference" not in self._static_policies():
-      dynamic["reference"] = self._model(self._reference, queries, evidence,
-                                         hppo.reference_guidance, 1, pool_index, 1)
-    # Interpolations toward the policy's sample at the last `policy_guidance` scale, from either
-    # heuristic anchor.
-    top = policy[(len(hppo.policy_guidance) - 1) * int(hppo.policy_noise_seeds)]
-    weights = list(hppo.interpolation_weights)
-    dynamic["interpolation"] = (
-        [(1 - w) * anchor + w * top for anchor in (centroid, tail) for w in weights],
-        [f"{a}{w:g}" for a in ("centroid", "tail") for w in weights])
-    dynamic_names = [f"{p}:{v}" for p in self._policies if p in dynamic
-                     for v in dynamic[p][1]]
-    dynamic_stacked = dynamic_joint = dynamic_purity = None
-    if dynamic_names:
-      dynamic_stacked = np.stack(
-          [evidence_lib.normalize(e) for p in self._policies if p in dynamic
-           for e in dynamic[p][0]], axis=1).astype(np.float32)
-      dynamic_joint, dynamic_purity = self._score(dynamic_stacked, queries)
-    # Every candidate in `POLICIES` order, static and dynamic interleaved as the names say.
-    names = [n for p in self._policies
-             for n in (dynamic_names if p in dynamic else static["names"])
-             if n.split(":")[0] == p]
-    if len(names) < 2:
-      raise errors.UserError(f"hppo.policies={hppo.policies!r} gives {len(names)} "
+      add("neighbourhood", [centroid + a * contrast for a in steps], [f"a{a:g}" for a in steps])
+    if len(candidates) < 2:
+      raise errors.UserError(f"hppo.policies={hppo.policies!r} gives {len(candidates)} "
                              "candidate per query; pairs need at least 2")
-    column = {n: ("dynamic", i) for i, n in enumerate(dynamic_names)}
-    column.update({n: ("static", i) for i, n in enumerate(static["names"])})
-    def gather(dynamic_part: np.ndarray | None, static_part: np.ndarray | None) -> np.ndarray:
-      parts = {"dynamic": dynamic_part, "static": static_part}
-      return np.stack([parts[column[n][0]][:, column[n][1]] for n in names], axis=1)
-    stacked = gather(dynamic_stacked, static["candidates"])
-    joint = gather(dynamic_joint, static["joint"])
-    purity = gather(dynamic_purity, static["purity"])
+    stacked = np.stack(candidates, axis=1).astype(np.float32)  # [Q, C, d]
+    num_q, num_c = stacked.shape[:2]
+    flat = queries.take(np.repeat(np.arange(num_q), num_c))  # row q * num_c + c
+    scores = self._oracle.score(stacked.reshape(num_q * num_c, -1), flat)
+    k = self._oracle.k
+    joint = scores[f"joint@{k}"].reshape(num_q, num_c)
+    purity = scores[f"purity@{k}"].reshape(num_q, num_c)
     pairs, counts = pareto_pairs(joint, purity, float(hppo.margin), bool(hppo.pareto),
                                  float(hppo.min_winner_purity))
     if not len(pairs):

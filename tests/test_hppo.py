@@ -17,7 +17,6 @@ from modit_jax import diffusion
 from modit_jax import dit
 from modit_jax import engine
 from modit_jax import errors
-from modit_jax import evidence
 from modit_jax import generator as generator_lib
 from modit_jax import hppo
 from modit_jax import models
@@ -274,36 +273,6 @@ def test_the_neighbourhood_policy_reads_train_labels_only_and_finds_hits(tiny_wo
   assert a.joint[:, 1:].max(axis=1).mean() > a.joint[:, 0].mean() + 0.1
   with pytest.raises(errors.UserError, match="neighbourhood"):
     hppo.parse_policies("policy,neighbours")
-
-
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_cached_static_candidates_give_the_pool_built_from_scratch(tiny_world, sft_workdir,
-                                                                   temperature):
-  """A query's policy-free candidates are built once per run and reused in later pools."""
-  config = _hppo_config(sft_workdir)
-  config.diffusion.sample_temperature = temperature  # > 0: the reference is drawn per pool
-  cat = catalog_lib.load_catalog(tiny_world)
-  params = engine.restore_params(sft_workdir)
-  # A different policy than the reference, so that policy-dependent candidates differ.
-  policy = jax.tree.map(lambda x: x * 0.9, params)
-  warm = _pool_builder(cat, config, params)
-  first = warm.build(policy, 0)
-  second = warm.build(policy, 1)  # shares queries with pool 0: those come from the cache
-  assert set(map(tuple, first.queries.seeds)) & set(map(tuple, second.queries.seeds))
-  cold = _pool_builder(cat, config, params).build(policy, 1)
-  assert second.names == cold.names and len(cold.names) == 14
-  np.testing.assert_array_equal(second.candidates, cold.candidates)
-  np.testing.assert_array_equal(second.joint, cold.joint)
-  np.testing.assert_array_equal(second.purity, cold.purity)
-  np.testing.assert_array_equal(second.pairs, cold.pairs)
-  names = np.array(cold.names)
-  # Cached rows line up with the pool's queries.
-  np.testing.assert_allclose(
-      second.candidates[:, names == "seed_centroid:mean"][:, 0],
-      evidence.seed_centroids(cat.embeddings, second.queries.seeds), atol=1e-6)
-  reference = names == "reference:g4/n0"
-  policy_samples = np.char.startswith(names, "policy:")
-  assert not np.allclose(cold.candidates[:, reference], cold.candidates[:, policy_samples])
 
 
 def test_pools_draw_only_fit_queries(tiny_world, sft_workdir):
