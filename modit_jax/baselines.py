@@ -179,11 +179,8 @@ def _local_shift(name: str, catalog: catalog_lib.Catalog, oracle: oracle_lib.Onl
     raise errors.UserError("local_shift needs non-empty local_neighbourhood_grid (sizes >= 1) "
                            "and local_shift_grid")
 
-  def oracle_labels(near: np.ndarray, domains: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return np.ones(near.shape, bool), oracle.labels(near, domains)
-
   def directions(q: catalog_lib.Queries) -> dict[int, np.ndarray]:
-    return oracle_lib.local_directions(catalog, oracle, q, sizes, oracle_labels if true_labels else None)
+    return oracle_lib.local_directions(catalog, oracle, q, sizes, oracle_labels=true_labels)
 
   cache: dict[int, tuple[catalog_lib.Queries, dict[int, np.ndarray]]] = {}
 

@@ -335,10 +335,8 @@ class CandidatePools:
           [f"r{r + 1}" for r in range(int(hppo.feedback_rounds))])
     if "neighbourhood" in self._policies:
       size = int(hppo.neighbourhood_size)
-      oracle_labels = lambda near, domains: (np.ones(near.shape, bool),
-                                             self._oracle.labels(near, domains))
       contrast = oracle_lib.local_directions(self._catalog, self._oracle, queries, [size],
-                                            oracle_labels)[size]
+                                             oracle_labels=True)[size]
       steps = [float(a) for a in hppo.neighbourhood_steps]
       add("neighbourhood", [centroid + a * contrast for a in steps], [f"a{a:g}" for a in steps])
     if len(candidates) < 2:

@@ -5,8 +5,8 @@ items only (DESIGN.md section 2). Unobserved labels are never read: labels are t
 `np.where(observed, attributes, False)` and every unobserved entry is masked out of the loss.
 It re-ranks in the `rerank` baseline and orders trajectories in stage 2.
 
-Relative features (`clusters.relative_features`, off by default): besides the embedding x, the MLP
-reads x's offset from the nearest of a few coarse k-means regions of the train items, scaled
+Relative features (`clusters.relative_features`, off by default): besides the embedding x, the
+MLP reads x's offset from the nearest of a few coarse k-means regions of the train items, scaled
 to unit mean norm. Whether an item is attribute-positive depends on where it sits within its
 pattern, not only on where the pattern sits; the offset says that directly. On the
 development world it raised the held-out AUC from 0.95 / 0.84 / 0.72 / 0.59 to 0.97 / 0.89 /
@@ -53,7 +53,6 @@ class RelativeFeatures:
     nearest = np.argmax(x @ self.regions.T - half_norms, axis=1)
     offset = (x - self.regions[nearest]) / np.float32(self.offset_scale)
     return np.concatenate([x, offset], axis=1)
-
 
 
 class PredictorMLP(nn.Module):

@@ -8,7 +8,7 @@ refuses queries whose seeds are not train items, so held-out items and patterns 
 training through it. Baselines tune their one knob with it too (on train queries).
 """
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -109,24 +109,23 @@ class OnlineOracle:
 
 def local_directions(catalog: catalog_lib.Catalog, oracle: OnlineOracle,
                      q: catalog_lib.Queries, sizes: Sequence[int],
-                     labels: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
-                     | None = None) -> dict[int, np.ndarray]:
+                     oracle_labels: bool = False) -> dict[int, np.ndarray]:
   """Per neighbourhood size n: float32 [Q, d], labelled-positive mean minus labelled mean.
 
   Over the n train items nearest each query's seed centroid (`oracle.neighbours`: embeddings
-  only). Labels are the observed labels of the query's domain, or `labels(near, domains)` ->
-  (known, positive) bool [Q, n_max] when given (a bound reads the oracle's). A query with no
-  labelled positive nearby gets a zero direction.
+  only). Labels are the observed labels of the query's domain or, with `oracle_labels`, the
+  oracle's label of every one of those train items (what a bound and HPPO's pools may read).
+  A query with no labelled positive nearby gets a zero direction.
   """
   emb = catalog.embeddings
   sizes = sorted(int(n) for n in sizes)
   centroid = evidence.seed_centroids(emb, q.seeds)
   near = oracle.neighbours(centroid, q.seeds,
                            min(sizes[-1], len(oracle.train_items) - q.seeds.shape[1]))
-  if labels is None:
+  if oracle_labels:
+    known, positive = np.ones(near.shape, bool), oracle.labels(near, q.domain)
+  else:
     domain = np.asarray(q.domain)[:, None]
     known = np.asarray(catalog.observed, bool)[near, domain]   # train items' observed labels
     positive = known & np.asarray(catalog.attributes, bool)[near, domain]  # only where observed
-  else:
-    known, positive = labels(near, q.domain)
   return evidence.label_contrast(emb, near, known, positive, sizes)

@@ -266,7 +266,7 @@ class Retriever:
                                     self.num_samples, self.guidance_scale[domain],
                                     exclude_items=exclude)
     ids, scores = generator_lib.search_samples(self.index, samples, exclude, k,
-                                            return_scores=True)
+                                               return_scores=True)
     return ids.astype(np.int64), scores.astype(np.float32)
 
 

@@ -70,22 +70,26 @@ def _read_run_file(workdir: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def read_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, int, int]:
-  """(config, dim, num_domains) of a training workdir."""
-  saved = _read_run_file(workdir)
+def _config(saved: dict[str, Any]) -> tuple[ml_collections.ConfigDict, int, int]:
   return ml_collections.ConfigDict(saved["config"]), saved["dim"], saved["num_domains"]
 
 
-def read_facts(workdir: str) -> ModelFacts:
-  """The `ModelFacts` recorded in a training workdir.
+def read_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, int, int]:
+  """(config, dim, num_domains) of a training workdir."""
+  return _config(_read_run_file(workdir))
 
-  A run written before the facts were recorded gets them from its config, by the rule that
-  wrote them since (`ModelFacts.of`).
-  """
-  saved = _read_run_file(workdir)
+
+def _facts(saved: dict[str, Any]) -> ModelFacts:
+  # A run written before the facts were recorded gets them from its config, by the rule that
+  # wrote them since.
   if "facts" in saved:
     return ModelFacts(**saved["facts"])
-  return ModelFacts.of(ml_collections.ConfigDict(saved["config"]))
+  return ModelFacts.of(_config(saved)[0])
+
+
+def read_facts(workdir: str) -> ModelFacts:
+  """The `ModelFacts` recorded in a training workdir (`ModelFacts.of` its config if older)."""
+  return _facts(_read_run_file(workdir))
 
 
 def run_dataset(workdir: str) -> str:
@@ -129,7 +133,8 @@ class Run:
 
 def load(workdir: str) -> Run:
   """The model of a training workdir with the EMA parameters of its latest checkpoint."""
-  config, dim, num_domains = read_run_config(workdir)
-  return Run(config, dim, num_domains, read_facts(workdir),
+  saved = _read_run_file(workdir)  # once: config and facts
+  config, dim, num_domains = _config(saved)
+  return Run(config, dim, num_domains, _facts(saved),
              models.make_model(config.model, dim, num_domains),
              engine.restore_params(workdir, use_ema=True))
