@@ -9,7 +9,8 @@ approximation, and a last block that runs attention and MLP for the query token 
 `denoising_loss` is `training.denoising_loss_fn` (`diffusion.training_loss` with the
 config's target space) given explicit draws of t, noise and domain dropout; `TrainStep`
 is `engine.train_step`: value-and-grad, clip by global norm, AdamW on the warm-up + cosine
-schedule, then the bias-corrected EMA of the parameters. Float32 only.
+schedule, then the bias-corrected EMA of the parameters. Float32 only; on the CPU or a GPU
+(the module's device).
 """
 
 import math
@@ -42,7 +43,8 @@ _EMA_CHUNK = 4096
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
   """`dit.timestep_embedding` in torch: sinusoidal embedding [B, dim] of times t [B]."""
   half = dim // 2
-  freqs = torch.exp(-math.log(_MAX_PERIOD) * torch.arange(half, dtype=torch.float32) / half)
+  freqs = torch.exp(-math.log(_MAX_PERIOD)
+                    * torch.arange(half, dtype=torch.float32, device=t.device) / half)
   args = (t.float() * _TIME_SCALE)[:, None] * freqs[None, :]
   emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
   return F.pad(emb, (0, 1)) if dim % 2 else emb
@@ -170,7 +172,7 @@ class DiT(nn.Module):
       context_tok = context_tok + self.context_pos[:length]
     x = torch.cat([self.query_embed(x_t)[:, None], context_tok,
                    self.domain_embed(domain)[:, None]], dim=1)
-    ones = torch.ones(x.shape[0], 1, dtype=torch.bool)
+    ones = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
     key_mask = torch.cat([ones, context_mask, ones], dim=1)
 
     c = self.time_mlp2(F.silu(self.time_mlp1(timestep_embedding(t, x.shape[-1]))))
@@ -226,10 +228,14 @@ class Draws(NamedTuple):
 
 def draw(batch: int, dim: int, cond_drop_prob: float,
          generator: torch.Generator | None = None) -> Draws:
-  """t ~ U(0, 1), noise ~ N(0, I) and the domain dropout, as `diffusion.training_loss` draws."""
-  return Draws(torch.rand(batch, generator=generator),
-               torch.randn(batch, dim, generator=generator),
-               torch.rand(batch, generator=generator) < cond_drop_prob)
+  """t ~ U(0, 1), noise ~ N(0, I) and the domain dropout, as `diffusion.training_loss` draws.
+
+  The draws are made on the generator's device (the CPU without one).
+  """
+  device = generator.device if generator is not None else None
+  return Draws(torch.rand(batch, generator=generator, device=device),
+               torch.randn(batch, dim, generator=generator, device=device),
+               torch.rand(batch, generator=generator, device=device) < cond_drop_prob)
 
 
 def denoising_loss(model: DiT, batch: dict[str, torch.Tensor], draws: Draws,
@@ -275,7 +281,8 @@ class TrainStep:
     self._space = models.target_space(config, model.dim)
     self._drop_prob = float(config.diffusion.cond_drop_prob)
     self._clip = float(config.grad_clip_norm)
-    self._generator = torch.Generator().manual_seed(seed)
+    # On the model's device, so that a GPU step draws its noise there as the JAX step does.
+    self._generator = torch.Generator(device=self.params[0].device).manual_seed(seed)
     # The engine's schedule is flat (0) from `num_steps` on, so this table covers every step.
     self._lrs = [engine.learning_rate_at(config, s) for s in range(int(config.num_steps) + 1)]
     self._ema_weights = np.zeros(0)
@@ -316,7 +323,8 @@ class TrainStep:
     return {"loss": loss.detach(), "grad_norm": grad_norm}
 
 
-def to_torch(batch_np: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-  """A numpy batch as torch tensors (int32 domains as int64, the index dtype torch wants)."""
-  return {k: torch.from_numpy(np.asarray(v, np.int64 if v.dtype.kind == "i" else None))
+def to_torch(batch_np: dict[str, np.ndarray],
+             device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+  """A numpy batch as torch tensors on `device` (int32 domains as int64, torch's index dtype)."""
+  return {k: torch.from_numpy(np.asarray(v, np.int64 if v.dtype.kind == "i" else None)).to(device)
           for k, v in batch_np.items()}

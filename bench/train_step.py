@@ -38,6 +38,9 @@ One run measures:
    OpenMP threads wait for each other after every op: with libgomp's default wait policy the
    tiny step ran ~100x slower (1.1 s, not 9 ms) while another process kept this 2-core
    machine busy, and about 12 ms with OMP_WAIT_POLICY=PASSIVE; the policy in force is printed.
+   On a GPU (`--torch_device`, default: where JAX runs) the peer runs there too, each call
+   waited for, with TF32 matmuls exactly when `--matmul_precision` gives them to JAX
+   (bench/accelerator.sh runs that comparison).
 
 The machine may be shared, and other jobs only ever add time. So every measurement is one call
 at a time, waited for, and the measurements take turns (round-robin, `--rounds` rounds) so that
@@ -127,6 +130,10 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--torch_peer", action="store_true",
                       help="also time the step in PyTorch (bench/torch_dit.py), eager and under "
                       "torch.compile, in the same round-robin (needs pip install -e '.[bench]')")
+  parser.add_argument("--torch_device", default="auto",
+                      help="where the PyTorch peer runs: cpu, cuda, or auto (cuda when JAX's "
+                      "devices are GPUs, else cpu). On a GPU, torch's float32 matmuls use TF32 "
+                      "exactly when --matmul_precision asks JAX to (tensorfloat32 or high)")
   return parser.parse_args(argv)
 
 
@@ -382,31 +389,65 @@ def _import_torch_peer() -> Any:
   return torch_dit
 
 
+def _torch_device(requested: str, matmul_precision: str) -> str:
+  """The peer's torch device for --torch_device, with TF32 set as JAX's matmul precision.
+
+  On a GPU the two frameworks' float32 matmuls differ by default (torch keeps full float32;
+  XLA may use TF32), so the peer follows --matmul_precision: TF32 exactly when JAX is asked
+  for it. A comparison at JAX's default precision would time two different sums.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  device = requested
+  if requested == "auto":
+    device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+  if device not in ("cpu", "cuda"):
+    raise SystemExit(f"--torch_device: cpu, cuda or auto, got {requested!r}")
+  if device == "cuda":
+    if not torch.cuda.is_available():
+      raise SystemExit("--torch_device=cuda, but this torch sees no GPU")
+    if matmul_precision not in ("highest", "float32", "tensorfloat32", "high"):
+      raise SystemExit("--torch_peer on a GPU needs --matmul_precision=highest (float32 in both "
+                       "frameworks) or =tensorfloat32 (TF32 in both)")
+    tf32 = matmul_precision in ("tensorfloat32", "high")
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+  return device
+
+
 def _torch_peer_steps(torch_dit: Any, config: Any, model: dit.DiT, params: Any,
-                      batch_np: dict[str, np.ndarray],
-                      warmup: int) -> dict[str, Callable[[], Any]]:
+                      batch_np: dict[str, np.ndarray], warmup: int,
+                      device: str) -> dict[str, Callable[[], Any]]:
   """{name: one PyTorch train step}: eager and `torch.compile`d, each on its own model.
 
   Both start from the JAX model's initial params and step on `batch_np`, converted once (as
   the JAX full step's batch is already on the device), and take `warmup` untimed steps after
-  the first, as the JAX step does.
+  the first, as the JAX step does. On a GPU each call waits for its kernels, as the JAX
+  calls are waited for.
   """
   import torch  # pylint: disable=g-import-not-at-top
-  print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}")
-  batch = torch_dit.to_torch(batch_np)
+  print(f"torch {torch.__version__} on {device}, {torch.get_num_threads()} threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}"
+        + (f", TF32 matmuls {torch.backends.cuda.matmul.allow_tf32}" if device == "cuda" else ""))
+  batch = torch_dit.to_torch(batch_np, device)
   steps = {}
   for name, (compiled, _) in _TORCH_STEPS.items():
-    module = torch_dit.DiT.like(model)
+    module = torch_dit.DiT.like(model).to(device)
     torch_dit.load_jax_params(module, params)
     train_step = torch_dit.TrainStep(module, config, compiled=compiled, seed=config.seed)
+
+    def call(train_step=train_step):
+      metrics = train_step(batch)
+      if device == "cuda":
+        torch.cuda.synchronize()
+      return metrics
+
     # The first call compiles (under torch.compile); timed here because it is not small.
     start = time.perf_counter()
-    train_step(batch)
+    call()
     print(f"{name}: first call {time.perf_counter() - start:.1f} s")
     for _ in range(warmup):
-      train_step(batch)
-    steps[name] = functools.partial(train_step, batch)
+      call()
+    steps[name] = call
   return steps
 
 
@@ -421,6 +462,7 @@ def main(argv: list[str]) -> None:
   engine.configure_cpu_devices(args.cpu_devices)
   if args.matmul_precision:
     jax.config.update("jax_default_matmul_precision", args.matmul_precision)
+  torch_device = _torch_device(args.torch_device, args.matmul_precision) if torch_dit else None
 
   config = _load_config(args.config, args)
   model_dtype = config.model.get("dtype", "float32")
@@ -509,7 +551,7 @@ def main(argv: list[str]) -> None:
   measured.update(variant_fns)
   if torch_dit is not None:
     for name, fn in _torch_peer_steps(torch_dit, config, model, params, batch_np,
-                                      args.warmup).items():
+                                      args.warmup, torch_device).items():
       measured[name] = (fn, step_flops, float("nan"))
   dots = []
   if not args.no_breakdown:

@@ -234,3 +234,28 @@ def test_bench_without_torch_says_how_to_install_it():
   assert result.returncode == 1
   assert result.stderr.strip() == ("--torch_peer needs PyTorch, a bench-only extra: "
                                    "pip install -e '.[bench]'")
+
+
+def test_torch_device_follows_jax_and_refuses_what_it_cannot_compare():
+  """auto is the CPU on a CPU backend; a bad name, or cuda where torch sees no GPU, stops."""
+  spec = importlib.util.spec_from_file_location("bench_train_step_device", _BENCH)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  assert jax.default_backend() == "cpu"
+  assert bench._torch_device("auto", "") == "cpu"  # pylint: disable=protected-access
+  with pytest.raises(SystemExit, match="cpu, cuda or auto"):
+    bench._torch_device("tpu", "")  # pylint: disable=protected-access
+  if not torch.cuda.is_available():
+    with pytest.raises(SystemExit, match="sees no GPU"):
+      bench._torch_device("cuda", "highest")  # pylint: disable=protected-access
+
+
+def test_draws_are_made_on_the_generator_device(torch_dit):
+  """Draws follow their generator's device (the GPU peer draws there), and are seeded by it."""
+  first = torch_dit.draw(4, 3, 0.5, torch.Generator(device="cpu").manual_seed(1))
+  again = torch_dit.draw(4, 3, 0.5, torch.Generator(device="cpu").manual_seed(1))
+  assert all(x.device.type == "cpu" for x in first)
+  for a, b in zip(first, again):
+    assert torch.equal(a, b)
+  domains = torch_dit.to_torch({"domain": np.zeros(2, np.int32)}, "cpu")["domain"]
+  assert domains.dtype == torch.int64
