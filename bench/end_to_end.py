@@ -80,6 +80,7 @@ from modit_jax import models
 from modit_jax import retrieval
 from modit_jax import retriever as retriever_lib
 from modit_jax import run_dir
+from modit_jax import stages
 from modit_jax import training
 
 _TARGET_SEED_SETS_PER_S = 1000  # the target, at 100k items on 2 cores
@@ -131,7 +132,7 @@ def random_workdir(root: str, dim: int, num_domains: int, guidance_scale: float,
       p + _PARAM_NOISE * jax.random.normal(key, p.shape, p.dtype)
       for p, key in zip(leaves, keys)])
   workdir = os.path.join(root, "random_model")
-  run_dir.write_run_config(workdir, config, dim, num_domains)
+  run_dir.write_run_config(workdir, config, dim, num_domains, stages.get("sft").facts(config))
   checkpointer = engine.Checkpointer(workdir)
   checkpointer.save(0, engine.create_train_state(params, engine.make_optimizer(config)),
                     force=True)

@@ -6,7 +6,7 @@ modulation and output, pre-LN without affine parameters (eps 1e-6), GELU with th
 approximation, and a last block that runs attention and MLP for the query token only.
 `load_jax_params` copies a JAX params pytree into it, so both compute the same function.
 
-`denoising_loss` is `training.denoising_loss_fn` (`diffusion.training_loss` with the
+`denoising_loss` is `models.denoising_loss_fn` (`diffusion.training_loss` with the
 config's target space) given explicit draws of t, noise and domain dropout; `TrainStep`
 is `engine.train_step`: value-and-grad, clip by global norm, AdamW on the warm-up + cosine
 schedule, then the bias-corrected EMA of the parameters. Float32 only; on the CPU or a GPU
@@ -240,7 +240,7 @@ def draw(batch: int, dim: int, cond_drop_prob: float,
 
 def denoising_loss(model: DiT, batch: dict[str, torch.Tensor], draws: Draws,
                    space: diffusion.TargetSpace) -> torch.Tensor:
-  """`training.denoising_loss_fn`'s loss given its draws: the mean denoising error.
+  """`models.denoising_loss_fn`'s loss given its draws: the mean denoising error.
 
   The batch holds unit `target` [B, d], `context` [B, L, d], `context_mask` [B, L] and
   `domain` [B]; `space` maps targets to x0 (scaled, and anchored at the context's mean).

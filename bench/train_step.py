@@ -17,7 +17,7 @@ One run measures:
    model (`--dtype` or a `dtype=` variant) also the bfloat16 peak, with float32 accumulation
    and output as the model's matmuls have;
 2. the train step exactly as `modit_jax.train` builds it (`models.make_model`,
-   `training.denoising_loss_fn`, `engine.make_optimizer`, `engine.create_train_state`,
+   `models.denoising_loss_fn`, `engine.make_optimizer`, `engine.create_train_state`,
    `engine.jit_train_step` over `engine.make_mesh()`, donated state), on a random batch of unit
    embeddings with every context slot real. On CPU the mesh has the binaries' default number
    of devices (`engine.configure_cpu_devices`; `--cpu_devices` changes it);
@@ -75,7 +75,6 @@ from modit_jax import dit
 from modit_jax import engine
 from modit_jax import errors
 from modit_jax import models
-from modit_jax import training
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _D = 64            # item-embedding dimension of the default synthetic world
@@ -190,7 +189,7 @@ def _parse_variant(spec: str) -> tuple[dict[str, Any], dict[str, Any]]:
 def _build_step(config: Any, mesh: Any) -> tuple[Any, ...]:
   """(model, loss_fn, tx, params, host_state, shardings, jitted step) as modit_jax.train has."""
   model = models.make_model(config.model, _D, _NUM_DOMAINS)
-  loss_fn = training.denoising_loss_fn(model, config)
+  loss_fn = models.denoising_loss_fn(model, config)
   tx = engine.make_optimizer(config)
   params = jax.device_get(dit.init_params(model, jax.random.PRNGKey(config.seed)))
   host_state = jax.device_get(jax.jit(functools.partial(engine.create_train_state, tx=tx))(params))

@@ -16,13 +16,15 @@ the metric predictor saved with the run. Stage 3 drops the position table (seed 
 import ml_collections
 
 from modit_jax import training
+from modit_jax import variants
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the stage-2 config; `arg`: comma-separated from tiny, metric, random, reversed."""
-  tokens = [t for t in (arg or "").split(",") if t]
-  orders = [t for t in tokens if t in ("metric", "random", "reversed")]
-  c = training.default_config(",".join(t for t in tokens if t not in orders))
+  orders = ("metric", "random", "reversed")
+  tokens = variants.parse(arg, ("tiny",) + orders, "cpt")
+  c = training.default_config(variants.join(*(t for t in tokens if t not in orders)))
+  orders = [t for t in tokens if t in orders]
   c.stage = "cpt"
   c.init_from = "out/default/pretrain"
   c.cpt.order = orders[-1] if orders else "metric"

@@ -10,14 +10,13 @@ Variant `configs/evaluate.py:tiny` (tests): exact search, fewer resamples, a qui
 import ml_collections
 
 from modit_jax import evaluation
+from modit_jax import variants
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the evaluation config; `arg` in {None, 'default', 'tiny'}."""
   c = evaluation.default_config()
-  if arg in (None, "", "default"):
-    pass
-  elif arg == "tiny":
+  if variants.parse(arg, ("tiny",), "evaluate"):
     c.index_kind = "exact"
     c.oracle_index_kind = "exact"
     c.shift_grid = (0.0, 0.1, 0.2, 0.4, 0.8)
@@ -28,6 +27,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.metric_predictor.hidden = (64,)
     c.guidance_grid = (1.0, 4.0)
     c.num_resamples = 1000
-  else:
-    raise ValueError(f"unknown evaluate config variant {arg!r}; use tiny or default")
   return c

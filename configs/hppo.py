@@ -15,13 +15,14 @@ import ml_collections
 
 from modit_jax import hppo
 from modit_jax import training
+from modit_jax import variants
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the stage-4 config; `arg`: comma-separated from tiny and no_<policy>."""
-  tokens = [t for t in (arg or "").split(",") if t]
+  tokens = variants.parse(arg, ("tiny",) + tuple(f"no_{p}" for p in hppo.POLICIES), "hppo")
   removed = [t[len("no_"):] for t in tokens if t.startswith("no_")]
-  c = training.default_config(",".join(t for t in tokens if not t.startswith("no_")))
+  c = training.default_config(variants.join(*(t for t in tokens if not t.startswith("no_"))))
   c.stage = "hppo"
   c.init_from = "out/default/sft"
   # A short warm-up, and an EMA that follows the policy within the run's few hundred steps.
@@ -45,8 +46,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.hppo.pool_every = 50
     c.warmup_steps = 5
     c.ema_decay = 0.9
-  unknown = [p for p in removed if p not in hppo.POLICIES]
-  if unknown:
-    raise ValueError(f"unknown policies to remove {unknown}; known: {', '.join(hppo.POLICIES)}")
   c.hppo.policies = ",".join(p for p in hppo.POLICIES if p not in removed)
   return c

@@ -25,6 +25,7 @@ from configs import sft as sft_config
 from configs import synthetic as synthetic_config
 from modit_jax import hppo
 from modit_jax import training
+from modit_jax import variants
 
 _STAGE_CONFIGS = {"pretrain": pretrain_config, "cpt": cpt_config, "sft": sft_config,
                   "hppo": hppo_config}
@@ -41,15 +42,12 @@ def _run(source: str, init_from: str, method: str,
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the pipeline config; `arg`: comma-separated from tiny, no_ablations."""
-  tokens = {t for t in (arg or "").split(",") if t}
-  unknown = tokens - {"tiny", "no_ablations"}
-  if unknown:
-    raise ValueError(f"unknown pipeline variant(s) {sorted(unknown)}; use tiny, no_ablations")
+  tokens = variants.parse(arg, ("tiny", "no_ablations"), "pipeline")
   tiny = "tiny" in tokens
   variant = "tiny" if tiny else ""
   def with_variant(name: str, extra: str = "") -> str:
-    tokens = ",".join(t for t in (variant, extra) if t)
-    return f"{name}:{tokens}" if tokens else name
+    joined = variants.join(variant, extra)
+    return f"{name}:{joined}" if joined else name
 
   c = ml_collections.ConfigDict()
   c.dataset = ""                   # an existing catalog; "" generates `world` into OUT/dataset

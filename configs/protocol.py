@@ -11,13 +11,12 @@ other generator seeds of the same construction and size, each trained with its o
 import ml_collections
 
 from configs import pipeline as pipeline_config
+from modit_jax import variants
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the protocol config; `arg` in {None, 'default', 'tiny'}."""
-  if arg not in (None, "", "default", "tiny"):
-    raise ValueError(f"unknown protocol config variant {arg!r}; use tiny or default")
-  tiny = arg == "tiny"
+  tiny = bool(variants.parse(arg, ("tiny",), "protocol"))
   c = ml_collections.ConfigDict()
   # Generator seeds of the test worlds; each is also its runs' training seed. Never 0.
   c.worlds = (1, 2) if tiny else (1, 2, 3)

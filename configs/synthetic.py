@@ -8,6 +8,8 @@ Variants: `configs/synthetic.py:tiny` (tests, seconds), `configs/synthetic.py:la
 
 import ml_collections
 
+from modit_jax import variants
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the world config; `arg` in {None, 'default', 'tiny', 'large'}."""
@@ -46,9 +48,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The properties are promised at the default size; smaller worlds print them for information.
   c.properties_required = True
 
-  if arg in (None, "", "default"):
-    pass
-  elif arg == "tiny":
+  tokens = variants.parse(arg, ("tiny", "large"), "synthetic")
+  if len(tokens) > 1:
+    raise ValueError(f"synthetic config variants {', '.join(tokens)}: choose one size")
+  if tokens == ["tiny"]:
     c.num_topics = 6
     c.patterns_per_topic = 5         # 30 patterns
     c.items_per_pattern = 120        # 3,600 items
@@ -61,7 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sequences_per_topic = 100
     c.check_index_kind = "exact"
     c.properties_required = False  # 120 items per pattern: too few positives for Bound@20 = 1
-  elif arg == "large":
+  elif tokens == ["large"]:
     c.num_topics = 4000
     c.items_per_pattern = 250        # 10M items
     c.topics_per_chunk = 100         # 250k items (64 MB of embeddings) per chunk
@@ -69,6 +72,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dict(train=10000, item_holdout=1000, pattern_holdout=1000))
     # The check needs a full-catalog index; at 10M items run `evaluate` explicitly instead.
     c.check_properties = False
-  else:
-    raise ValueError(f"unknown synthetic config variant {arg!r}; use tiny, default or large")
   return c

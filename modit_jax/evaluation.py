@@ -48,7 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
   """The evaluation schema; `configs/evaluate.py` starts from it."""
   c = ml_collections.ConfigDict()
   # Comma-separated, so that `--config.methods=a,b` overrides it from the command line.
-  c.methods = ",".join(baselines.BASELINES)
+  c.methods = ",".join(baselines.REGISTRY)
   c.references = f"seed_centroid,{STRONGEST_BASELINE}"
   c.splits = ",".join(EVAL_SPLITS)
   c.ks = metrics.KS
@@ -63,6 +63,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.local_shift_grid = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
   c.metric_predictor = metric_predictor.default_config()
   # Training workdirs of the generative methods (empty: not trained; the method is refused).
+  # These are the pipeline's; any other name given a workdir (the pipeline adds one per run it
+  # trains) is a generative method too.
   c.workdirs = ml_collections.ConfigDict({name: "" for name in generative.GENERATIVE_METHODS})
   c.num_samples = 1               # query embeddings sampled per query, searched and merged
   # Classifier-free guidance scales tried per domain on train queries (empty: training value).
@@ -122,7 +124,11 @@ def retrieve_all(catalog: catalog_lib.Catalog, methods: Sequence[str], splits: S
   `meta["validation"][method][domain]` is a baseline's mean oracle Joint@k on the validation
   queries, what the strongest competitor is chosen by.
   """
-  known = baselines.BASELINES + generative.GENERATIVE_METHODS
+  # A generative method is any name with a training workdir entry (the pipeline adds one per
+  # run it trains); the others are baselines.
+  generative_methods = tuple(config.workdirs.keys())
+  known = tuple(baselines.REGISTRY) + tuple(m for m in generative_methods
+                                            if m not in baselines.REGISTRY)
   unknown = [m for m in methods if m not in known]
   if unknown:
     raise errors.UserError(
@@ -133,7 +139,7 @@ def retrieve_all(catalog: catalog_lib.Catalog, methods: Sequence[str], splits: S
       raise errors.UserError(f"unknown split {split!r}; known: {', '.join(catalog_lib.SPLITS)}")
   # Before the index is built: a missing model should not cost the user the index build.
   for name in methods:
-    if name in generative.GENERATIVE_METHODS:
+    if name not in baselines.REGISTRY:
       generative.check_workdir(name, config.workdirs[name])
   k = max(config.ks)
   start = time.perf_counter()
@@ -148,11 +154,11 @@ def retrieve_all(catalog: catalog_lib.Catalog, methods: Sequence[str], splits: S
   retrieved, knobs = {}, {}
   for name in methods:
     start = time.perf_counter()
-    if name in generative.GENERATIVE_METHODS:
-      fitted = generative.fit(name, config.workdirs[name], catalog, oracle, config)
-    else:
+    if name in baselines.REGISTRY:
       fitted = baselines.fit(name, catalog, oracle, config)
-    if validation is not None and name in baselines.BASELINES:
+    else:
+      fitted = generative.fit(name, config.workdirs[name], catalog, oracle, config)
+    if validation is not None and name in baselines.REGISTRY:
       joint = oracle.score_ids(fitted.retrieve(validation, TrainIndex(oracle), oracle.k),
                                validation)[f"joint@{oracle.k}"]
       meta["validation"][name] = {
@@ -185,11 +191,11 @@ def strongest_per_domain(validation: dict[str, dict[str, float]]) -> dict[str, s
   """Domain -> the competitor with the best validation Joint (oracle methods excluded).
 
   Chosen on validation queries only, so the choice never looks at an evaluation cell; ties go
-  to the earlier method in `baselines.BASELINES`.
+  to the earlier method in `baselines.REGISTRY`.
   """
   out, best = {}, {}
-  for name in baselines.BASELINES:
-    if name in baselines.ORACLE_METHODS or name not in validation:
+  for name, baseline in baselines.REGISTRY.items():
+    if baseline.yardstick or name not in validation:
       continue
     for domain, joint in validation[name].items():
       if domain not in best or joint > best[domain]:
@@ -224,7 +230,7 @@ def summarize(domain_names: Sequence[str], domains_by_split: dict[str, np.ndarra
           logging.warning("no %s queries for domain %s; cell skipped", split, domain)
           continue
         record = {"method": name, "split": split, "domain": domain, "n": n,
-                  "oracle": name in baselines.ORACLE_METHODS}
+                  "oracle": name in baselines.REGISTRY and baselines.REGISTRY[name].yardstick}
         for key in sorted(per_query, key=_metric_order):
           record[key] = float(per_query[key][rows].mean())
         _, low, high = stats.mean_ci(per_query[HEADLINE][rows], num_resamples=num_resamples,
@@ -264,7 +270,7 @@ def data_diagnostics(catalog: catalog_lib.Catalog, methods: Sequence[str],
   """
   out = {}
   for name in methods:
-    workdir = config.workdirs.get(name, "") if name in generative.GENERATIVE_METHODS else ""
+    workdir = "" if name in baselines.REGISTRY else config.workdirs.get(name, "")
     path = os.path.join(workdir, run_dir.DIAGNOSTICS_FILE) if workdir else ""
     if not path or not os.path.isfile(path):
       continue

@@ -17,8 +17,9 @@ from modit_jax import oracle as oracle_lib
 from modit_jax import retrieval
 from modit_jax import run_dir
 
-# Each reads the training workdir named in the evaluation config's `workdirs.<method>`; the
-# `hppo_no_<policy>` methods are the candidate-policy ablation (configs/hppo.py:no_<policy>).
+# The pipeline's generative methods, listed so that the evaluation config offers their
+# `workdirs.<method>` on the command line; any other name given a workdir is evaluated the same
+# way. The `hppo_no_<policy>` methods are the candidate-policy ablation (configs/hppo.py).
 GENERATIVE_METHODS = ("pretrained_gr", "modit_cpt", "modit_sft", "modit_sft_only", "order_random",
                       "order_reversed", "modit_hppo") + tuple(
                           f"hppo_no_{policy}" for policy in hppo.POLICIES)

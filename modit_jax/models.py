@@ -8,6 +8,7 @@ saved run here, from the run's recorded config (`run_dir`); neither needs the ot
 import math
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -94,3 +95,24 @@ def neighbour_evidence(config: ml_collections.ConfigDict, catalog: catalog_lib.C
     return None
   scale = target_space(config, catalog.dim).scale
   return evidence_lib.NeighbourEvidence(catalog, sizes, scale, groups)
+
+
+def denoising_loss_fn(model: dit.DiT, config: ml_collections.ConfigDict):
+  """The engine's `loss_fn(params, batch, rng)`: the denoising loss on batch targets.
+
+  Targets are unit embeddings mapped to x0 by `target_space` (scaled, and anchored at the
+  context's mean when `diffusion.anchored`); samples are mapped back and re-normalised.
+  """
+  space = target_space(config, model.dim)
+  null_domain = model.num_domains
+  drop = float(config.diffusion.cond_drop_prob)
+
+  def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array):
+    cond = diffusion.Condition(batch["context"], batch["context_mask"], batch["domain"],
+                               batch.get("evidence"))
+    x0 = space.encode(batch["target"], cond)
+    loss, _ = diffusion.training_loss(apply_fn(model), params, x0, cond, rng,
+                                      null_domain, drop)
+    return loss, {}
+
+  return loss_fn

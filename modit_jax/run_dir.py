@@ -42,14 +42,18 @@ class ModelFacts:
   learned_positions: bool  # it reads its context in ascending predicted density
 
   @classmethod
-  def of(cls, config: ml_collections.ConfigDict) -> "ModelFacts":
-    """The facts of a model trained with `config`: only stage 1 never sees a domain token."""
+  def of_legacy_run(cls, config: ml_collections.ConfigDict) -> "ModelFacts":
+    """The facts of a run written before they were recorded, from its config.
+
+    Such runs come from the four built-in stages, of which only stage 1 ("pretrain") never
+    saw a domain token. Every run written since records its stage's own facts.
+    """
     return cls(str(config.stage), config.stage != "pretrain",
                bool(config.model.learned_positions))
 
 
 def write_run_config(workdir: str, config: ml_collections.ConfigDict, dim: int,
-                     num_domains: int, dataset: str = "") -> None:
+                     num_domains: int, facts: ModelFacts, dataset: str = "") -> None:
   """Records what a checkpoint in `workdir` is: the config, the catalog's shape and path."""
   if jax.process_index() != 0:
     return
@@ -58,7 +62,7 @@ def write_run_config(workdir: str, config: ml_collections.ConfigDict, dim: int,
     json.dump({"config": json.loads(config.to_json_best_effort()), "dim": dim,
                "num_domains": num_domains,
                "dataset": os.path.abspath(dataset) if dataset else "",
-               "facts": dataclasses.asdict(ModelFacts.of(config))}, f, indent=1)
+               "facts": dataclasses.asdict(facts)}, f, indent=1)
     f.write("\n")
 
 
@@ -84,11 +88,11 @@ def _facts(saved: dict[str, Any]) -> ModelFacts:
   # wrote them since.
   if "facts" in saved:
     return ModelFacts(**saved["facts"])
-  return ModelFacts.of(_config(saved)[0])
+  return ModelFacts.of_legacy_run(_config(saved)[0])
 
 
 def read_facts(workdir: str) -> ModelFacts:
-  """The `ModelFacts` recorded in a training workdir (`ModelFacts.of` its config if older)."""
+  """The `ModelFacts` recorded in a training workdir (from its config if older)."""
   return _facts(_read_run_file(workdir))
 
 

@@ -1,16 +1,13 @@
-"""Stage training on top of the shared engine: model, loss and batches per stage.
+"""Training one stage: the stage config's schema, and `train`, the same for every stage.
 
-Every stage trains the same DiT with the same denoising objective through `engine.train_loop`;
-a stage only decides what the context, the domain and the target of an example are (its batch
-function) and which earlier checkpoint it starts from (`config.init_from`). The workdir is a
-`run_dir` run directory, so that evaluation and serving rebuild the model a checkpoint belongs
-to without this module.
+What a stage trains on (its batches, its loss, its hooks) is its module in `modit_jax.stages`;
+`train` resolves the config's sizes on the catalog, builds the model, fits the earlier stage's
+checkpoint to it (`config.init_from`), records the run directory (`run_dir`, with the model's
+facts, so that evaluation and serving rebuild the model without this module) and runs the
+shared `engine.train_loop`.
 """
 
-import hashlib
-import json
-import os
-from typing import Any, Callable
+from typing import Any
 
 from absl import logging
 import jax
@@ -18,25 +15,21 @@ import ml_collections
 import numpy as np
 
 from modit_jax import catalog as catalog_lib
-from modit_jax import data
-from modit_jax import diffusion
 from modit_jax import dit
 from modit_jax import engine
 from modit_jax import errors
 from modit_jax import hppo
 from modit_jax import metric_predictor
 from modit_jax import models
-from modit_jax import oracle as oracle_lib
 from modit_jax import run_dir
 from modit_jax import sizing
-from modit_jax import trajectories
+from modit_jax import stages
+from modit_jax import variants
+from modit_jax.stages import base as stages_base
 
-STAGES = ("pretrain", "cpt", "sft", "hppo")
 # The neighbourhood sizes of the conditioned stages' evidence when it is on (docs/evidence.md):
 # the span of local_shift's validation grid, from a pattern's core to its siblings.
 NEIGHBOUR_EVIDENCE = (50, 200, 800)
-# The stages whose batches carry evidence (SFT examples, HPPO pairs).
-EVIDENCE_STAGES = ("sft", "hppo")
 
 
 def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -45,7 +38,7 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
   Args:
     variant: comma-separated tokens; `tiny` gives the test-sized model and schedule.
   """
-  tokens = {t for t in (variant or "").split(",") if t and t != "default"}
+  tokens = set(variants.parse(variant, ("tiny",), "stage"))
   c = ml_collections.ConfigDict()
   c.stage = "pretrain"
   c.init_from = ""                  # workdir of the earlier stage to start from ("": scratch)
@@ -128,7 +121,6 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.fsdp = False
 
   if "tiny" in tokens:
-    tokens.discard("tiny")
     c.model.width = 32
     c.model.depth = 2
     c.model.num_heads = 2
@@ -147,128 +139,7 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.hppo.policy_noise_seeds = 1
     c.hppo.reference_guidance = (4.0,)
     c.hppo.oracle_index_kind = "exact"
-  if tokens:
-    raise ValueError(f"unknown config variant(s) {sorted(tokens)}")
   return c
-
-
-def denoising_loss_fn(model: dit.DiT, config: ml_collections.ConfigDict):
-  """The engine's `loss_fn(params, batch, rng)`: the denoising loss on batch targets.
-
-  Targets are unit embeddings mapped to x0 by `target_space` (scaled, and anchored at the
-  context's mean when `diffusion.anchored`); samples are mapped back and re-normalised.
-  """
-  space = models.target_space(config, model.dim)
-  null_domain = model.num_domains
-  drop = float(config.diffusion.cond_drop_prob)
-
-  def loss_fn(params: Any, batch: dict[str, jax.Array], rng: jax.Array):
-    cond = diffusion.Condition(batch["context"], batch["context_mask"], batch["domain"],
-                               batch.get("evidence"))
-    x0 = space.encode(batch["target"], cond)
-    loss, _ = diffusion.training_loss(models.apply_fn(model), params, x0, cond, rng,
-                                      null_domain, drop)
-    return loss, {}
-
-  return loss_fn
-
-
-def _trajectory_source(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog,
-                       dataset: str, workdir: str) -> trajectories.TrajectorySource:
-  """Stages 2-4's data path (predictor density, latent clusters), its diagnostics saved.
-
-  With `config.data_cache` (a directory), the path is computed once per (catalog, clusters,
-  seed, predictor config) and reused by every later run that shares them: the pipeline's
-  stages and ablations would otherwise each retrain the same predictor and k-means.
-  """
-  key = json.dumps({"dataset": os.path.abspath(dataset), "manifest": catalog.manifest,
-                    "num_clusters": config.num_clusters, "seed": config.seed,
-                    "predictor": config.metric_predictor.to_dict()}, sort_keys=True,
-                   default=str)
-  cache = (os.path.join(config.data_cache,
-                        f"source_{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
-           if config.data_cache else "")
-  arrays = {}
-  if cache and os.path.isfile(cache):
-    with np.load(cache) as saved:
-      # A cache written before the predictor's parameters were saved is built again.
-      if metric_predictor.has_saved(saved.files):
-        logging.info("Reusing the predictor density and latent clusters cached in %s", cache)
-        arrays = {name: saved[name] for name in saved.files}
-  if not arrays:
-    source, predictor = trajectories.build_source(
-        catalog, config.num_clusters, config.seed, config.metric_predictor)
-    validation = predictor.validation
-    arrays = dict(
-        train_items=source.train_items, assign=source.assign, density=source.density,
-        predictor_auc=np.array([v["auc"] for v in validation], np.float64),
-        predictor_ece=np.array([v["ece"] for v in validation], np.float64),
-        predictor_n=np.array([v["n_heldout"] for v in validation], np.int64),
-        **predictor.to_arrays())
-    if cache:
-      run_dir.save_npz_atomically(cache, arrays)
-  # What evaluation reports about the data path (predictor validation, cluster agreement),
-  # and the predictor that orders a learned-positions model's context at inference.
-  run_dir.save_npz_atomically(os.path.join(workdir, run_dir.DIAGNOSTICS_FILE), arrays)
-  return trajectories.TrajectorySource(arrays["train_items"], arrays["assign"],
-                                       arrays["density"], catalog.embeddings)
-
-
-def _batch_fn(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog, null_domain: int,
-              dataset: str, workdir: str) -> Callable[[int, int, int], dict[str, np.ndarray]]:
-  """The `batch_fn(step, process_index, process_count)` of stages 1-3."""
-  if config.stage == "pretrain":
-    source = data.SequencePrefixes(catalog.sequences, np.asarray(catalog.embeddings),
-                                   config.model.max_context, null_domain, config.seed)
-    return lambda step, pi, pc: source(step, config.batch_size, pi, pc)
-  trajectory_source = _trajectory_source(config, catalog, dataset, workdir)
-  if config.stage == "cpt":
-    if config.cpt.trajectory_length > config.model.max_context:
-      raise errors.UserError(
-          f"cpt.trajectory_length {config.cpt.trajectory_length} exceeds model.max_context "
-          f"{config.model.max_context}")
-    source = trajectories.MetricOrderedTrajectories(
-        trajectory_source, config.cpt.trajectory_length, config.cpt.order, null_domain,
-        config.seed)
-  else:
-    source = trajectories.TailCentroidTargets(
-        trajectory_source, config.sft.context_size, config.sft.tail_fraction,
-        config.sft.low_fraction, null_domain, config.seed,
-        # A model with positions reads its context in ascending density, as inference gives it.
-        context_order="metric" if config.model.learned_positions else "random",
-        evidence=models.neighbour_evidence(config, catalog, trajectory_source.assign),
-        hide_cluster_prob=float(config.sft.get("hide_cluster_prob", 0.0)))
-  return lambda step, pi, pc: source(step, config.batch_size, pi, pc)
-
-
-def _hppo_loop_args(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog,
-                    model: dit.DiT, reference: Any, dataset: str,
-                    workdir: str) -> dict[str, Any]:
-  """`train_loop` arguments of stage 4: DPO loss, pair batches, pool hook, frozen reference."""
-  if not config.init_from:
-    raise errors.UserError("the hppo stage starts from an SFT model: set config.init_from to "
-                           "its workdir (it is also the frozen DPO reference)")
-  every = int(config.hppo.pool_every)
-  if every <= 0 or config.checkpoint_every % every:
-    raise errors.UserError(
-        f"config.checkpoint_every ({config.checkpoint_every}) must be a positive multiple of "
-        f"hppo.pool_every ({every}): a resumed run rebuilds its pool at the checkpoint step")
-  hppo.parse_policies(config.hppo.policies)
-  source = _trajectory_source(config, catalog, dataset, workdir)
-  oracle = oracle_lib.OnlineOracle(catalog, k=config.hppo.oracle_k,
-                                   index_kind=config.hppo.oracle_index_kind)
-  space = models.target_space(config, model.dim)
-  pools = hppo.CandidatePools(catalog, source, oracle, models.apply_fn(model), reference,
-                              config, model.num_domains, space,
-                              models.sample_temperature(config),
-                              models.neighbour_evidence(config, catalog))
-  batches = hppo.PairBatches(pools, config)
-  loss_fn = hppo.dpo_loss_fn(models.apply_fn(model), space, config.hppo.beta,
-                             config.hppo.sft_weight)
-  # A resumed run rebuilds its pool from the checkpoint's policy: exact only at a pool start.
-  return dict(loss_fn=loss_fn, frozen_params=reference, before_step=batches.before_step,
-              batch_fn=lambda step, pi, pc: batches(step, pi, pc, config.batch_size),
-              resume_every=every)
 
 
 # Parameters one stage's model may have and the next may not (see _fit_to_model).
@@ -327,16 +198,14 @@ def _resolve_sizes(config: ml_collections.ConfigDict,
 
 def train(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> engine.TrainState:
   """Trains the stage `config.stage` on the catalog at `dataset` into `workdir` (resumable)."""
-  if config.stage not in STAGES:
-    raise errors.UserError(f"unknown stage {config.stage!r}; known: {', '.join(STAGES)}")
+  stage = stages.get(config.stage)
   # Before anything is read or written: a refused run leaves no run config in `workdir`.
   engine.validate_config(config)
-  if config.stage == "hppo" and config.model.learned_positions:
-    raise errors.UserError("the hppo stage does not support model.learned_positions: its pools "
-                           "and pairs give the model seed sets in no order")
-  if config.model.get("neighbour_evidence", ()) and config.stage not in EVIDENCE_STAGES:
+  stage.check(config)
+  if config.model.get("neighbour_evidence", ()) and not stage.reads_evidence:
+    readers = [name for name in stages.names() if stages.get(name).reads_evidence]
     raise errors.UserError(
-        f"model.neighbour_evidence is read by the {' and '.join(EVIDENCE_STAGES)} stages only; "
+        f"model.neighbour_evidence is read by the {' and '.join(readers)} stages only; "
         f"the {config.stage} stage's batches have none")
   catalog = catalog_lib.load_catalog(dataset)
   config = _resolve_sizes(config, catalog)
@@ -347,11 +216,8 @@ def train(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> engi
                                 config)
   else:
     init_params = jax.device_get(dit.init_params(model, jax.random.PRNGKey(config.seed)))
-  if config.stage == "hppo":
-    # The reference is the starting (SFT) model itself, kept frozen outside the state.
-    loop_args = _hppo_loop_args(config, catalog, model, init_params, dataset, workdir)
-  else:
-    loop_args = dict(loss_fn=denoising_loss_fn(model, config),
-                     batch_fn=_batch_fn(config, catalog, model.num_domains, dataset, workdir))
-  run_dir.write_run_config(workdir, config, catalog.dim, catalog.num_domains, dataset)
+  loop_args = stage.loop_args(stages_base.Inputs(config, catalog, model, init_params, dataset,
+                                                 workdir))
+  run_dir.write_run_config(workdir, config, catalog.dim, catalog.num_domains,
+                           stage.facts(config), dataset)
   return engine.train_loop(config, workdir, init_params=init_params, **loop_args)

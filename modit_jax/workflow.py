@@ -178,10 +178,14 @@ def _evaluate(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog, d
   methods = evaluation.split_names(eval_config.methods, "methods")
   if catalog.attribute_directions is None:
     # The oracle yardstick reads the true attribute directions only a synthetic world has.
-    methods = [m for m in methods if m not in baselines.NEEDS_TRUE_DIRECTIONS]
+    methods = [m for m in methods
+               if not (m in baselines.REGISTRY and baselines.REGISTRY[m].needs_truth)]
     notes.append("oracle baselines skipped: the catalog has no true attribute directions")
   for name, workdir in workdirs.items():
     method = config.runs[name].method
+    if method in baselines.REGISTRY:
+      raise errors.UserError(f"run {name}'s method name {method!r} is a baseline's: name the "
+                             "run's method otherwise (runs.<name>.method)")
     eval_config.workdirs[method] = workdir
     if method not in methods:
       methods.append(method)

@@ -10,12 +10,14 @@ _PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 # Lowest first; a module may import its own layer and the ones before it.
 LAYERS = (
-    ("foundations", {"errors", "stopping", "catalog", "metrics", "stats", "sizing", "retrieval",
-                     "diffusion", "dit", "evidence"}),
+    ("foundations", {"errors", "variants", "stopping", "catalog", "metrics", "stats", "sizing",
+                     "retrieval", "diffusion", "dit", "evidence"}),
     ("models and runs", {"metric_predictor", "models", "engine", "run_dir", "generator"}),
     ("serving", {"retriever"}),
+    # stages.base < the stage modules < stages (the registry) < training, inside one layer.
     ("training", {"data", "clusters", "trajectories", "query_split", "oracle", "hppo",
-                  "training"}),
+                  "stages.base", "stages.pretrain", "stages.cpt", "stages.sft", "stages.hppo",
+                  "stages", "training"}),
     ("evaluation", {"baselines", "generative", "evaluation", "report", "pooling", "properties"}),
     ("orchestration", {"workflow", "synthetic", "byo", "music_catalog", "text_encoder"}),
     ("binaries", {"app", "train", "evaluate", "retrieve", "build_index", "make_dataset",
@@ -26,21 +28,40 @@ _LAYER_OF = {m: i for i, (_, modules) in enumerate(LAYERS) for m in modules}
 
 
 def _modules() -> list[str]:
-  return sorted(f[:-3] for f in os.listdir(_PACKAGE) if f.endswith(".py") and f != "__init__.py")
+  """Every module of the package, dotted below it: a subpackage is its `__init__`."""
+  found = []
+  for folder, _, files in os.walk(_PACKAGE):
+    prefix = os.path.relpath(folder, _PACKAGE).replace(os.sep, ".")
+    prefix = "" if prefix == "." else prefix
+    for name in files:
+      if name.endswith(".py"):
+        module = prefix if name == "__init__.py" else ".".join(filter(None, (prefix, name[:-3])))
+        if module:
+          found.append(module)
+  return sorted(found)
+
+
+def _path(module: str) -> str:
+  path = os.path.join(_PACKAGE, *module.split("."))
+  return os.path.join(path, "__init__.py") if os.path.isdir(path) else f"{path}.py"
 
 
 def _imports(module: str) -> set[str]:
-  """The modit_jax modules `module` imports, at any depth of its code."""
-  with open(os.path.join(_PACKAGE, f"{module}.py")) as f:
+  """The modit_jax modules `module` imports, at any depth of its code (dotted below it)."""
+  modules = set(_modules())
+  with open(_path(module)) as f:
     tree = ast.parse(f.read())
   out = set()
   for node in ast.walk(tree):
-    if isinstance(node, ast.ImportFrom) and node.module == "modit_jax":
-      out.update(alias.name for alias in node.names)
-    elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("modit_jax."):
-      out.add(node.module.split(".")[1])
+    if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("modit_jax"):
+      parent = node.module[len("modit_jax."):] if node.module != "modit_jax" else ""
+      for alias in node.names:  # `from modit_jax.x import y`: y is a module or a name of x
+        child = ".".join(filter(None, (parent, alias.name)))
+        out.add(child if child in modules else parent)
     elif isinstance(node, ast.Import):
-      out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("modit_jax."))
+      out.update(a.name[len("modit_jax."):] for a in node.names
+                 if a.name.startswith("modit_jax."))
+  out.discard("")
   return out
 
 
@@ -76,7 +97,7 @@ def test_no_import_cycles():
 @pytest.mark.parametrize("module", _modules())
 def test_the_library_never_imports_the_configs_folder(module):
   """configs/ imports the library, never the reverse: binaries run from any directory."""
-  with open(os.path.join(_PACKAGE, f"{module}.py")) as f:
+  with open(_path(module)) as f:
     tree = ast.parse(f.read())
   for node in ast.walk(tree):
     names = ([a.name for a in node.names] if isinstance(node, ast.Import) else

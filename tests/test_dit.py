@@ -13,7 +13,6 @@ from configs import pretrain as pretrain_config
 from modit_jax import dit
 from modit_jax import engine
 from modit_jax import models
-from modit_jax import training
 
 DIM = 8
 NUM_DOMAINS = 3
@@ -129,7 +128,7 @@ def test_bfloat16_train_step_sharded_matches_single_device():
   config.warmup_steps = 1  # full-size updates from the first step, so parameters really move
   config.learning_rate = 1e-2
   model = models.make_model(config.model, DIM, NUM_DOMAINS)
-  loss_fn = training.denoising_loss_fn(model, config)
+  loss_fn = models.denoising_loss_fn(model, config)
   tx = engine.make_optimizer(config)
   host_state = engine.create_train_state(dit.init_params(model, jax.random.PRNGKey(0)), tx)
   rng = np.random.default_rng(0)

@@ -43,7 +43,7 @@ def test_results_json_has_one_record_per_method_split_domain(evaluated):
   results = json.loads((evaluated / "results.json").read_text())
   records = results["records"]
   cells = {(r["method"], r["split"], r["domain"]) for r in records}
-  assert len(cells) == len(records) == len(baselines.BASELINES) * 2 * 4
+  assert len(cells) == len(records) == len(baselines.REGISTRY) * 2 * 4
   for r in records:
     for key in ("n", "joint@10", "joint@20", "joint@50", "purity@20", "attr@20", "bound@20"):
       assert key in r
@@ -61,8 +61,8 @@ def test_results_json_has_one_record_per_method_split_domain(evaluated):
   strongest = results["strongest_baseline"]
   assert set(strongest) == set(results["validation"]["seed_centroid"])
   for domain, name in strongest.items():
-    assert name in baselines.BASELINES and name not in baselines.ORACLE_METHODS
-    competitors = [m for m in results["validation"] if m not in baselines.ORACLE_METHODS]
+    assert name in baselines.REGISTRY and not baselines.REGISTRY[name].yardstick
+    competitors = [m for m in results["validation"] if not baselines.REGISTRY[m].yardstick]
     assert results["validation"][name][domain] == max(
         results["validation"][m][domain] for m in competitors)
   for r in records:

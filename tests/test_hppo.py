@@ -138,7 +138,7 @@ def test_policy_ablation_configs():
   for policy in hppo.POLICIES:
     c = hppo_config.get_config(f"tiny,no_{policy}")
     assert hppo.parse_policies(c.hppo.policies) == [p for p in hppo.POLICIES if p != policy]
-  with pytest.raises(ValueError, match="unknown policies"):
+  with pytest.raises(ValueError, match="unknown hppo config variant"):
     hppo_config.get_config("no_magic")
   with pytest.raises(errors.UserError, match="known: policy"):
     hppo.parse_policies("policy,magic")

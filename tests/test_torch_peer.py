@@ -126,7 +126,7 @@ def _jax_draws(torch_dit, rng: jax.Array, cond_drop_prob: float):
 
 
 def test_torch_loss_equals_jax_training_loss(torch_dit, fast_compile):
-  """The same draws give the same loss as `training.denoising_loss_fn` (anchored, scaled)."""
+  """The same draws give the same loss as `models.denoising_loss_fn` (anchored, scaled)."""
   del fast_compile
   config = _tiny_config()
   config.diffusion.cond_drop_prob = 0.5  # so that the draws drop some domains and keep some
@@ -134,7 +134,7 @@ def test_torch_loss_equals_jax_training_loss(torch_dit, fast_compile):
   model, params, module = _models(torch_dit, config)
   batch = _inputs()
   rng = jax.random.PRNGKey(3)
-  expected, _ = training.denoising_loss_fn(model, config)(params, batch, rng)
+  expected, _ = models.denoising_loss_fn(model, config)(params, batch, rng)
   draws = _jax_draws(torch_dit, rng, 0.5)
   assert 0 < int(draws.drop.sum()) < _BATCH
   got = torch_dit.denoising_loss(module, torch_dit.to_torch(batch), draws,
@@ -157,7 +157,7 @@ def test_torch_train_step_equals_jax_train_step(torch_dit, fast_compile):
   tx = engine.make_optimizer(config)
   state = engine.create_train_state(params, tx)
   step_fn = jax.jit(functools.partial(
-      engine.train_step, loss_fn=training.denoising_loss_fn(model, config), tx=tx,
+      engine.train_step, loss_fn=models.denoising_loss_fn(model, config), tx=tx,
       ema_decay=config.ema_decay))
   torch_step = torch_dit.TrainStep(module, config)
   batch, rng = _inputs(), jax.random.PRNGKey(5)

@@ -92,6 +92,19 @@ def test_pretrained_gr_beats_a_random_query_on_purity(tiny, pretrained):
   assert purity > random_purity + 0.3, (purity, random_purity)
 
 
+def test_any_run_given_a_workdir_is_a_generative_method(tiny, pretrained):
+  """A name the evaluation config does not list is evaluated from its workdir like the others."""
+  cat = catalog_lib.load_catalog(tiny)
+  config = evaluate_config.get_config("tiny")
+  config.methods = "pretrained_gr,my_stage1_run"
+  config.splits = "item_holdout"
+  config.workdirs.pretrained_gr = pretrained
+  config.workdirs.my_stage1_run = pretrained
+  result = evaluation.evaluate(cat, config)
+  np.testing.assert_array_equal(result.retrieved["my_stage1_run"]["item_holdout"],
+                                result.retrieved["pretrained_gr"]["item_holdout"])
+
+
 def test_train_binary_refuses_unknown_stage_without_traceback(tiny, tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "modit_jax.train", "--config=configs/pretrain.py:tiny",

@@ -1,0 +1,55 @@
+"""Stage 4: HPPO, DPO on preference pairs from candidate pools scored by the online oracle.
+
+It starts from an SFT model, which is also the frozen DPO reference; every `hppo.pool_every`
+updates a hook rebuilds the candidate pools from the current policy (`modit_jax.hppo`).
+"""
+
+from typing import Any
+
+import ml_collections
+
+from modit_jax import errors
+from modit_jax import hppo
+from modit_jax import models
+from modit_jax import oracle as oracle_lib
+from modit_jax.stages import base
+
+
+def _check(config: ml_collections.ConfigDict) -> None:
+  if config.model.learned_positions:
+    raise errors.UserError("the hppo stage does not support model.learned_positions: its pools "
+                           "and pairs give the model seed sets in no order")
+  if not config.init_from:
+    raise errors.UserError("the hppo stage starts from an SFT model: set config.init_from to "
+                           "its workdir (it is also the frozen DPO reference)")
+  every = int(config.hppo.pool_every)
+  if every <= 0 or config.checkpoint_every % every:
+    raise errors.UserError(
+        f"config.checkpoint_every ({config.checkpoint_every}) must be a positive multiple of "
+        f"hppo.pool_every ({every}): a resumed run rebuilds its pool at the checkpoint step")
+  hppo.parse_policies(config.hppo.policies)
+
+
+def _loop_args(inputs: base.Inputs) -> dict[str, Any]:
+  """DPO loss, pair batches, the pool hook, and the starting model as frozen reference."""
+  config, catalog, model = inputs.config, inputs.catalog, inputs.model
+  reference = inputs.init_params
+  source = base.trajectory_source(config, catalog, inputs.dataset, inputs.workdir)
+  oracle = oracle_lib.OnlineOracle(catalog, k=config.hppo.oracle_k,
+                                   index_kind=config.hppo.oracle_index_kind)
+  space = models.target_space(config, model.dim)
+  pools = hppo.CandidatePools(catalog, source, oracle, models.apply_fn(model), reference,
+                              config, model.num_domains, space,
+                              models.sample_temperature(config),
+                              models.neighbour_evidence(config, catalog))
+  batches = hppo.PairBatches(pools, config)
+  loss_fn = hppo.dpo_loss_fn(models.apply_fn(model), space, config.hppo.beta,
+                             config.hppo.sft_weight)
+  # A resumed run rebuilds its pool from the checkpoint's policy: exact only at a pool start.
+  return dict(loss_fn=loss_fn, frozen_params=reference, before_step=batches.before_step,
+              batch_fn=lambda step, pi, pc: batches(step, pi, pc, config.batch_size),
+              resume_every=int(config.hppo.pool_every))
+
+
+STAGE = base.Stage("hppo", order=4, conditioned=True, reads_evidence=True,
+                   loop_args=_loop_args, check=_check)
