@@ -126,8 +126,7 @@ def retrieve_all(catalog: catalog_lib.Catalog, methods: Sequence[str], splits: S
   """
   # A generative method is any name with a training workdir entry (the pipeline adds one per
   # run it trains); the others are baselines.
-  generative_methods = tuple(config.workdirs.keys())
-  known = tuple(baselines.REGISTRY) + tuple(m for m in generative_methods
+  known = tuple(baselines.REGISTRY) + tuple(m for m in config.workdirs
                                             if m not in baselines.REGISTRY)
   unknown = [m for m in methods if m not in known]
   if unknown:

@@ -73,14 +73,21 @@ def test_process_slice_refuses_uneven_batch():
     data.process_slice(10, 0, 3)
 
 
-def test_pretrained_gr_beats_a_random_query_on_purity(tiny, pretrained):
-  cat = catalog_lib.load_catalog(tiny)
+@pytest.fixture(scope="module")
+def stage1_evaluated(tiny, pretrained):
+  """The stage-1 run evaluated as `pretrained_gr` and, from the same workdir, under a name the
+  evaluation config does not list."""
   config = evaluate_config.get_config("tiny")
-  config.methods = "pretrained_gr"
+  config.methods = "pretrained_gr,my_stage1_run"
   config.splits = "item_holdout"
   config.workdirs.pretrained_gr = pretrained
-  result = evaluation.evaluate(cat, config)
-  purity = result.scores["pretrained_gr"]["item_holdout"]["purity@20"].mean()
+  config.workdirs.my_stage1_run = pretrained
+  return evaluation.evaluate(catalog_lib.load_catalog(tiny), config)
+
+
+def test_pretrained_gr_beats_a_random_query_on_purity(tiny, stage1_evaluated):
+  cat = catalog_lib.load_catalog(tiny)
+  purity = stage1_evaluated.scores["pretrained_gr"]["item_holdout"]["purity@20"].mean()
   # A random unit query: its top 20 falls in the query's pattern by chance only.
   q = cat.queries["item_holdout"]
   rng = np.random.default_rng(0)
@@ -92,17 +99,11 @@ def test_pretrained_gr_beats_a_random_query_on_purity(tiny, pretrained):
   assert purity > random_purity + 0.3, (purity, random_purity)
 
 
-def test_any_run_given_a_workdir_is_a_generative_method(tiny, pretrained):
+def test_any_run_given_a_workdir_is_a_generative_method(stage1_evaluated):
   """A name the evaluation config does not list is evaluated from its workdir like the others."""
-  cat = catalog_lib.load_catalog(tiny)
-  config = evaluate_config.get_config("tiny")
-  config.methods = "pretrained_gr,my_stage1_run"
-  config.splits = "item_holdout"
-  config.workdirs.pretrained_gr = pretrained
-  config.workdirs.my_stage1_run = pretrained
-  result = evaluation.evaluate(cat, config)
-  np.testing.assert_array_equal(result.retrieved["my_stage1_run"]["item_holdout"],
-                                result.retrieved["pretrained_gr"]["item_holdout"])
+  retrieved = stage1_evaluated.retrieved
+  np.testing.assert_array_equal(retrieved["my_stage1_run"]["item_holdout"],
+                                retrieved["pretrained_gr"]["item_holdout"])
 
 
 def test_train_binary_refuses_unknown_stage_without_traceback(tiny, tmp_path):
