@@ -18,7 +18,7 @@ setup: $(VENV)/.installed
 # The whole job (modit_jax/workflow.py): dataset, stages 1-4 and their ablations, evaluation,
 # OUT/report.md with plots. Re-running skips finished runs and resumes an interrupted one.
 main: $(VENV)/.installed
-	$(PY) -m modit_jax.pipeline --config=configs/pipeline.py --workdir=$(OUT)
+	$(PY) -m modit_jax.cli.pipeline --config=configs/pipeline.py --workdir=$(OUT)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

@@ -37,7 +37,7 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest==9.0.3"],
-        # pyarrow: reads Parquet item tables in `modit_jax.convert_catalog` (bring your own
+        # pyarrow: reads Parquet item tables in `modit_jax.cli.convert_catalog` (bring your own
         # catalog). Optional because only that converter needs it; .npz tables need nothing.
         "byo": ["pyarrow==25.0.1"],
         # The real development catalog (modit_jax/music_catalog.py, docs/real_catalog.md):

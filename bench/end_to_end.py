@@ -11,7 +11,7 @@ Run from the repository root:
 On CPU the bench splits the machine into JAX devices as the binaries do (`--cpu_devices`,
 default 4), and sampling splits its rows over them (`engine.local_row_shardings`).
 
-One answer is the serving path of `modit_jax.retrieve`: `Retriever.retrieve_batch` parses the
+One answer is the serving path of `modit_jax.cli.retrieve`: `Retriever.retrieve_batch` parses the
 seed ids, pads the contexts to the next power of two of the longest seed set (at most the
 model's `max_context`), samples one query embedding per seed
 set by DDIM with the configured `sample_steps` and classifier-free guidance
@@ -210,7 +210,7 @@ def _plain_call(sample, generator, context, mask, domain, scales, rng) -> np.nda
 def main(argv: list[str]) -> None:
   args = _parse_args(argv)
   batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-  engine.configure_cpu_devices(args.cpu_devices)  # as modit_jax.retrieve does
+  engine.configure_cpu_devices(args.cpu_devices)  # as modit_jax.cli.retrieve does
   print(f"machine: {common.machine()}", flush=True)
   print(f"JAX {jax.__version__} on {jax.devices()[0].platform}, "
         f"{jax.device_count()} device(s)", flush=True)

@@ -16,7 +16,7 @@ One run measures:
    first device (which uses every core); the best FLOP/s any size reaches. For a bfloat16
    model (`--dtype` or a `dtype=` variant) also the bfloat16 peak, with float32 accumulation
    and output as the model's matmuls have;
-2. the train step exactly as `modit_jax.train` builds it (`models.make_model`,
+2. the train step exactly as `modit_jax.cli.train` builds it (`models.make_model`,
    `models.denoising_loss_fn`, `engine.make_optimizer`, `engine.create_train_state`,
    `engine.jit_train_step` over `engine.make_mesh()`, donated state), on a random batch of unit
    embeddings with every context slot real. On CPU the mesh has the binaries' default number
@@ -187,7 +187,7 @@ def _parse_variant(spec: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _build_step(config: Any, mesh: Any) -> tuple[Any, ...]:
-  """(model, loss_fn, tx, params, host_state, shardings, jitted step) as modit_jax.train has."""
+  """(model, loss_fn, tx, params, host_state, shardings, jitted step) as modit_jax.cli.train has."""
   model = models.make_model(config.model, _D, _NUM_DOMAINS)
   loss_fn = models.denoising_loss_fn(model, config)
   tx = engine.make_optimizer(config)
@@ -473,7 +473,7 @@ def main(argv: list[str]) -> None:
         f"jax {jax.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
         f"matmul precision {jax.config.jax_default_matmul_precision or 'default'}")
 
-  # The step exactly as modit_jax.train / engine.train_loop build it.
+  # The step exactly as modit_jax.cli.train / engine.train_loop build it.
   mesh = engine.make_mesh()
   model, loss_fn, tx, params, host_state, shardings, step_fn = _build_step(config, mesh)
   rng = engine.device_put_global(jax.random.PRNGKey(config.seed), engine.replicated(mesh))

@@ -1,7 +1,7 @@
 r"""Stage 2: multi-domain metric-ordered continuation pretraining (the `modit_cpt` method).
 
 Launch (after stage 1):
-  python -m modit_jax.train --config=configs/cpt.py \
+  python -m modit_jax.cli.train --config=configs/cpt.py \
       --config.init_from=out/default/pretrain \
       --dataset=out/default/dataset --workdir=out/default/cpt
 Order ablation (`order_random`, `order_reversed`): `configs/cpt.py:random` and

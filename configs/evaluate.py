@@ -1,7 +1,7 @@
 r"""Evaluation of methods on a catalog's 8 cells (DESIGN.md section 6).
 
 Launch:
-  python -m modit_jax.evaluate --config=configs/evaluate.py \
+  python -m modit_jax.cli.evaluate --config=configs/evaluate.py \
       --dataset=out/default/dataset --workdir=out/default/eval
 Pick methods with e.g. `--config.methods=seed_centroid,global_attribute`.
 Variant `configs/evaluate.py:tiny` (tests): exact search, fewer resamples, a quick predictor.

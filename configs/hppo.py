@@ -1,7 +1,7 @@
 r"""Stage 4: HPPO preference optimisation (the `modit_hppo` method and its ablations).
 
 Launch (after stage 3):
-  python -m modit_jax.train --config=configs/hppo.py \
+  python -m modit_jax.cli.train --config=configs/hppo.py \
       --config.init_from=out/default/sft \
       --dataset=out/default/dataset --workdir=out/default/hppo
 Candidate-policy ablation (`hppo_no_<policy>` methods): `configs/hppo.py:no_reference` removes

@@ -1,9 +1,9 @@
 r"""The whole job: dataset, the four training stages with their ablations, evaluation, report.
 
 Launch (the README's main command runs this on the default synthetic world):
-  python -m modit_jax.pipeline --config=configs/pipeline.py --workdir=out/pipeline
+  python -m modit_jax.cli.pipeline --config=configs/pipeline.py --workdir=out/pipeline
 On your own catalog (see docs/byo_catalog.md):
-  python -m modit_jax.pipeline --config=configs/pipeline.py --config.dataset=DIR --workdir=OUT
+  python -m modit_jax.cli.pipeline --config=configs/pipeline.py --config.dataset=DIR --workdir=OUT
 Variants: `configs/pipeline.py:tiny` (the tests' world and models), `:no_ablations` (the main
 methods only), combinable as `:tiny,no_ablations`.
 
@@ -17,15 +17,18 @@ finished run is skipped when the pipeline is run again.
 
 import ml_collections
 
-from configs import cpt as cpt_config
-from configs import evaluate as evaluate_config
-from configs import hppo as hppo_config
-from configs import pretrain as pretrain_config
-from configs import sft as sft_config
-from configs import synthetic as synthetic_config
+from modit_jax import config_files
 from modit_jax import hppo
 from modit_jax import training
 from modit_jax import variants
+
+# The stage config files beside this one, loaded by path: binaries run from any directory.
+cpt_config = config_files.sibling(__file__, "cpt")
+evaluate_config = config_files.sibling(__file__, "evaluate")
+hppo_config = config_files.sibling(__file__, "hppo")
+pretrain_config = config_files.sibling(__file__, "pretrain")
+sft_config = config_files.sibling(__file__, "sft")
+synthetic_config = config_files.sibling(__file__, "synthetic")
 
 _STAGE_CONFIGS = {"pretrain": pretrain_config, "cpt": cpt_config, "sft": sft_config,
                   "hppo": hppo_config}

@@ -1,7 +1,7 @@
 r"""The test-world protocol: the pipeline on untouched worlds, pooled (docs/protocol.md).
 
 Launch:
-  python -m modit_jax.protocol --config=configs/protocol.py --workdir=out/protocol
+  python -m modit_jax.cli.protocol --config=configs/protocol.py --workdir=out/protocol
 Variant `configs/protocol.py:tiny` (tests): two tiny worlds, tiny models.
 
 World 0 is the development world that every design decision looked at; the test worlds are
@@ -10,8 +10,10 @@ other generator seeds of the same construction and size, each trained with its o
 
 import ml_collections
 
-from configs import pipeline as pipeline_config
+from modit_jax import config_files
 from modit_jax import variants
+
+pipeline_config = config_files.sibling(__file__, "pipeline")  # by path: any working directory
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -1,7 +1,7 @@
 r"""Stage 3: tail-centroid fine-tuning (the `modit_sft` and `modit_sft_only` methods).
 
 Launch (CPT -> SFT, `modit_sft`):
-  python -m modit_jax.train --config=configs/sft.py \
+  python -m modit_jax.cli.train --config=configs/sft.py \
       --config.init_from=out/default/cpt \
       --dataset=out/default/dataset --workdir=out/default/sft
 SFT only (`modit_sft_only`): `--config.init_from=out/default/pretrain`.

@@ -1,7 +1,7 @@
 r"""The embedded synthetic world (DESIGN.md section 4).
 
 Launch:
-  python -m modit_jax.make_dataset --config=configs/synthetic.py --out=out/default/dataset
+  python -m modit_jax.cli.make_dataset --config=configs/synthetic.py --out=out/default/dataset
 Variants: `configs/synthetic.py:tiny` (tests, seconds), `configs/synthetic.py:large`
 (10M items, generated in chunks; scale runs).
 """

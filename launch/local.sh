@@ -15,4 +15,4 @@ DATASET_FLAG=()
 if [[ -n "${DATASET:-}" ]]; then
   DATASET_FLAG=(--config.dataset="$DATASET")
 fi
-"$PYTHON" -m modit_jax.pipeline --config="$CONFIG" --workdir="$OUT" "${DATASET_FLAG[@]}"
+"$PYTHON" -m modit_jax.cli.pipeline --config="$CONFIG" --workdir="$OUT" "${DATASET_FLAG[@]}"

@@ -43,7 +43,7 @@
 # device ordinal" (jax-ml/jax#23452). If your site binds GPUs to tasks anyway, export
 # JAX_LOCAL_DEVICE_IDS=0 so each process takes the one GPU it sees.
 #
-# Evaluation is single-process: afterwards run `modit_jax.evaluate` on one node (README).
+# Evaluation is single-process: afterwards run `modit_jax.cli.evaluate` on one node (README).
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 : "${DATASET:?set DATASET to the catalog directory (on storage every node mounts)}"
@@ -61,7 +61,7 @@ for stage in $STAGES; do
   # --kill-on-bad-exit: one failed process ends the step instead of leaving the rest waiting
   # in a collective. --cpus-per-task again: srun does not inherit it from sbatch (Slurm 22.05+).
   srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
-    "$PYTHON" -m modit_jax.train --distributed --config="configs/$stage.py" \
+    "$PYTHON" -m modit_jax.cli.train --distributed --config="configs/$stage.py" \
     --dataset="$DATASET" --workdir="$OUT/$stage" "${init[@]}" "${extra[@]}"
   previous="$OUT/$stage"
 done

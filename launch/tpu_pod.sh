@@ -25,7 +25,7 @@
 #   SETUP        1: first create .venv (python3.11) on this worker and install modit_jax with
 #                jax[tpu]==0.10.2; setup.py pins jax[cpu], the tpu extra adds libtpu (default: 0)
 #
-# Evaluation is single-process: afterwards run `modit_jax.evaluate` on one machine (README).
+# Evaluation is single-process: afterwards run `modit_jax.cli.evaluate` on one machine (README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${DATASET:?set DATASET to the catalog directory (the same path on every worker)}"
@@ -47,7 +47,7 @@ previous="$INIT_FROM"
 for stage in $STAGES; do
   init=()
   if [[ -n "$previous" ]]; then init=(--config.init_from="$previous"); fi
-  "$PYTHON" -m modit_jax.train --distributed --config="configs/$stage.py" \
+  "$PYTHON" -m modit_jax.cli.train --distributed --config="configs/$stage.py" \
     --dataset="$DATASET" --workdir="$OUT/$stage" "${init[@]}" "${extra[@]}"
   previous="$OUT/$stage"
 done

@@ -587,7 +587,7 @@ def convert(items: str | os.PathLike, out: str | os.PathLike, options: Options,
       "patterns": pattern_source,
       "split": split_source,
       "sequences": sequence_info,
-      "generator": {"name": "modit_jax.convert_catalog", "input": items,
+      "generator": {"name": "modit_jax.cli.convert_catalog", "input": items,
                     "options": {**dataclasses.asdict(options),
                                 "attributes": list(options.attributes)}},
   }

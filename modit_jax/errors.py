@@ -1,6 +1,6 @@
 """Errors that mean "the user gave bad input", as opposed to bugs.
 
-Binaries catch `UserError` (see `modit_jax.app.run`) and print its message without a
+Binaries catch `UserError` (see `modit_jax.cli.app.run`) and print its message without a
 traceback; anything else is a bug and keeps its traceback.
 """
 

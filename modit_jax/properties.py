@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from modit_jax import evaluation as evaluation_lib
+from modit_jax import results_markdown
 
 METHODS = ("seed_centroid", "global_attribute", "centroid_global_shift", "oracle_shift")
 
@@ -91,4 +92,4 @@ def check_world(catalog: Any, world_config: Any) -> tuple[list[Property], str, s
   check_config.num_resamples = 1000  # the CIs are not part of the properties
   result = evaluation_lib.evaluate(catalog, check_config)
   found = check(result, world_config.alpha, catalog.domains)
-  return found, table(found), evaluation_lib.headline_table(result.records)
+  return found, table(found), results_markdown.headline_table(result.records)

@@ -17,6 +17,7 @@ import numpy as np
 
 from modit_jax import engine
 from modit_jax import evaluation
+from modit_jax import results_markdown
 
 PLOTS_DIR = "plots"
 REPORT_FILE = "report.md"
@@ -78,7 +79,7 @@ def significance_summary(records: Sequence[Record], references: Sequence[str]) -
   purity gap.
 
   A column per reference counts the cells with a significant gain (`+`) and loss (`-`) over it,
-  out of the cells tested against it (`evaluation.SIGNIFICANCE_RULE`). When `modit_sft` was evaluated, a last column gives the minimum over
+  out of the cells tested against it (`results_markdown.SIGNIFICANCE_RULE`). When `modit_sft` was evaluated, a last column gives the minimum over
   cells of Purity@20 − modit_sft's Purity@20, its cell, and whether it stays within
   `PURITY_TOLERANCE` (HPPO's purity constraint).
   """
@@ -298,11 +299,11 @@ def _tables(results: Mapping[str, Any]) -> list[str]:
     out += ["### Joint@20, mean [95 % bootstrap CI]" + (f", `+` vs `{ref}`" if ref else ""), ""]
     if ref:
       strongest = (" (per domain, chosen on validation queries: "
-                   f"{evaluation.strongest_text(results.get('strongest_baseline'))})"
+                   f"{results_markdown.strongest_text(results.get('strongest_baseline'))})"
                    if ref == evaluation.STRONGEST_BASELINE else "")
       out += [f"`+` / `-`: significant gain / loss against `{ref}`{strongest}; "
-              f"{evaluation.SIGNIFICANCE_RULE}.", ""]
-    out.append(evaluation.headline_table(results["records"], ref))
+              f"{results_markdown.SIGNIFICANCE_RULE}.", ""]
+    out.append(results_markdown.headline_table(results["records"], ref))
   return out
 
 
@@ -348,13 +349,13 @@ def write_pipeline_report(out_dir: str, results: Mapping[str, Any],
   out += [f"- {note}" for note in notes] + ([""] if notes else [])
   if results.get("dataset"):
     out += [f"Dataset: `{results['dataset']}`. Strongest competitor per domain (validation "
-            f"queries): {evaluation.strongest_text(results.get('strongest_baseline'))}.", ""]
+            f"queries): {results_markdown.strongest_text(results.get('strongest_baseline'))}.", ""]
   out += ["## Headline: Joint@20 on the cells (split / domain)", ""]
   if records:
     out += _tables(results)
     out += ["## Significant cells", "",
             f"Cells with a significant Joint@20 gain (+) and loss (−), out of the cells tested "
-            f"({evaluation.SIGNIFICANCE_RULE}). The purity column: "
+            f"({results_markdown.SIGNIFICANCE_RULE}). The purity column: "
             f"the worst cell's Purity@20 minus `{PURITY_REFERENCE}`'s (HPPO must stay within "
             f"−{PURITY_TOLERANCE}).", "",
             significance_summary(records, tested_references(results)), *sections,

@@ -1,4 +1,4 @@
-"""Answering retrieval queries with a trained model: the library behind `modit_jax.retrieve`.
+"""Answering retrieval queries with a trained model: the library behind `modit_jax.cli.retrieve`.
 
 A `Retriever` loads a training workdir (or a pipeline output directory) once: the model and
 the EMA parameters of its latest checkpoint, the catalog it was trained on and the serialized

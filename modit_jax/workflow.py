@@ -32,6 +32,7 @@ from modit_jax import models
 from modit_jax import pooling
 from modit_jax import properties
 from modit_jax import report
+from modit_jax import results_markdown
 from modit_jax import retrieval
 from modit_jax import retriever
 from modit_jax import sizing
@@ -204,7 +205,8 @@ def _evaluate(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog, d
           return json.load(g)
   start = time.perf_counter()
   result = evaluation.evaluate(catalog, eval_config)
-  evaluation.write(result, eval_dir, dataset)
+  results = evaluation.write(result, eval_dir, dataset)
+  results_markdown.write_evaluation_report(eval_dir, results)
   with open(inputs_path, "w") as f:
     json.dump(inputs, f, indent=1)
   notes.append(f"evaluation of {len(methods)} methods: {time.perf_counter() - start:.0f} s")

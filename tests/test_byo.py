@@ -241,7 +241,7 @@ def test_non_empty_output_directory_is_refused(tmp_path):
 
 
 def _run_binary(*args):
-  return subprocess.run([sys.executable, "-m", "modit_jax.convert_catalog", *args],
+  return subprocess.run([sys.executable, "-m", "modit_jax.cli.convert_catalog", *args],
                         capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
 
 

@@ -405,7 +405,7 @@ def test_train_binary_splits_the_cpu_and_names_the_flag_on_an_uneven_batch(tiny_
 
   def train(*flags):
     return subprocess.run(
-        [sys.executable, "-m", "modit_jax.train", "--config=configs/pretrain.py:tiny",
+        [sys.executable, "-m", "modit_jax.cli.train", "--config=configs/pretrain.py:tiny",
          f"--dataset={tiny_world}", f"--workdir={tmp_path / 'run'}", "--config.num_steps=2",
          "--config.warmup_steps=1", "--config.batch_size=12", *flags],
         cwd=REPO, env=dict(clean, JAX_PLATFORMS="cpu"), text=True, capture_output=True)
@@ -424,7 +424,7 @@ def test_train_binary_stops_on_sigterm_with_a_checkpoint(tiny_world, tmp_path):
   """SIGTERM mid-run: exit code 143, one line that names the step, its checkpoint on disk."""
   workdir = tmp_path / "run"
   proc = subprocess.Popen(
-      [sys.executable, "-m", "modit_jax.train", "--config=configs/pretrain.py:tiny",
+      [sys.executable, "-m", "modit_jax.cli.train", "--config=configs/pretrain.py:tiny",
        f"--dataset={tiny_world}", f"--workdir={workdir}", "--config.num_steps=100000",
        "--config.log_every=5", "--config.checkpoint_every=100000"],
       cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), text=True,

@@ -32,7 +32,7 @@ def tiny(tiny_world):
 def evaluated(tiny, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("eval")
   proc = subprocess.run(
-      [sys.executable, "-m", "modit_jax.evaluate", "--config=configs/evaluate.py:tiny",
+      [sys.executable, "-m", "modit_jax.cli.evaluate", "--config=configs/evaluate.py:tiny",
        f"--dataset={tiny}", f"--workdir={workdir}"],
       cwd=_REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -105,7 +105,7 @@ def test_baselines_behave_as_designed(evaluated):
 
 def test_unknown_method_is_a_clear_error(tiny, tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "modit_jax.evaluate", "--config=configs/evaluate.py:tiny",
+      [sys.executable, "-m", "modit_jax.cli.evaluate", "--config=configs/evaluate.py:tiny",
        "--config.methods=seed_centroid,magic", f"--dataset={tiny}", f"--workdir={tmp_path}"],
       cwd=_REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2
@@ -115,7 +115,7 @@ def test_unknown_method_is_a_clear_error(tiny, tmp_path):
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "modit_jax.evaluate", "--config=configs/evaluate.py:tiny",
+      [sys.executable, "-m", "modit_jax.cli.evaluate", "--config=configs/evaluate.py:tiny",
        f"--dataset={tmp_path / 'nope'}", f"--workdir={tmp_path}"],
       cwd=_REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2

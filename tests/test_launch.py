@@ -52,9 +52,9 @@ def test_tpu_script_runs_every_stage_distributed_and_chained(tmp_path):
                        STAGES="pretrain cpt", EXTRA_FLAGS="--config.num_steps=7")
   assert result.returncode == 0, result.stderr
   assert lines == [
-      "python -m modit_jax.train --distributed --config=configs/pretrain.py "
+      "python -m modit_jax.cli.train --distributed --config=configs/pretrain.py "
       "--dataset=/data/cat --workdir=/o/pretrain --config.num_steps=7",
-      "python -m modit_jax.train --distributed --config=configs/cpt.py --dataset=/data/cat "
+      "python -m modit_jax.cli.train --distributed --config=configs/cpt.py --dataset=/data/cat "
       "--workdir=/o/cpt --config.init_from=/o/pretrain --config.num_steps=7"]
 
 
@@ -65,7 +65,7 @@ def test_slurm_script_runs_one_srun_step_per_stage(tmp_path):
                        OUT="/o", STAGES="sft", INIT_FROM="/o/cpt", PYTHON="py")
   assert result.returncode == 0, result.stderr
   assert lines == [
-      "srun --kill-on-bad-exit=1 --cpus-per-task=4 py -m modit_jax.train --distributed "
+      "srun --kill-on-bad-exit=1 --cpus-per-task=4 py -m modit_jax.cli.train --distributed "
       "--config=configs/sft.py --dataset=/data/cat --workdir=/o/sft --config.init_from=/o/cpt"]
 
 

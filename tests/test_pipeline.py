@@ -83,12 +83,29 @@ def test_pipeline_output_serves_and_reruns(pipeline_out):
 
 def test_pipeline_binary_refuses_bad_input_without_traceback(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "modit_jax.pipeline", "--config=configs/pipeline.py:tiny",
+      [sys.executable, "-m", "modit_jax.cli.pipeline", "--config=configs/pipeline.py:tiny",
        f"--workdir={tmp_path / 'out'}", f"--config.dataset={tmp_path / 'missing'}"],
       cwd=_REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith("error:")
   assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("binary,config,dataset_flag", [
+    ("pipeline", "pipeline.py:tiny", "--config.dataset"),
+    ("train", "hppo.py:tiny", "--dataset")])
+def test_binaries_run_from_any_directory(tmp_path, binary, config, dataset_flag):
+  """From outside the repository, with the config given by path, a binary loads its config
+  (the pipeline's builds on its sibling files) and goes on to check its input."""
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the root is not on the path
+  proc = subprocess.run(
+      [sys.executable, "-m", f"modit_jax.cli.{binary}",
+       f"--config={os.path.join(_REPO, 'configs', config)}", f"--workdir={tmp_path / 'out'}",
+       f"{dataset_flag}={tmp_path / 'missing'}"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: {tmp_path / 'missing'}: no such catalog directory")
 
 
 
@@ -167,7 +184,7 @@ def test_pipeline_runs_on_a_converted_catalog(tmp_path, fast_compile):
 def test_results_tables_print_the_results_file(pipeline_out, tmp_path):
   results = os.path.join(pipeline_out, "eval", "results.json")
   run = lambda *args: subprocess.run(
-      [sys.executable, "-m", "modit_jax.results_tables", f"--results={results}", *args],
+      [sys.executable, "-m", "modit_jax.cli.results_tables", f"--results={results}", *args],
       cwd=_REPO, capture_output=True, text=True, timeout=300)
   proc = run("--methods=seed_centroid,modit_hppo", "--reference=modit_sft")
   assert proc.returncode == 0, proc.stderr
@@ -184,7 +201,7 @@ def test_results_tables_print_the_results_file(pipeline_out, tmp_path):
   assert proc.returncode == 2 and "has no method no_such_method" in proc.stderr
   bad = tmp_path / "bad.json"
   bad.write_text("{}")
-  proc = subprocess.run([sys.executable, "-m", "modit_jax.results_tables", f"--results={bad}"],
+  proc = subprocess.run([sys.executable, "-m", "modit_jax.cli.results_tables", f"--results={bad}"],
                         cwd=_REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2 and "not an evaluation's results.json" in proc.stderr
   assert "Traceback" not in proc.stderr

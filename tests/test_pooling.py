@@ -21,7 +21,7 @@ def world(tiny_world, tmp_path_factory):
   """(catalog directory, evaluation directory) of the tiny world, evaluated."""
   eval_dir = tmp_path_factory.mktemp("world") / "eval"
   proc = subprocess.run(
-      [sys.executable, "-m", "modit_jax.evaluate", "--config=configs/evaluate.py:tiny",
+      [sys.executable, "-m", "modit_jax.cli.evaluate", "--config=configs/evaluate.py:tiny",
        f"--config.methods={_METHODS}", f"--dataset={tiny_world}", f"--workdir={eval_dir}"],
       cwd=_REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from modit_jax import evaluation
 from modit_jax import report
+from modit_jax import results_markdown
 
 _CELLS = [(s, d) for s in ("item_holdout", "pattern_holdout") for d in ("d0", "d1")]
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -131,7 +131,7 @@ def test_report_has_title_notes_and_the_tables(written):
   records = _results()["records"]
   for ref in ("seed_centroid", "modit_sft"):
     assert f"`+` vs `{ref}`" in text
-    assert evaluation.headline_table(records, ref) in text
+    assert results_markdown.headline_table(records, ref) in text
   # pretrained_gr was not evaluated, so it gets no table.
   assert "pretrained_gr" not in text
   assert "| modit_hppo | 0.300 [0.270, 0.340]+ | 0.310 [0.280, 0.350]+ |" in text

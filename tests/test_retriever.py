@@ -239,7 +239,7 @@ _TRAINING_MODULES = ("baselines", "clusters", "data", "evaluation", "hppo", "ora
 
 
 def test_serving_imports_nothing_of_the_training_stack():
-  code = ("import sys; import modit_jax.retrieve, modit_jax.retriever; "
+  code = ("import sys; import modit_jax.cli.retrieve, modit_jax.retriever; "
           "print(' '.join(sorted(m for m in sys.modules if m.startswith('modit_jax.'))))")
   out = subprocess.run([sys.executable, "-c", code], cwd=_REPO, capture_output=True,
                        text=True, timeout=300, check=True).stdout.split()
@@ -266,7 +266,7 @@ def test_model_facts_are_recorded_and_read_back(sft_workdir, tmp_path):
 
 def _run_binary(*args):
   env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1")  # tiny model: compile fast
-  return subprocess.run([sys.executable, "-m", "modit_jax.retrieve", *args], cwd=_REPO, env=env,
+  return subprocess.run([sys.executable, "-m", "modit_jax.cli.retrieve", *args], cwd=_REPO, env=env,
                         capture_output=True, text=True, timeout=300)
 
 

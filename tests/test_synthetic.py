@@ -89,7 +89,7 @@ def test_bad_config_is_refused():
 
 
 def _run(args, cwd):
-  return subprocess.run([sys.executable, "-m", "modit_jax.make_dataset", *args], cwd=cwd,
+  return subprocess.run([sys.executable, "-m", "modit_jax.cli.make_dataset", *args], cwd=cwd,
                         capture_output=True, text=True, timeout=300)
 
 

@@ -108,7 +108,7 @@ def test_any_run_given_a_workdir_is_a_generative_method(stage1_evaluated):
 
 def test_train_binary_refuses_unknown_stage_without_traceback(tiny, tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "modit_jax.train", "--config=configs/pretrain.py:tiny",
+      [sys.executable, "-m", "modit_jax.cli.train", "--config=configs/pretrain.py:tiny",
        "--config.stage=magic", f"--dataset={tiny}", f"--workdir={tmp_path}"],
       cwd=_REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2

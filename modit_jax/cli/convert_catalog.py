@@ -1,10 +1,10 @@
 r"""Converts your own item table (Parquet or .npz) into a `modit-catalog/1` directory.
 
-  python -m modit_jax.convert_catalog --input=items.parquet --attributes=quality,safety \
+  python -m modit_jax.cli.convert_catalog --input=items.parquet --attributes=quality,safety \
       --out=out/mine/dataset
-  python -m modit_jax.convert_catalog --input=items.npz --attributes=quality,safety \
+  python -m modit_jax.cli.convert_catalog --input=items.npz --attributes=quality,safety \
       --sequences=sequences.npz --normalize --out=out/mine/dataset
-  python -m modit_jax.convert_catalog --input=items.parquet --attributes=quality \
+  python -m modit_jax.cli.convert_catalog --input=items.parquet --attributes=quality \
       --cluster_patterns=200 --out=out/mine/dataset   # no `pattern` column: derive patterns
 
 The table needs columns `item_id`, `embedding` and one per attribute; `pattern` and `split` are
@@ -16,9 +16,9 @@ from typing import Sequence
 
 from absl import flags
 
-from modit_jax import app
 from modit_jax import byo
 from modit_jax import catalog as catalog_lib
+from modit_jax.cli import app
 
 _DEFAULTS = byo.Options(attributes=())
 _INPUT = flags.DEFINE_string("input", None, "Item table: .parquet (needs pyarrow) or .npz.")

@@ -1,7 +1,7 @@
 r"""Retrieves the best items for one seed set and domain with a trained model, as a table.
 
-  python -m modit_jax.retrieve --workdir=out/default/sft --domain=quality --seeds=12,40,7
-  python -m modit_jax.retrieve --workdir=OUT --domain=safety --seed_embeddings=new_items.npy \
+  python -m modit_jax.cli.retrieve --workdir=out/default/sft --domain=quality --seeds=12,40,7
+  python -m modit_jax.cli.retrieve --workdir=OUT --domain=safety --seed_embeddings=new_items.npy \
       --k=50
 
 --workdir is a training workdir or a pipeline output directory (with pipeline.json). Seeds are
@@ -15,9 +15,9 @@ from typing import Sequence
 from absl import flags
 import numpy as np
 
-from modit_jax import app
 from modit_jax import errors
 from modit_jax import retriever as retriever_lib
+from modit_jax.cli import app
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Training workdir, or pipeline output directory (with pipeline.json).")

@@ -1,12 +1,12 @@
 r"""Builds the real development catalog (music21 corpus + MiniLM; docs/real_catalog.md).
 
   pip install -e '.[real]'
-  python -m modit_jax.make_music_catalog --out=out/music/dataset
+  python -m modit_jax.cli.make_music_catalog --out=out/music/dataset
 
 Prints the catalog's sanity table (also written to OUT/sanity.md). The text embeddings are
 cached in `--cache_dir` (default: a `cache` folder beside OUT), and a catalog already built with
 the same options is reused. Then run the pipeline on it with no other flag:
-  python -m modit_jax.pipeline --config=configs/pipeline.py \
+  python -m modit_jax.cli.pipeline --config=configs/pipeline.py \
       --config.dataset=out/music/dataset --workdir=out/music/run
 """
 
@@ -17,8 +17,8 @@ from typing import Sequence
 from absl import flags
 from ml_collections import config_flags
 
-from modit_jax import app
 from modit_jax import music_catalog
+from modit_jax.cli import app
 
 _OPTIONS = config_flags.DEFINE_config_dict("options", music_catalog.default_options(),
                                            "How the catalog is built.")

@@ -1,7 +1,7 @@
 r"""Builds the retrieval index of a catalog and saves it.
 
-  python -m modit_jax.build_index --dataset=out/default/dataset --out=out/default/index
-  python -m modit_jax.build_index --dataset=DIR --out=DIR --kind=exact
+  python -m modit_jax.cli.build_index --dataset=out/default/dataset --out=out/default/index
+  python -m modit_jax.cli.build_index --dataset=DIR --out=DIR --kind=exact
 
 The index directory can be moved; `modit_jax.retrieval.load_index` reads it back.
 """
@@ -12,9 +12,9 @@ from typing import Sequence
 from absl import flags
 from absl import logging
 
-from modit_jax import app
 from modit_jax import catalog as catalog_lib
 from modit_jax import retrieval
+from modit_jax.cli import app
 
 _DATASET = flags.DEFINE_string("dataset", None, "Catalog directory (modit-catalog/1).")
 _OUT = flags.DEFINE_string("out", None, "Directory to write the index to.")

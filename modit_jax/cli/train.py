@@ -1,6 +1,6 @@
 r"""Trains one stage; the config selects it and names the earlier stage it starts from.
 
-  python -m modit_jax.train --config=configs/pretrain.py --dataset=DIR --workdir=OUT
+  python -m modit_jax.cli.train --config=configs/pretrain.py --dataset=DIR --workdir=OUT
 
 Resumes from the latest checkpoint in OUT. Multi-host: set --distributed (or the MODIT_*
 environment variables, see docs/engine.md) to call jax.distributed.initialize() first.
@@ -11,9 +11,9 @@ from typing import Sequence
 from absl import flags
 from ml_collections import config_flags
 
-from modit_jax import app
 from modit_jax import engine
 from modit_jax import training
+from modit_jax.cli import app
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file.")
 _DATASET = flags.DEFINE_string("dataset", None, "Catalog directory (modit-catalog/1).")

@@ -1,7 +1,7 @@
 r"""Generates the synthetic world and checks its required properties.
 
-  python -m modit_jax.make_dataset --config=configs/synthetic.py --out=out/default/dataset
-  python -m modit_jax.make_dataset --config=configs/synthetic.py:tiny --out=/tmp/tiny
+  python -m modit_jax.cli.make_dataset --config=configs/synthetic.py --out=out/default/dataset
+  python -m modit_jax.cli.make_dataset --config=configs/synthetic.py:tiny --out=/tmp/tiny
 
 Prints the property table of DESIGN.md section 4 (also written to OUT/properties.md) and exits
 with status 1 when a required property fails (`config.properties_required`: the default world).
@@ -15,10 +15,10 @@ from typing import Sequence
 from absl import flags
 from ml_collections import config_flags
 
-from modit_jax import app
 from modit_jax import catalog as catalog_lib
 from modit_jax import properties
 from modit_jax import synthetic
+from modit_jax.cli import app
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Synthetic world config file.")
 _OUT = flags.DEFINE_string("out", None, "Directory to write the catalog to.")

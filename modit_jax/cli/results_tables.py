@@ -1,6 +1,6 @@
 r"""Prints the README's result tables from an evaluation's results.json (nothing is pasted).
 
-  python -m modit_jax.results_tables --results=out/default/eval/results.json \
+  python -m modit_jax.cli.results_tables --results=out/default/eval/results.json \
       --methods=seed_centroid,centroid_global_shift,rerank,pretrained_gr,modit_sft,modit_hppo \
       --reference=strongest_baseline
 
@@ -14,10 +14,10 @@ from typing import Sequence
 
 from absl import flags
 
-from modit_jax import app
 from modit_jax import errors
-from modit_jax import evaluation
+from modit_jax import results_markdown
 from modit_jax import report
+from modit_jax.cli import app
 
 _RESULTS = flags.DEFINE_string("results", None, "An evaluation's results.json.")
 _METHODS = flags.DEFINE_list("methods", [], "Methods to show, in order (default: all).")
@@ -49,9 +49,9 @@ def main(argv: Sequence[str]) -> None:
   reference = _REFERENCE.value
   print("Joint@20, mean [95 % CI]" + (f"; `+` / `-`: significant gain / loss against "
                                        f"`{reference}`" if reference else "") + "\n")
-  print(evaluation.headline_table(records, reference or None))
+  print(results_markdown.headline_table(records, reference or None))
   print("Purity@20\n")
-  print(evaluation.metric_table(records, "purity@20"))
+  print(results_markdown.metric_table(records, "purity@20"))
   print(report.significance_summary(records, report.tested_references(results)))
 
 
