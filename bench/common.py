@@ -6,6 +6,7 @@ The scripts in bench/ import this as `common` (Python puts a script's own direct
 
 import collections
 import os
+import resource
 import time
 from typing import Any, Callable
 
@@ -106,6 +107,20 @@ def machine() -> str:
   usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   return (f"{model}, {os.cpu_count()} logical CPUs ({usable} usable by this process), "
           f"{'/'.join(extensions) or 'no AVX2'}; {load()}")
+
+
+def rss_bytes() -> int:
+  """This process's resident memory now (Linux /proc; 0 where it cannot be read)."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except (OSError, ValueError, IndexError):
+    return 0
+
+
+def peak_rss_bytes() -> int:
+  """This process's peak resident memory so far (`getrusage`: KiB on Linux)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def load() -> str:

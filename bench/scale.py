@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-  python bench/scale.py                              # N = 10k, 30k, 100k, 300k, 1M; d = 64
+  python bench/scale.py                              # N = 10k, 100k, 1M, 10M; d = 64
   python bench/scale.py --sizes=10000,20000,50000 --queries=200 --plot=/tmp/scale.png
 
 The catalogs are nested: the largest synthetic mixture (bench/common.py) is generated once and
@@ -16,7 +16,11 @@ For each N it measures:
   (`retrieval.scann_params(N)`: ~sqrt(N) leaves, 6 % of them searched, 250 re-ranked);
 - per-query search time of ScaNN and of `ExactIndex`, each on one batch of `--queries`
   queries spread over all cores (`parallel=True`);
-- recall@k of ScaNN against `ExactIndex`.
+- recall@k of ScaNN against `ExactIndex`;
+- memory: the resident memory the index keeps (RSS after its build minus before) and the
+  build's peak above its start (`getrusage`'s peak, when the build set a new one; sizes
+  ascend, so the largest build's peak is always measured). The catalog itself (4 bytes x d x N,
+  2.56 GB at 10M) is allocated before any build and is not counted.
 
 All searches are timed in one run, round-robin over every (N, index) pair (common.round_robin),
 so each sees the same quiet and busy spells of a shared machine; the fastest call is reported.
@@ -41,13 +45,13 @@ from modit_jax import retrieval
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--sizes", default="10000,30000,100000,300000,1000000",
+  parser.add_argument("--sizes", default="10000,100000,1000000,10000000",
                       help="comma-separated catalog sizes N, ascending")
   parser.add_argument("--dim", type=int, default=64, help="embedding dimension")
   parser.add_argument("--clusters", type=int, default=3000, help="mixture components")
   parser.add_argument("--queries", type=int, default=1000, help="queries per search batch")
   parser.add_argument("--k", type=int, default=20, help="neighbours per query")
-  parser.add_argument("--rounds", type=int, default=5,
+  parser.add_argument("--rounds", type=int, default=3,
                       help="timed search calls per (N, index), taken in turns")
   parser.add_argument("--build_repeats", type=int, default=1,
                       help="ScaNN builds per N; the fastest is reported")
@@ -110,19 +114,25 @@ def main(argv: list[str]) -> None:
     queries = common.near_queries(items, min(args.queries, n), args.seed)
     builds = []
     for _ in range(args.build_repeats):
+      scann_index = None  # the previous build's memory goes before this one is measured
+      rss_before, peak_before = common.rss_bytes(), common.peak_rss_bytes()
       start = time.perf_counter()
       scann_index = retrieval.build_index(items, "scann")
       builds.append(time.perf_counter() - start)
+    index_bytes = common.rss_bytes() - rss_before
+    peak = common.peak_rss_bytes()
+    build_peak_bytes = peak - rss_before if peak > peak_before else None
     exact_index = retrieval.build_index(items, "exact")
-    print(f"N={n:,}: ScaNN built in {min(builds):.2f} s, {json.dumps(scann_index.params)}",
-          flush=True)
+    print(f"N={n:,}: ScaNN built in {min(builds):.2f} s, keeps {index_bytes / 2**20:,.0f} MiB, "
+          f"{json.dumps(scann_index.params)}", flush=True)
     # Default arguments bind this iteration's index and queries to the closures.
     searches[f"scann {n}"] = (
         lambda ix=scann_index, q=queries: ix.search(q, args.k, parallel=True))
     searches[f"exact {n}"] = (
         lambda ix=exact_index, q=queries: ix.search(q, args.k, parallel=True))
     rows.append({"n": n, "build_s": min(builds), "queries": queries.shape[0],
-                 "params": scann_index.params})
+                 "params": scann_index.params, "index_mib": index_bytes / 2**20,
+                 "build_peak_mib": None if build_peak_bytes is None else build_peak_bytes / 2**20})
 
   print(f"timing searches: {args.rounds} rounds over {len(searches)} (N, index) pairs; "
         f"{common.load()}", flush=True)
@@ -143,14 +153,15 @@ def main(argv: list[str]) -> None:
         f"clusters; one batch of {args.queries} queries per search call, parallel=True")
   print(f"search: fastest of {args.rounds} round-robin calls (median in brackets); build: "
         f"fastest of {args.build_repeats}")
-  print("| N | leaves (searched) | ScaNN build s | ScaNN µs/query | exact µs/query "
-        f"| exact / ScaNN | recall@{args.k} |")
-  print("|---|---|---|---|---|---|---|")
+  print("| N | leaves (searched) | ScaNN build s | index MiB | build peak MiB | ScaNN µs/query "
+        f"| exact µs/query | exact / ScaNN | recall@{args.k} |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     p = r["params"]
     leaves = (f"{p['num_leaves']} ({p['leaves_to_search']})" if "num_leaves" in p
               else p["algorithm"])
-    print(f"| {r['n']:,} | {leaves} | {r['build_s']:.2f} "
+    peak = "—" if r["build_peak_mib"] is None else f"{r['build_peak_mib']:,.0f}"
+    print(f"| {r['n']:,} | {leaves} | {r['build_s']:.2f} | {r['index_mib']:,.0f} | {peak} "
           f"| {r['scann_s'] * 1e6:.1f} ({r['scann_median_s'] * 1e6:.1f}) "
           f"| {r['exact_s'] * 1e6:.1f} ({r['exact_median_s'] * 1e6:.1f}) "
           f"| {r['exact_s'] / r['scann_s']:.1f}x | {r['recall']:.4f} |")

@@ -35,6 +35,12 @@ import scipy.stats
 from modit_jax import errors
 
 _PREDICT_BATCH = 65536
+# Above this many labelled fit items a batch is drawn with replacement. `jax.random.choice`
+# without replacement permutes all of them at every step: 1.2 s a step on 2 cores at the 1.6M
+# of a 10M-item catalog, half an hour for the 1,500 steps. With replacement a batch of 512
+# repeats an item about once in 8 batches there; below the bound (the default world, the real
+# catalog) batches are drawn as before, so their results do not change.
+_SAMPLE_WITHOUT_REPLACEMENT_MAX = 1 << 20
 _PARAM_PREFIX = "predictor_param/"
 _REGIONS_KEY = "predictor_regions"
 _OFFSET_SCALE_KEY = "predictor_offset_scale"
@@ -194,7 +200,10 @@ def train(embeddings: np.ndarray, attributes: np.ndarray, observed: np.ndarray,
 
   def step(carry, key):
     p, opt = carry
-    idx = jax.random.choice(key, x.shape[0], (batch,), replace=False)
+    if x.shape[0] > _SAMPLE_WITHOUT_REPLACEMENT_MAX:
+      idx = jax.random.randint(key, (batch,), 0, x.shape[0])
+    else:
+      idx = jax.random.choice(key, x.shape[0], (batch,), replace=False)
     loss, grads = jax.value_and_grad(loss_fn)(p, idx)
     updates, opt = tx.update(grads, opt, p)
     return (optax.apply_updates(p, updates), opt), loss

@@ -7,6 +7,7 @@ Nothing here times anything: performance is measured by running the bench (docs/
 
 import functools
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -86,3 +87,32 @@ def test_bench_rejects_a_missing_config():
   assert result.returncode != 0
   assert "no such config file: configs/nope.py" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_large_world_bench_runs_every_step_on_the_tiny_world(tmp_path):
+  """bench/large_world.py's driver on the tiny world: each step a child, timed and measured."""
+  env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  result = subprocess.run(
+      [sys.executable, os.path.join(_ROOT, "bench", "large_world.py"), f"--out={tmp_path}",
+       "--world=configs/synthetic.py:tiny", "--train_config=configs/cpt.py:tiny",
+       "--train_steps=20", "--methods=seed_centroid,centroid_global_shift", "--seed_sets=32",
+       "--batch_sizes=16", "--rounds=1"],
+      cwd=_ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+  with open(tmp_path / "large_world.json") as f:
+    summary = json.load(f)
+  assert [r["step"] for r in summary["steps"]] == ["dataset", "index", "train", "evaluate",
+                                                   "serve"]
+  for row in summary["steps"]:
+    assert row["exit"] == 0 and row["seconds"] > 0
+    assert 0.05 < row["peak_rss_gib"] < 64  # a child's own peak, in GiB (not KiB or bytes)
+  assert any(line.startswith("seed_sets_per_s@") for line in summary["serve"])
+  assert any(line.startswith("scann_recall@") for line in summary["serve"])
+  # A second run reuses the catalog rather than generating it again.
+  again = subprocess.run(
+      [sys.executable, os.path.join(_ROOT, "bench", "large_world.py"), f"--out={tmp_path}",
+       "--steps=dataset"], cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0 and "holds a catalog: reused" in again.stdout
+  with open(tmp_path / "large_world.json") as f:
+    assert json.load(f) == summary  # the rows of the steps not run again are kept
+

@@ -63,6 +63,59 @@ def test_blocked_assignment_equals_unblocked():
   np.testing.assert_allclose(small_centroids, centroids, atol=1e-5)
 
 
+@pytest.mark.parametrize("k,sizes", [
+    (10, [100, 50, 0, 25]), (4, [1, 1, 1, 97]), (7, [3, 3, 3]), (9, [3, 3, 3]),
+    (12, [1000, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]), (5, [2, 0, 9, 4, 1])])
+def test_apportion_shares_k_over_groups(k, sizes):
+  shares = clusters._apportion(k, np.array(sizes))
+  sizes = np.array(sizes)
+  assert shares.sum() == k
+  assert np.all(shares[sizes == 0] == 0)
+  assert np.all((shares[sizes > 0] >= 1) & (shares[sizes > 0] <= sizes[sizes > 0]))
+  exact = k * sizes / sizes.sum()
+  if np.all(exact[sizes > 0] >= 1):  # no lift to 1 to pay for: every share within 1 of exact
+    assert np.all(np.abs(shares - exact) < 1)
+  else:  # the lifts are paid by the groups above their exact share the most
+    assert shares[np.argmax(sizes)] <= np.ceil(exact.max())
+
+
+def _many_blobs(seed=0, num=36, per=60, dim=8):
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(size=(num, dim)) * 5
+  labels = rng.permutation(np.repeat(np.arange(num), per))
+  x = centres[labels] + 0.2 * rng.normal(size=(len(labels), dim))
+  return x.astype(np.float32), labels
+
+
+def test_two_level_kmeans_recovers_blobs_as_flat_does(monkeypatch):
+  x, labels = _many_blobs()
+  flat_centroids, flat = clusters.kmeans(x, 36, seed=0)
+  monkeypatch.setattr(clusters, "_TWO_LEVEL_MIN_PAIRS", 0)  # every k-means in two levels
+  centroids, assign = clusters.kmeans(x, 36, seed=0)
+  assert centroids.shape == flat_centroids.shape and assign.dtype == np.int32
+  assert np.array_equal(np.unique(assign), np.arange(36))  # every cluster used
+  two_level, one_level = clusters.agreement(assign, labels), clusters.agreement(flat, labels)
+  assert two_level["purity"] >= 0.98 and two_level["nmi"] >= 0.98
+  assert two_level["nmi"] >= one_level["nmi"] - 0.02
+  # Each centroid is the mean of its points (Lloyd converged inside each coarse cluster).
+  for c in range(36):
+    np.testing.assert_allclose(centroids[c], x[assign == c].mean(axis=0), atol=1e-4)
+  again_centroids, again = clusters.kmeans(x, 36, seed=0)
+  np.testing.assert_array_equal(again, assign)
+  np.testing.assert_array_equal(again_centroids, centroids)
+
+
+def test_two_level_kmeans_starts_above_its_threshold(monkeypatch):
+  x, _ = _many_blobs()
+  calls = []
+  real = clusters._two_level_kmeans
+  monkeypatch.setattr(clusters, "_two_level_kmeans", lambda *a: calls.append(a) or real(*a))
+  monkeypatch.setattr(clusters, "_TWO_LEVEL_MIN_PAIRS", len(x) * 36 - 1)
+  clusters.kmeans(x, 36, seed=0)
+  clusters.kmeans(x, 35, seed=0)  # N k at the threshold: flat
+  assert [a[1] for a in calls] == [36]
+
+
 def test_empty_cluster_moves_to_the_farthest_point():
   x = np.array([[0, 0], [1, 0], [0, 1], [9, 9]], np.float32)
   sums = np.array([[1, 1], [0, 0]], np.float64)

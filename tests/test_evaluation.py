@@ -185,6 +185,20 @@ def test_metric_predictor_learns_the_easy_domain(tiny):
                                 predictor.predict(cat.embeddings[:100]))
 
 
+def test_metric_predictor_drawn_with_replacement_on_large_catalogs(tiny, monkeypatch):
+  """Above `_SAMPLE_WITHOUT_REPLACEMENT_MAX` labelled items batches are drawn with replacement
+  (cheap at millions of items); the predictor learns as well, and differs (the path is taken)."""
+  cat = catalog_lib.load_catalog(tiny)
+  config = evaluate_config.get_config("tiny").metric_predictor
+  exact = metric_predictor.train(cat.embeddings, cat.attributes, cat.observed, config)
+  monkeypatch.setattr(metric_predictor, "_SAMPLE_WITHOUT_REPLACEMENT_MAX", 0)
+  drawn = metric_predictor.train(cat.embeddings, cat.attributes, cat.observed, config)
+  assert not np.array_equal(drawn.predict(cat.embeddings[:100]),
+                            exact.predict(cat.embeddings[:100]))
+  assert drawn.validation[0]["auc"] > 0.75
+  assert abs(drawn.validation[0]["auc"] - exact.validation[0]["auc"]) < 0.05
+
+
 def test_relative_features_help_where_the_direction_is_pattern_local(tiny):
   """Domain 3 leans mostly along pattern-local axes (a_m = 0.1): the offset within a region
   is what tells its positives apart, and the held-out AUC shows it."""
