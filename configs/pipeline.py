@@ -9,9 +9,11 @@ methods only), combinable as `:tiny,no_ablations`.
 
 Every run holds its whole stage config (`runs.<name>.stage`, built here by the stage config
 files of configs/, the `<file>:<variant>` in `runs.<name>.source`), so any field of any run can
-be set from the command line, e.g. `--config.runs.hppo.stage.hppo.beta=300`. A run starts from
-the run named in `runs.<name>.init_from`; `runs.<name>.method` is the evaluation method that
-reads it. The pipeline then sets the catalog-dependent sizes on every run (docs/sizing.md). A
+be set from the command line, e.g. `--config.runs.hppo.stage.hppo.beta=300`. The sizes and the
+seed are held at 0 (-1 for the seed) in every run: the pipeline fills them from its own fields
+below, the sizes by the rules of docs/sizing.md, unless a run sets its own
+(`--config.runs.hppo.stage.seed=1`). A run starts from the run named in
+`runs.<name>.init_from`; `runs.<name>.method` is the evaluation method that reads it. A
 finished run is skipped when the pipeline is run again.
 """
 
@@ -21,6 +23,7 @@ from modit_jax import config_files
 from modit_jax import hppo
 from modit_jax import training
 from modit_jax import variants
+from modit_jax import workflow
 
 # The stage config files beside this one, loaded by path: binaries run from any directory.
 cpt_config = config_files.sibling(__file__, "cpt")
@@ -38,7 +41,8 @@ def _run(source: str, init_from: str, method: str,
          ablation: bool = False) -> ml_collections.ConfigDict:
   """A run: the stage config `source` ("<file>:<variant>" of configs/) and where it starts."""
   name, _, variant = source.partition(":")
-  stage = _STAGE_CONFIGS[name].get_config(variant or None)
+  # The sizes and the seed are the pipeline's (`workflow.run_stage_config`) unless set per run.
+  stage = workflow.mark_pipeline_fields(_STAGE_CONFIGS[name].get_config(variant or None))
   return ml_collections.ConfigDict(dict(stage=stage, source=source, init_from=init_from,
                                         method=method, ablation=ablation))
 

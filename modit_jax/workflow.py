@@ -141,23 +141,60 @@ def _sizes(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog, out:
   return sizes
 
 
+# Run fields the pipeline fills from its sizes (docs/sizing.md) where the run leaves them at 0,
+# the mark `mark_pipeline_fields` puts on every run that configs/pipeline.py builds; a run that
+# sets its own value keeps it (`--config.runs.<name>.stage.model.width=...`).
+SIZED_FIELDS = {"num_clusters": "num_clusters", "sft.context_size": "seed_size",
+                "cpt.trajectory_length": "seed_size", "model.width": "width",
+                "model.max_context": "max_context", "diffusion.target_scale": "target_scale"}
+# A run's `seed` at this mark is the pipeline's `seed`.
+PIPELINE_SEED = -1
+
+
+def _parent(stage: ml_collections.ConfigDict, field: str) -> tuple[ml_collections.ConfigDict, str]:
+  """The ConfigDict holding a dotted `field` of `stage`, and the field's last name."""
+  *parents, leaf = field.split(".")
+  for parent in parents:
+    stage = stage[parent]
+  return stage, leaf
+
+
+def mark_pipeline_fields(stage: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`stage` with the fields the pipeline fills (sizes, seed) at their marks; returns it."""
+  for field in SIZED_FIELDS:
+    node, leaf = _parent(stage, field)
+    node[leaf] = type(node[leaf])(0)
+  stage.seed = PIPELINE_SEED
+  return stage
+
+
+def run_stage_config(config: ml_collections.ConfigDict, name: str, sizes: sizing.Sizes,
+                     out: str) -> ml_collections.ConfigDict:
+  """The stage config that run `name` trains with: its own, the pipeline's fields filled in."""
+  run = config.runs[name]
+  stage = ml_collections.ConfigDict(run.stage.to_dict())  # the pipeline's config stays as given
+  stage.init_from = os.path.join(out, run.init_from) if run.init_from else ""
+  stage.data_cache = os.path.join(out, CACHE_DIR)
+  if stage.seed == PIPELINE_SEED:
+    stage.seed = int(config.seed)
+  for field, size in SIZED_FIELDS.items():
+    node, leaf = _parent(stage, field)
+    if not node[leaf]:
+      node[leaf] = getattr(sizes, size)
+    else:
+      logging.info("Run %s keeps its own %s = %s (the pipeline's: %s)", name, field, node[leaf],
+                   getattr(sizes, size))
+  if config.model_dtype:
+    stage.model.dtype = config.model_dtype
+  return stage
+
+
 def _train_runs(config: ml_collections.ConfigDict, sizes: sizing.Sizes, dataset: str, out: str,
                 notes: list[str]) -> dict[str, str]:
   workdirs = {}
   for name in ordered_runs(config):
     run = config.runs[name]
-    stage = ml_collections.ConfigDict(run.stage.to_dict())  # the pipeline's config stays as given
-    stage.init_from = os.path.join(out, run.init_from) if run.init_from else ""
-    stage.data_cache = os.path.join(out, CACHE_DIR)
-    stage.seed = int(config.seed)
-    stage.num_clusters = sizes.num_clusters
-    stage.sft.context_size = sizes.seed_size
-    stage.cpt.trajectory_length = sizes.seed_size
-    stage.model.width = sizes.width
-    stage.model.max_context = sizes.max_context
-    stage.diffusion.target_scale = sizes.target_scale
-    if config.model_dtype:
-      stage.model.dtype = config.model_dtype
+    stage = run_stage_config(config, name, sizes, out)
     workdir = os.path.join(out, name)
     workdirs[name] = workdir
     if _latest_step(workdir) >= stage.num_steps:

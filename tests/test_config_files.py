@@ -41,4 +41,5 @@ def test_a_sibling_that_fails_is_not_kept(tmp_path):
 def test_the_pipeline_config_builds_its_runs_from_the_stage_files_beside_it():
   hppo = config_files.sibling(os.path.join(_CONFIGS, "pipeline.py"), "hppo")
   pipeline = config_files.sibling(os.path.join(_CONFIGS, "protocol.py"), "pipeline")
-  assert pipeline.get_config("tiny").runs.hppo.stage == hppo.get_config("tiny")
+  run, stage = pipeline.get_config("tiny").runs.hppo.stage, hppo.get_config("tiny")
+  assert run.hppo == stage.hppo and run.stage == stage.stage == "hppo"

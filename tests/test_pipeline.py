@@ -12,6 +12,7 @@ from configs import pipeline as pipeline_config
 from modit_jax import errors
 from modit_jax import retriever
 from modit_jax import run_dir
+from modit_jax import sizing
 from modit_jax import workflow
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,6 +108,25 @@ def test_binaries_run_from_any_directory(tmp_path, binary, config, dataset_flag)
   assert proc.stderr.strip().splitlines()[-1] == (
       f"error: {tmp_path / 'missing'}: no such catalog directory")
 
+
+
+def test_the_pipeline_fills_the_sizes_and_seed_a_run_leaves_to_it():
+  """Every run gets the pipeline's sizes and seed, except those it sets itself (never
+  overwritten without a word, as before the marks)."""
+  config = pipeline_config.get_config("tiny")
+  sizes = sizing.Sizes(seed_size=6, num_clusters=40, width=96, max_context=16,
+                       target_scale=12.5, rules={})
+  config.seed = 3
+  config.runs.hppo.stage.model.width = 48   # as --config.runs.hppo.stage.model.width=48 would
+  config.runs.hppo.stage.seed = 7
+  sft = workflow.run_stage_config(config, "sft", sizes, "/o")
+  assert (sft.num_clusters, sft.sft.context_size, sft.cpt.trajectory_length, sft.model.width,
+          sft.model.max_context, sft.diffusion.target_scale, sft.seed) == (
+              40, 6, 6, 96, 16, 12.5, 3)
+  assert sft.init_from == os.path.join("/o", "cpt")
+  hppo_run = workflow.run_stage_config(config, "hppo", sizes, "/o")
+  assert (hppo_run.model.width, hppo_run.seed, hppo_run.num_clusters) == (48, 7, 40)
+  assert config.runs.sft.stage.model.width == 0  # the pipeline's config stays as given
 
 
 def test_ablations_run_on_the_generated_world_only_by_default():
