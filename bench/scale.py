@@ -20,7 +20,8 @@ For each N it measures:
 - memory: the resident memory the index keeps (RSS after its build minus before) and the
   build's peak above its start (`getrusage`'s peak, when the build set a new one; sizes
   ascend, so the largest build's peak is always measured). The catalog itself (4 bytes x d x N,
-  2.56 GB at 10M) is allocated before any build and is not counted.
+  2.56 GB at 10M) is allocated before any build and is not counted. Small indexes can land in
+  memory that earlier work freed and read near 0 MiB; the columns mean something from 1M up.
 
 All searches are timed in one run, round-robin over every (N, index) pair (common.round_robin),
 so each sees the same quiet and busy spells of a shared machine; the fastest call is reported.

@@ -19,6 +19,7 @@ from modit_jax import evaluation
 from modit_jax import metric_predictor
 from modit_jax import metrics
 from modit_jax import oracle as oracle_lib
+from modit_jax import results_markdown
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,6 +71,8 @@ def test_results_json_has_one_record_per_method_split_domain(evaluated):
       assert r["vs"]["strongest_baseline"]["against"] == strongest[r["domain"]]
   report = (evaluated / "report.md").read_text()
   assert "oracle_shift (oracle)" in report
+  # The binary rendered report.md from the results in memory; results.json alone gives it back.
+  assert results_markdown.evaluation_report(results) == report
 
 
 def test_joint_recomputed_from_retrieved_ids_matches_results(tiny, evaluated):
