@@ -1,6 +1,6 @@
 """A 10M-item catalog end to end: the `:large` synthetic world through the real binaries.
 
-Run from the repository root (about an hour on 2 cores; steps already done are reused):
+Run from the repository root (about 45 minutes on 2 cores; a catalog already there is reused):
 
   python bench/large_world.py --out=out/large
   python bench/large_world.py --out=out/large --steps=index,serve   # some steps again

@@ -115,7 +115,7 @@ def main(argv: list[str]) -> None:
     queries = common.near_queries(items, min(args.queries, n), args.seed)
     builds = []
     for _ in range(args.build_repeats):
-      scann_index = None  # the previous build's memory goes before this one is measured
+      scann_index = None  # a repeat's earlier build is freed before this one is measured
       rss_before, peak_before = common.rss_bytes(), common.peak_rss_bytes()
       start = time.perf_counter()
       scann_index = retrieval.build_index(items, "scann")

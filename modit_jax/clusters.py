@@ -30,9 +30,9 @@ _INIT_SAMPLE = 20000
 # A block's [rows, k] float32 distance matrix stays under 2**26 entries (256 MB), whatever k.
 _MAX_BLOCK_ENTRIES = 1 << 26
 # Above this many point-centroid pairs (N k) `kmeans` runs in two levels. A flat Lloyd pass
-# costs N k d multiply-adds: at the 7.5M train items and ~94k latent clusters of a 10M-item
-# catalog that is 4.5e13, most of an hour per pass on a 2-core CPU. The default world
-# (75k x 940) and the real development catalog are far below and keep the flat algorithm.
+# costs N k d multiply-adds: at the 6.8M train items and 85,000 latent clusters of the 10M-item
+# world that is 3.7e13, by arithmetic most of an hour per pass on a 2-core CPU. The default
+# world (68k x 850) and the real development catalog are far below and keep the flat algorithm.
 _TWO_LEVEL_MIN_PAIRS = 1 << 33
 
 
