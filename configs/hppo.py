@@ -26,12 +26,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.stage = "hppo"
   c.init_from = "out/default/sft"
   # A short warm-up, and an EMA that follows the policy within the run's few hundred steps.
-  # 400 steps with a pool every 100 (pools, not updates, are most of an HPPO run's time). The
-  # rate is SFT's: with the wide margin and the SFT term on winners (hppo.default_config) the
-  # stage is mostly supervised on the pool's best candidates. The three were changed together
-  # from 3e-4, margin 0.05 and no SFT term, and not ablated one by one (docs/hppo.md, "Winners
-  # the policy can follow").
-  c.learning_rate = 1e-3
+  # 400 steps with a pool every 100 (pools, not updates, are most of an HPPO run's time). With
+  # the SFT term on each query's best candidate (hppo.default_config) the policy was still
+  # under-fitted after 400 updates at 1e-3 (fit-query Joint@20 rose with every doubling of the
+  # rate up to 8e-3 and was flat to 1.6e-2 on the development world): 8e-3 buys what 1,200
+  # updates at 2e-3 bought, at a third of the time (docs/hppo.md, "One target per query").
+  c.learning_rate = 8e-3
   c.warmup_steps = 20
   c.num_steps = 400
   c.hppo.pool_every = 100

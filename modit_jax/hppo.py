@@ -38,6 +38,7 @@ from modit_jax import trajectories
 
 POLICIES = ("policy", "reference", "seed_centroid", "tail_centroid", "interpolation",
             "feedback", "neighbourhood")
+SFT_TARGETS = ("best", "winner")
 _POOL_STREAM = 4
 _PAIR_STREAM = 5
 
@@ -77,11 +78,21 @@ def default_config() -> ml_collections.ConfigDict:
   c.margin = 0.4
   c.pareto = True                     # keep a pair only if Purity(w) >= Purity(l)
   c.min_winner_purity = 0.0           # and, if > 0, only if Purity(w) >= this
-  c.beta = 200.0
+  # The DPO temperature. Δ is a difference of per-example denoising errors (about 1 in target
+  # units), so at 200 every pair saturates: the implicit margin reached 300 and the pairs the
+  # policy still had wrong drove steps that undid the SFT term's (train Joint@20 in the pools
+  # 0.33 against 0.57 without DPO). At 2 the DPO term stays in its active range and costs the
+  # SFT term nothing (docs/hppo.md, "One target per query").
+  c.beta = 2.0
   # + sft_weight * e_theta(w): a supervised pull toward the pairs' winners. DPO alone left the
   # policy where it was with winners at 0.9 in the pool; with this term (and the margin above,
   # and a higher rate) it moved toward them.
   c.sft_weight = 5.0
+  # What the SFT term pulls toward: "best", each pair's query's best candidate in the pool
+  # (highest Joint, then Purity), or "winner", the pair's own winner. A query's winners differ
+  # (any candidate clearly above some loser wins a pair), so pulling toward all of them asks
+  # for their average; the best is one target per query (docs/hppo.md, "One target per query").
+  c.sft_target = "best"
   return c
 
 
@@ -161,18 +172,26 @@ def dpo_loss_fn(apply_fn: Callable[..., jnp.ndarray], space: diffusion.TargetSpa
 
   With e the per-example denoising error under one shared t and noise per pair,
   Δ = (e_θ(w) − e_ref(w)) − (e_θ(l) − e_ref(l)) and the loss is
-  mean(−log σ(−β Δ)) + sft_weight · mean(e_θ(w)); it is log 2 when θ = ref.
+  mean(−log σ(−β Δ)) + sft_weight · mean(e_θ(s)); it is log 2 when θ = ref and sft_weight
+  is 0. The SFT target s is the batch's `best` (the query's best candidate) when it has one,
+  otherwise the winner w.
   """
   def loss_fn(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, reference: Any):
     batch_size = batch["winner"].shape[0]
     t_rng, noise_rng = jax.random.split(rng)
     t = jax.random.uniform(t_rng, (batch_size,), jnp.float32)
     noise = jax.random.normal(noise_rng, batch["winner"].shape, jnp.float32)
-    drift_w, drift_l, e_winner = preference_drifts(apply_fn, params, reference, batch, t,
-                                                   noise, space)
+    drift_w, drift_l, e_sft = preference_drifts(apply_fn, params, reference, batch, t,
+                                                noise, space)
+    if "best" in batch and sft_weight:
+      # The SFT term's own target (the query's best candidate), under the pair's t and noise.
+      cond = diffusion.Condition(batch["context"], batch["context_mask"], batch["domain"],
+                                 batch.get("evidence"))
+      e_sft = diffusion.denoising_error(apply_fn, params, space.encode(batch["best"], cond),
+                                        t, noise, cond)
     delta = drift_w - drift_l
     dpo = jnp.mean(-jax.nn.log_sigmoid(-beta * delta))
-    loss = dpo + sft_weight * jnp.mean(e_winner)
+    loss = dpo + sft_weight * jnp.mean(e_sft)
     # The implicit reward margin of winners over losers, -beta * delta: 0 at the reference,
     # rising as the policy learns the pool's preferences.
     aux = {"dpo_loss": dpo, "implicit_accuracy": jnp.mean((delta < 0).astype(jnp.float32)),
@@ -196,6 +215,7 @@ class Pool:
   purity: np.ndarray               # float64 [Q, C]
   pairs: np.ndarray                # int64 [P, 3] (query, winner, loser)
   counts: dict[str, int]
+  best: np.ndarray | None = None   # int64 [Q]: each query's best candidate (set by `build`)
   evidence: np.ndarray | None = None  # float32 [Q, E, d] for a model that reads evidence
 
 
@@ -355,13 +375,19 @@ class CandidatePools:
       raise errors.UserError(
           f"HPPO pool {pool_index} has no preference pair after the margin "
           f"{hppo.margin} and Pareto filter: lower hppo.margin or add policies")
-    return Pool(queries, stacked, names, joint, purity, pairs, counts, evidence)
+    # Highest Joint, ties broken by Purity (lexsort's last key is the primary one).
+    best = np.lexsort((purity, joint), axis=1)[:, -1]
+    return Pool(queries, stacked, names, joint, purity, pairs, counts, best=best, evidence=evidence)
 
 
 class PairBatches:
   """The engine hooks of HPPO: `before_step` rebuilds the pool, `__call__` gives pair batches."""
 
   def __init__(self, pools: CandidatePools, config: ml_collections.ConfigDict):
+    if config.hppo.sft_target not in SFT_TARGETS:
+      raise errors.UserError(f"hppo.sft_target {config.hppo.sft_target!r}: known "
+                             f"{', '.join(SFT_TARGETS)}")
+    self._best = config.hppo.sft_target == "best"
     self._pools = pools
     self._every = int(config.hppo.pool_every)
     self._seed = int(config.seed)
@@ -406,6 +432,8 @@ class PairBatches:
              "context_mask": np.ones(seeds.shape, bool),
              "domain": pool.queries.domain[query].astype(np.int32),
              "winner": pool.candidates[query, winner], "loser": pool.candidates[query, loser]}
+    if self._best:
+      batch["best"] = pool.candidates[query, pool.best[query]]
     if pool.evidence is not None:
       batch["evidence"] = pool.evidence[query]
     return batch

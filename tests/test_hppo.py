@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +83,27 @@ def test_dpo_loss_is_log2_when_policy_equals_reference(model_and_params):
   other = perturb(params, seed=7, scale=0.1)
   moved, _ = loss_fn(other, _pair_batch(), jax.random.PRNGKey(0), params)
   assert abs(float(moved) - math.log(2)) > 1e-4
+
+
+def test_sft_term_pulls_toward_the_batch_best(model_and_params):
+  """With `best` in the batch the SFT term scores it; the DPO part is unchanged."""
+  _, params, apply = model_and_params
+  space = diffusion.TargetSpace(4.0)
+  policy = perturb(params, seed=9, scale=0.1)
+  batch = _pair_batch()
+  rng = jax.random.PRNGKey(0)
+  sft = lambda b: hppo.dpo_loss_fn(apply, space, beta=50.0, sft_weight=1.0)(policy, b, rng,
+                                                                             params)
+  no_sft = hppo.dpo_loss_fn(apply, space, beta=50.0)(policy, batch, rng, params)
+  base, base_aux = sft(batch)
+  # The winner as `best` is the winner-target loss, to float rounding.
+  same, _ = sft(dict(batch, best=batch["winner"]))
+  assert math.isclose(float(same), float(base), rel_tol=1e-6)
+  # Another `best` changes only the SFT term: the DPO loss is the one without an SFT term.
+  other, other_aux = sft(dict(batch, best=batch["loser"]))
+  assert not math.isclose(float(other), float(base), rel_tol=1e-4)
+  for aux in (base_aux, other_aux):
+    assert math.isclose(float(aux["dpo_loss"]), float(no_sft[1]["dpo_loss"]), rel_tol=1e-6)
 
 
 def test_no_gradient_reaches_the_reference(model_and_params):
@@ -286,6 +308,30 @@ def test_pools_draw_only_fit_queries(tiny_world, sft_workdir):
   for pool_index in range(3):
     drawn = {tuple(s) for s in builder.build(params, pool_index).queries.seeds}
     assert drawn and drawn <= fit and not drawn & validation
+
+
+def test_pool_best_is_each_querys_highest_joint_then_purity(tiny_world, sft_workdir):
+  config = _hppo_config(sft_workdir)
+  cat = catalog_lib.load_catalog(tiny_world)
+  params = engine.restore_params(sft_workdir)
+  pool = _pool_builder(cat, config, params).build(params, 0)
+  rows = np.arange(len(pool.queries))
+  np.testing.assert_array_equal(pool.joint[rows, pool.best], pool.joint.max(axis=1))
+  tied = pool.joint == pool.joint.max(axis=1, keepdims=True)
+  np.testing.assert_array_equal(pool.purity[rows, pool.best],
+                                np.where(tied, pool.purity, -1).max(axis=1))
+  # The batches carry it as the SFT target, or not at all with sft_target "winner".
+  config.hppo.sft_target = "best"
+  batches = hppo.PairBatches(_pool_builder(cat, config, params), config)
+  batches.before_step(0, types.SimpleNamespace(params=jax.tree.map(jnp.asarray, params)))
+  assert batches(0, 0, 1, 8)["best"].shape == (8, cat.dim)
+  config.hppo.sft_target = "winner"
+  batches = hppo.PairBatches(_pool_builder(cat, config, params), config)
+  batches.before_step(0, types.SimpleNamespace(params=jax.tree.map(jnp.asarray, params)))
+  assert "best" not in batches(0, 0, 1, 8)
+  config.hppo.sft_target = "mean"
+  with pytest.raises(errors.UserError, match="sft_target"):
+    hppo.PairBatches(_pool_builder(cat, config, params), config)
 
 
 def test_a_model_that_reads_neighbour_evidence_trains_and_samples(tiny_world, tmp_path,
