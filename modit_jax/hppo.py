@@ -79,14 +79,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.pareto = True                     # keep a pair only if Purity(w) >= Purity(l)
   c.min_winner_purity = 0.0           # and, if > 0, only if Purity(w) >= this
   # The DPO temperature. Δ is a difference of per-example denoising errors (about 1 in target
-  # units), so at 200 every pair saturates: the implicit margin reached 300 and the pairs the
-  # policy still had wrong drove steps that undid the SFT term's (train Joint@20 in the pools
-  # 0.33 against 0.57 without DPO). At 2 the DPO term stays in its active range and costs the
-  # SFT term nothing (docs/hppo.md, "One target per query").
+  # units), so at 200 every pair saturates: implicit margins of 160-390, and the pairs the
+  # policy still had wrong drove steps that undid the SFT term's (after 1,200 updates the fit
+  # queries' oracle Joint@20 was 0.33, against 0.57 at β 0.001). At 2 the DPO term stays in
+  # its active range and costs the SFT term nothing measured (docs/hppo.md, "One target per
+  # query").
   c.beta = 2.0
-  # + sft_weight * e_theta(w): a supervised pull toward the pairs' winners. DPO alone left the
-  # policy where it was with winners at 0.9 in the pool; with this term (and the margin above,
-  # and a higher rate) it moved toward them.
+  # + sft_weight * e_theta(target): a supervised pull toward the target below. DPO alone left
+  # the policy where it was with winners at 0.9 in the pool; with this term (and the margin
+  # above, and a higher rate) it moved toward them.
   c.sft_weight = 5.0
   # What the SFT term pulls toward: "best", each pair's query's best candidate in the pool
   # (highest Joint, then Purity), or "winner", the pair's own winner. A query's winners differ
@@ -94,6 +95,17 @@ def default_config() -> ml_collections.ConfigDict:
   # for their average; the best is one target per query (docs/hppo.md, "One target per query").
   c.sft_target = "best"
   return c
+
+
+def uses_best_target(config: ml_collections.ConfigDict) -> bool:
+  """Whether the SFT term pulls toward each query's best candidate (`hppo.sft_target`).
+
+  A run config saved before the field existed pulled toward the pair's winner.
+  """
+  value = config.get("sft_target", "winner")
+  if value not in SFT_TARGETS:
+    raise errors.UserError(f"hppo.sft_target {value!r}: known {', '.join(SFT_TARGETS)}")
+  return value == "best"
 
 
 def parse_policies(value: str) -> list[str]:
@@ -377,17 +389,15 @@ class CandidatePools:
           f"{hppo.margin} and Pareto filter: lower hppo.margin or add policies")
     # Highest Joint, ties broken by Purity (lexsort's last key is the primary one).
     best = np.lexsort((purity, joint), axis=1)[:, -1]
-    return Pool(queries, stacked, names, joint, purity, pairs, counts, best=best, evidence=evidence)
+    return Pool(queries, stacked, names, joint, purity, pairs, counts, best=best,
+                evidence=evidence)
 
 
 class PairBatches:
   """The engine hooks of HPPO: `before_step` rebuilds the pool, `__call__` gives pair batches."""
 
   def __init__(self, pools: CandidatePools, config: ml_collections.ConfigDict):
-    if config.hppo.sft_target not in SFT_TARGETS:
-      raise errors.UserError(f"hppo.sft_target {config.hppo.sft_target!r}: known "
-                             f"{', '.join(SFT_TARGETS)}")
-    self._best = config.hppo.sft_target == "best"
+    self._best = uses_best_target(config.hppo)
     self._pools = pools
     self._every = int(config.hppo.pool_every)
     self._seed = int(config.seed)

@@ -233,6 +233,11 @@ def test_hppo_config_errors(tiny_world, sft_workdir, tmp_path):
   positions.model.learned_positions = True
   with pytest.raises(errors.UserError, match="learned_positions"):
     training.train(positions, str(tiny_world), str(tmp_path / "c"))
+  target = _hppo_config(sft_workdir)
+  target.hppo.sft_target = "mean"
+  with pytest.raises(errors.UserError, match="sft_target"):
+    training.train(target, str(tiny_world), str(tmp_path / "d"))
+  assert not (tmp_path / "d").exists()
 
 
 def _pool_builder(cat, config, params) -> hppo.CandidatePools:

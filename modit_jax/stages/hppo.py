@@ -28,6 +28,7 @@ def _check(config: ml_collections.ConfigDict) -> None:
         f"config.checkpoint_every ({config.checkpoint_every}) must be a positive multiple of "
         f"hppo.pool_every ({every}): a resumed run rebuilds its pool at the checkpoint step")
   hppo.parse_policies(config.hppo.policies)
+  hppo.uses_best_target(config.hppo)
 
 
 def _loop_args(inputs: base.Inputs) -> dict[str, Any]:
