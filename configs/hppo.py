@@ -28,8 +28,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # A short warm-up, and an EMA that follows the policy within the run's few hundred steps.
   # 400 steps with a pool every 100 (pools, not updates, are most of an HPPO run's time). With
   # the SFT term on each query's best candidate (hppo.default_config) the policy was still
-  # under-fitted after 400 updates at 1e-3 (fit-query Joint@20 rose with every doubling of the
-  # rate up to 8e-3 and was flat to 1.6e-2 on the development world): 8e-3 buys what 1,200
+  # under-fitted after 400 updates at 1e-3 (on the development world, Joint@20 rose with the
+  # rate up to 8e-3 and was flat from there to 3.2e-2 at β 2): 8e-3 buys most of what 1,200
   # updates at 2e-3 bought, at a third of the time (docs/hppo.md, "One target per query").
   c.learning_rate = 8e-3
   c.warmup_steps = 20
