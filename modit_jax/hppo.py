@@ -412,7 +412,9 @@ class PairBatches:
     pool = self._pools.build(engine.host_copy(state.params), index)
     self._pool, self._pool_index = pool, index
     policy_of = np.array([name.split(":")[0] for name in pool.names])
-    best = policy_of[pool.joint.argmax(axis=1)]
+    # The policy of each query's best candidate as `build` chose it (ties on Joint broken by
+    # Purity), the one the SFT term pulls toward.
+    best = policy_of[pool.best]
     scalars = {f"pool/{k}": float(v) for k, v in pool.counts.items()}
     scalars["pool/best_joint"] = float(pool.joint.max(axis=1).mean())
     for policy in dict.fromkeys(policy_of):

@@ -328,8 +328,14 @@ def test_pool_best_is_each_querys_highest_joint_then_purity(tiny_world, sft_work
   # The batches carry it as the SFT target, or not at all with sft_target "winner".
   config.hppo.sft_target = "best"
   batches = hppo.PairBatches(_pool_builder(cat, config, params), config)
-  batches.before_step(0, types.SimpleNamespace(params=jax.tree.map(jnp.asarray, params)))
+  scalars = batches.before_step(0, types.SimpleNamespace(params=jax.tree.map(jnp.asarray,
+                                                                            params)))
   assert batches(0, 0, 1, 8)["best"].shape == (8, cat.dim)
+  # The logged share of queries each policy wins is that of the same best (ties by Purity).
+  policy_of = np.array([name.split(":")[0] for name in pool.names])
+  for policy in set(policy_of):
+    assert scalars[f"pool/best_share/{policy}"] == pytest.approx(
+        np.mean(policy_of[pool.best] == policy))
   config.hppo.sft_target = "winner"
   batches = hppo.PairBatches(_pool_builder(cat, config, params), config)
   batches.before_step(0, types.SimpleNamespace(params=jax.tree.map(jnp.asarray, params)))
