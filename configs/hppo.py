@@ -25,22 +25,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = training.default_config(variants.join(*(t for t in tokens if not t.startswith("no_"))))
   c.stage = "hppo"
   c.init_from = "out/default/sft"
-  # A short warm-up, and an EMA that follows the policy within the run's few hundred steps.
-  # 400 steps with a pool every 100 (pools, not updates, are most of an HPPO run's time). With
-  # the SFT term on each query's best candidate (hppo.default_config) the policy was still
-  # under-fitted after 400 updates at 1e-3 (on the development world, Joint@20 rose with the
-  # rate up to 8e-3 and was flat from there to 3.2e-2 at β 2): 8e-3 buys most of what 1,200
-  # updates at 2e-3 bought, at a third of the time (docs/hppo.md, "One target per query").
+  # A short warm-up, and an EMA that follows the policy within a few hundred steps. With the
+  # SFT term on each query's best candidate (hppo.default_config) the policy was under-fitted
+  # at 1e-3 (on the development world, Joint@20 rose with the rate up to 8e-3 and was flat
+  # from there to 3.2e-2 at β 2; docs/hppo.md, "One target per query").
   c.learning_rate = 8e-3
   c.warmup_steps = 20
-  c.num_steps = 400
+  # 1,000 updates of regression on every fit query's best policy-free candidate, then 200 of
+  # DPO on two pools. The policy learns a region's direction from many updates on fixed
+  # targets (development mean Joint@20 0.531 -> 0.597-0.599; docs/hppo.md, "A regression
+  # phase"); a regression update costs a third of a pair update and needs no pool.
+  c.num_steps = 1200
+  c.hppo.regress_steps = 1000
   c.hppo.pool_every = 100
   c.batch_size = 128
   c.ema_decay = 0.99
   c.log_every = 20
   c.checkpoint_every = 100
   if "tiny" in tokens:
-    c.num_steps = 100
+    c.num_steps = 150
+    c.hppo.regress_steps = 100
     c.batch_size = 32
     c.checkpoint_every = 50
     c.hppo.pool_every = 50

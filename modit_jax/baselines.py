@@ -74,11 +74,19 @@ def _embedding_method(name: str, embed: Callable[[catalog_lib.Queries], np.ndarr
   return Fitted(name, lambda q, index, k: _search(index, embed(q), q.seeds, k))
 
 
+# Knob choice on validation queries: the first grid value within this many paired standard
+# errors of the best mean Joint (the one-standard-error rule). On the development world the
+# guidance curves of length were flat within noise (0.15-0.17 over the grid) and the argmax
+# moved between 1 and 12 from run to run, which cost item holdout up to 0.35 (docs/hppo.md).
+KNOB_TOLERANCE_SE = 1.0
+
+
 def tune_per_domain(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
                      grid: Sequence[float],
                      retrieve_train: Callable[[catalog_lib.Queries, Any], np.ndarray],
                      what: str, max_queries: int = 0, seed: int = 0,
-                     purity_tolerance: float = -1.0) -> np.ndarray:
+                     purity_tolerance: float = -1.0,
+                     tolerance_se: float = KNOB_TOLERANCE_SE) -> np.ndarray:
   """For each domain, the grid value with the best mean oracle Joint@k on validation queries.
 
   A grid value is a number or a tuple of knobs tried together; the result is float64 [M] or
@@ -89,7 +97,9 @@ def tune_per_domain(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracl
   seeded subset of that many validation queries (for knobs whose every
   trial is costly, such as a generative model's guidance scale). `purity_tolerance` >= 0 only
   admits values whose mean validation Purity@k is within it of the grid's best Purity@k (a
-  pattern-preserving choice); < 0 ignores purity.
+  pattern-preserving choice); < 0 ignores purity. Of the values whose mean Joint is within
+  `tolerance_se` paired standard errors of the best mean, the first in grid order is chosen
+  (grids run from the simplest value: no shift, guidance 1, the smallest pool).
   """
   if len(catalog.queries["train"]) == 0:
     raise errors.UserError(f"tuning the {what} needs train queries; queries_train.npz is empty")
@@ -108,13 +118,29 @@ def tune_per_domain(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracl
       if purity_tolerance >= 0:
         pure = purity[:, rows].mean(axis=1)
         means = np.where(pure >= pure.max() - purity_tolerance, means, -np.inf)
-      best[m] = grid[int(np.argmax(means))]
+      best[m] = grid[_first_within_se(joint[:, rows], means, tolerance_se)]
       logging.info("%s for domain %s: %s (validation Joint@%d %s, Purity@%d %s)", what,
                    catalog.domains[m], best[m], oracle.k,
                    np.round(joint[:, rows].mean(1), 3).tolist(), oracle.k,
                    np.round(purity[:, rows].mean(1), 3).tolist())
   # [M] for scalar grid values, [M, n] for tuples of n knobs.
   return np.asarray(best, np.float64)
+
+
+def _first_within_se(joint: np.ndarray, means: np.ndarray, tolerance_se: float) -> int:
+  """The first grid row whose mean is within `tolerance_se` paired SEs of the best one's.
+
+  joint: [G, Q] per-query scores of each grid value; means: [G] their means, -inf where a value
+  is not admitted. A tie of means within noise then goes to the simpler value instead of to
+  whichever the noise favoured.
+  """
+  top = int(np.argmax(means))
+  if tolerance_se <= 0 or joint.shape[1] < 2:
+    return top
+  diff = joint[top] - joint                                    # [G, Q], paired with the best
+  se = diff.std(axis=1, ddof=1) / np.sqrt(joint.shape[1])
+  within = np.isfinite(means) & (means >= means[top] - tolerance_se * se)
+  return int(np.flatnonzero(within)[0])
 
 
 def _shift_method(name: str, catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,

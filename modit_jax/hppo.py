@@ -8,7 +8,10 @@ and extrapolations past it), interpolations, and relevance feedback (the seed ce
 toward the oracle's hits among its own retrieved train items, round after round). The online
 oracle (train items only) labels every candidate with Joint@K and Purity@K. Pairs (winner, loser) of one query need
 Joint(w) > Joint(l) + margin; the **Pareto filter** keeps a pair only if Purity(w) >= Purity(l).
-The loss is Diffusion-DPO on those pairs with the frozen SFT parameters as the reference.
+The loss is Diffusion-DPO on those pairs with the frozen SFT parameters as the reference, plus
+an SFT term toward each query's best candidate. The first `hppo.regress_steps` updates come
+before any pool: the SFT term alone, toward every fit query's best candidate among those that
+need no model (docs/hppo.md, "A regression phase").
 
 Pools are rebuilt every `hppo.pool_every` steps from the current policy parameters; a pool is a
 pure function of (config, rebuild index, the parameters at that step), so a run resumed from a
@@ -94,6 +97,10 @@ def default_config() -> ml_collections.ConfigDict:
   # (any candidate clearly above some loser wins a pair), so pulling toward all of them asks
   # for their average; the best is one target per query (docs/hppo.md, "One target per query").
   c.sft_target = "best"
+  # Updates before the first pool that regress the policy on every fit query's best
+  # policy-free candidate (the pool's candidates that need no model: centroids, feedback,
+  # neighbourhood), with the SFT term alone; 0: none. A multiple of `pool_every`.
+  c.regress_steps = 0
   return c
 
 
@@ -189,18 +196,27 @@ def dpo_loss_fn(apply_fn: Callable[..., jnp.ndarray], space: diffusion.TargetSpa
   otherwise the winner w.
   """
   def loss_fn(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, reference: Any):
-    batch_size = batch["winner"].shape[0]
+    shape = batch["best" if "best" in batch else "winner"].shape
     t_rng, noise_rng = jax.random.split(rng)
-    t = jax.random.uniform(t_rng, (batch_size,), jnp.float32)
-    noise = jax.random.normal(noise_rng, batch["winner"].shape, jnp.float32)
+    t = jax.random.uniform(t_rng, (shape[0],), jnp.float32)
+    noise = jax.random.normal(noise_rng, shape, jnp.float32)
+    cond = diffusion.Condition(batch["context"], batch["context_mask"], batch["domain"],
+                               batch.get("evidence"))
+
+    def sft_error() -> jax.Array:
+      # The SFT term's own target (the query's best candidate), under the pair's t and noise.
+      return diffusion.denoising_error(apply_fn, params, space.encode(batch["best"], cond), t,
+                                       noise, cond)
+
+    if "winner" not in batch:
+      # A batch of the regression phase (`hppo.regress_steps`): targets, no pairs. Its loss is
+      # the SFT term alone, on the same scale as in the pair batches that follow.
+      e_sft = sft_error()
+      return sft_weight * jnp.mean(e_sft), {"sft_error": jnp.mean(e_sft)}
     drift_w, drift_l, e_sft = preference_drifts(apply_fn, params, reference, batch, t,
                                                 noise, space)
     if "best" in batch and sft_weight:
-      # The SFT term's own target (the query's best candidate), under the pair's t and noise.
-      cond = diffusion.Condition(batch["context"], batch["context_mask"], batch["domain"],
-                                 batch.get("evidence"))
-      e_sft = diffusion.denoising_error(apply_fn, params, space.encode(batch["best"], cond),
-                                        t, noise, cond)
+      e_sft = sft_error()
     delta = drift_w - drift_l
     dpo = jnp.mean(-jax.nn.log_sigmoid(-beta * delta))
     loss = dpo + sft_weight * jnp.mean(e_sft)
@@ -326,8 +342,20 @@ class CandidatePools:
 
   def build(self, params: Any, pool_index: int) -> Pool:
     """The labelled pool `pool_index` with the current policy `params` (host or device)."""
+    return self._build(params, self._draw(pool_index), pool_index)
+
+  def build_policy_free(self) -> Pool:
+    """Every fit query with the candidates that need no model, labelled; no pairs.
+
+    The targets of the regression phase (`hppo.regress_steps`): its `best` is each query's
+    best candidate among the centroids, feedback and neighbourhood candidates.
+    """
+    return self._build(None, self._queries, -1)
+
+  def _build(self, params: Any, queries: catalog_lib.Queries, pool_index: int) -> Pool:
+    """A labelled pool of `queries`; `params` None: only the candidates that need no model."""
     hppo = self._hppo
-    queries = self._draw(pool_index)
+    with_model = params is not None
     centroid = evidence_lib.seed_centroids(self.embeddings, queries.seeds)
     tail = self._tail(queries)
     evidence = None
@@ -336,8 +364,6 @@ class CandidatePools:
       evidence = self._evidence(np.asarray(self.embeddings[queries.seeds], np.float32),
                                 np.ones(queries.seeds.shape, bool), queries.domain,
                                 exclude_items=queries.seeds)
-    policy, policy_names = self._model(params, queries, evidence, hppo.policy_guidance,
-                                       int(hppo.policy_noise_seeds), pool_index, 0)
     candidates: list[np.ndarray] = []
     names: list[str] = []
 
@@ -346,8 +372,11 @@ class CandidatePools:
         candidates.extend(evidence_lib.normalize(e) for e in embeddings)
         names.extend(f"{policy_name}:{v}" for v in variants)
 
-    add("policy", policy, policy_names)
-    if "reference" in self._policies:
+    if with_model:
+      policy, policy_names = self._model(params, queries, evidence, hppo.policy_guidance,
+                                         int(hppo.policy_noise_seeds), pool_index, 0)
+      add("policy", policy, policy_names)
+    if with_model and "reference" in self._policies:
       ref, ref_names = self._model(self._reference, queries, evidence,
                                    hppo.reference_guidance, 1,
                                    pool_index, 1)
@@ -357,11 +386,12 @@ class CandidatePools:
         [f"a{a:g}" for a in hppo.tail_extrapolation])
     # Interpolations toward the policy's sample at the last `policy_guidance` scale, from either
     # heuristic anchor.
-    top = policy[(len(hppo.policy_guidance) - 1) * int(hppo.policy_noise_seeds)]
-    weights = list(hppo.interpolation_weights)
-    add("interpolation",
-        [(1 - w) * anchor + w * top for anchor in (centroid, tail) for w in weights],
-        [f"{a}{w:g}" for a in ("centroid", "tail") for w in weights])
+    if with_model:
+      top = policy[(len(hppo.policy_guidance) - 1) * int(hppo.policy_noise_seeds)]
+      weights = list(hppo.interpolation_weights)
+      add("interpolation",
+          [(1 - w) * anchor + w * top for anchor in (centroid, tail) for w in weights],
+          [f"{a}{w:g}" for a in ("centroid", "tail") for w in weights])
     if "feedback" in self._policies:
       add("feedback", self._feedback(centroid, queries),
           [f"r{r + 1}" for r in range(int(hppo.feedback_rounds))])
@@ -383,7 +413,7 @@ class CandidatePools:
     purity = scores[f"purity@{k}"].reshape(num_q, num_c)
     pairs, counts = pareto_pairs(joint, purity, float(hppo.margin), bool(hppo.pareto),
                                  float(hppo.min_winner_purity))
-    if not len(pairs):
+    if with_model and not len(pairs):
       raise errors.UserError(
           f"HPPO pool {pool_index} has no preference pair after the margin "
           f"{hppo.margin} and Pareto filter: lower hppo.margin or add policies")
@@ -401,16 +431,27 @@ class PairBatches:
     self._pools = pools
     self._every = int(config.hppo.pool_every)
     self._seed = int(config.seed)
+    self._regress_steps = int(config.hppo.get("regress_steps", 0))
     self._pool: Pool | None = None
     self._pool_index = -1
+    self._targets: Pool | None = None  # the regression phase's, built once
+
+  def _regressing(self, step: int) -> bool:
+    return step < self._regress_steps
 
   def before_step(self, step: int, state: Any) -> dict[str, float] | None:
     """Rebuilds the pool from the policy at `step` when `step` starts a new pool period."""
-    index = step // self._every
-    if index == self._pool_index:
-      return None
-    pool = self._pools.build(engine.host_copy(state.params), index)
-    self._pool, self._pool_index = pool, index
+    if self._regressing(step):
+      if self._targets is not None:
+        return None
+      self._targets = pool = self._pools.build_policy_free()
+      index = -1
+    else:
+      index = step // self._every
+      if index == self._pool_index:
+        return None
+      pool = self._pools.build(engine.host_copy(state.params), index)
+      self._pool, self._pool_index = pool, index
     policy_of = np.array([name.split(":")[0] for name in pool.names])
     # The policy of each query's best candidate as `build` chose it (ties on Joint broken by
     # Purity), the one the SFT term pulls toward.
@@ -422,8 +463,9 @@ class PairBatches:
       scalars[f"pool/mean_joint/{policy}"] = float(pool.joint[:, policy_of == policy].mean())
       scalars[f"pool/best_share/{policy}"] = float(np.mean(best == policy))
     logging.info(
-        "HPPO pool %d at step %d: %d queries x %d candidates; pairs %d -> %d (margin) -> %d "
-        "(Pareto); mean best Joint %.3f; mean Joint per policy %s", index, step,
+        "HPPO %s at step %d: %d queries x %d candidates; pairs %d -> %d (margin) -> %d "
+        "(Pareto); mean best Joint %.3f; mean Joint per policy %s",
+        "regression targets" if index < 0 else f"pool {index}", step,
         *pool.joint.shape, pool.counts["candidate_pairs"], pool.counts["margin_pairs"],
         pool.counts["kept_pairs"], scalars["pool/best_joint"],
         {k.rsplit("/", 1)[1]: round(v, 3) for k, v in scalars.items()
@@ -432,20 +474,34 @@ class PairBatches:
 
   def __call__(self, step: int, process_index: int, process_count: int,
                batch_size: int) -> dict[str, np.ndarray]:
-    pool = self._pool
-    if pool is None or self._pool_index != step // self._every:
-      raise RuntimeError("HPPO batch requested before its pool was built (call before_step)")
     rng = np.random.default_rng([self._seed, _PAIR_STREAM, step])
-    rows = pool.pairs[rng.integers(0, len(pool.pairs), size=batch_size)]
-    rows = rows[data.process_slice(batch_size, process_index, process_count)]
-    query, winner, loser = rows.T
+    if self._regressing(step):
+      pool = self._targets
+      if pool is None:
+        raise RuntimeError("HPPO batch requested before its targets were built")
+      # Targets without pairs: the loss is the SFT term's alone (dpo_loss_fn).
+      query = rng.integers(0, len(pool.queries), size=batch_size)
+      query = query[data.process_slice(batch_size, process_index, process_count)]
+      return self._batch(pool, query, best=pool.best[query])
+    else:
+      pool = self._pool
+      if pool is None or self._pool_index != step // self._every:
+        raise RuntimeError("HPPO batch requested before its pool was built (call before_step)")
+      rows = pool.pairs[rng.integers(0, len(pool.pairs), size=batch_size)]
+      rows = rows[data.process_slice(batch_size, process_index, process_count)]
+      query, winner, loser = rows.T
+    return self._batch(pool, query, winner=winner, loser=loser,
+                       best=pool.best[query] if self._best else None)
+
+  def _batch(self, pool: Pool, query: np.ndarray, **candidates: np.ndarray | None
+             ) -> dict[str, np.ndarray]:
+    """The condition of each row of `query`, and the candidates named by `candidates`."""
     seeds = pool.queries.seeds[query]
     batch = {"context": np.asarray(self._pools.embeddings[seeds], np.float32),
              "context_mask": np.ones(seeds.shape, bool),
-             "domain": pool.queries.domain[query].astype(np.int32),
-             "winner": pool.candidates[query, winner], "loser": pool.candidates[query, loser]}
-    if self._best:
-      batch["best"] = pool.candidates[query, pool.best[query]]
+             "domain": pool.queries.domain[query].astype(np.int32)}
+    batch.update({name: pool.candidates[query, column]
+                  for name, column in candidates.items() if column is not None})
     if pool.evidence is not None:
       batch["evidence"] = pool.evidence[query]
     return batch

@@ -243,6 +243,37 @@ def test_tuning_picks_best_joint_or_best_joint_within_purity_tolerance(tiny):
   np.testing.assert_array_equal(tune(0.0), np.full(cat.num_domains, 1.0))
 
 
+class _NoisyOracle:
+  """An oracle stub: per grid value, a query's Joint is its own level plus the value's gain."""
+  k = 20
+
+  def __init__(self, gains):
+    self._gains = gains  # value -> mean gain over the first value
+
+  def score_ids(self, retrieved, queries):
+    level = np.random.default_rng(0).uniform(0.0, 0.8, len(queries))  # the same per query
+    noise = np.random.default_rng(int(retrieved)).normal(0.0, 0.1, len(queries))
+    for m in np.unique(queries.domain):  # so that each domain's mean differences are the gains
+      noise[queries.domain == m] -= noise[queries.domain == m].mean()
+    joint = level + noise + self._gains[float(retrieved)]
+    return {"joint@20": joint, "purity@20": np.ones(len(queries))}
+
+
+def test_tuning_prefers_the_first_value_within_one_standard_error(tiny):
+  cat = catalog_lib.load_catalog(tiny)
+  tune = lambda gains, se: baselines.tune_per_domain(
+      cat, _NoisyOracle(gains), [1.0, 4.0, 8.0], lambda q, value: value, "knob",
+      tolerance_se=se)
+  # A later value ahead by far less than the noise: the first value (the simplest) wins the tie,
+  # where the plain argmax would follow the noise.
+  tied = {1.0: 0.0, 4.0: 0.001, 8.0: 0.002}
+  np.testing.assert_array_equal(tune(tied, 1.0), np.full(cat.num_domains, 1.0))
+  np.testing.assert_array_equal(tune(tied, 0.0), np.full(cat.num_domains, 8.0))
+  # Ahead by many standard errors: chosen under either rule.
+  ahead = {1.0: 0.0, 4.0: 0.5, 8.0: 0.0}
+  np.testing.assert_array_equal(tune(ahead, 1.0), np.full(cat.num_domains, 4.0))
+
+
 def test_methods_without_knobs_need_no_train_queries(tiny):
   cat = catalog_lib.load_catalog(tiny)
   train = cat.queries["train"]

@@ -183,6 +183,7 @@ def _hppo_config(sft_workdir: str, **overrides):
   config = hppo_config.get_config("tiny")
   config.init_from = sft_workdir
   config.num_steps, config.checkpoint_every, config.hppo.pool_every = 40, 20, 20
+  config.hppo.regress_steps = 0
   config.log_every = 10
   for key, value in overrides.items():
     config[key] = value
@@ -223,6 +224,67 @@ def test_hppo_stage_trains_and_resumes_exactly(tiny_world, sft_workdir, tmp_path
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_regression_phase_then_pools_resume_exactly(tiny_world, sft_workdir, tmp_path,
+                                                    monkeypatch):
+  """Regression updates (no pairs) until hppo.regress_steps, then pools; killed in each phase."""
+  config = _hppo_config(sft_workdir, num_steps=80)
+  config.hppo.regress_steps = 40
+  full = training.train(config, str(tiny_world), str(tmp_path / "full"))
+  records = [json.loads(line) for line in open(tmp_path / "full" / engine.METRICS_FILE)]
+  # The targets once at step 0, then a pool every pool_every steps.
+  assert [r["step"] for r in records if "pool/kept_pairs" in r] == [0, 40, 60]
+  assert {r["step"] for r in records if "sft_error" in r} == {10, 20, 30, 40}
+  assert min(r["step"] for r in records if "dpo_loss" in r) == 50
+
+  calls = hppo.PairBatches.__call__
+
+  def dies_at(kill_step):
+    def call(self, step, *args):
+      if step == kill_step:
+        raise _Killed()
+      return calls(self, step, *args)
+    return call
+
+  workdir = tmp_path / "resumed"
+  # Killed after the checkpoint at 20 (regression), then after the one at 60 (pools).
+  for kill_step in (25, 65):
+    monkeypatch.setattr(hppo.PairBatches, "__call__", dies_at(kill_step))
+    with pytest.raises(_Killed):
+      training.train(config, str(tiny_world), str(workdir))
+  monkeypatch.setattr(hppo.PairBatches, "__call__", calls)
+  resumed = training.train(config, str(tiny_world), str(workdir))
+  for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(full.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_regression_targets_need_no_model(tiny_world, sft_workdir):
+  """Every fit query, candidates of the model-free policies only, its best as the target."""
+  config = _hppo_config(sft_workdir)
+  cat = catalog_lib.load_catalog(tiny_world)
+  params = engine.restore_params(sft_workdir)
+  targets = _pool_builder(cat, config, params).build_policy_free()
+  np.testing.assert_array_equal(targets.queries.seeds, query_split.fit_queries(cat).seeds)
+  policies = {name.split(":")[0] for name in targets.names}
+  assert policies == set(hppo.POLICIES) - {"policy", "reference", "interpolation"}
+  rows = np.arange(len(targets.queries))
+  np.testing.assert_array_equal(targets.joint[rows, targets.best], targets.joint.max(axis=1))
+  # The same targets whatever the policy's parameters (they are not read).
+  zeros = jax.tree.map(np.zeros_like, params)
+  again = _pool_builder(cat, config, zeros).build_policy_free()
+  np.testing.assert_array_equal(again.candidates, targets.candidates)
+  # Its batches carry no pair, and their loss is the SFT term alone.
+  config.hppo.regress_steps = 20
+  batches = hppo.PairBatches(_pool_builder(cat, config, params), config)
+  batches.before_step(0, types.SimpleNamespace(params=params))
+  batch = batches(0, 0, 1, 8)
+  assert "winner" not in batch and batch["best"].shape == (8, cat.dim)
+  model = models.make_model(config.model, cat.dim, cat.num_domains)
+  space = models.target_space(config, model.dim)
+  loss_fn = hppo.dpo_loss_fn(models.apply_fn(model), space, beta=2.0, sft_weight=5.0)
+  loss, aux = loss_fn(params, jax.tree.map(jnp.asarray, batch), jax.random.PRNGKey(0), None)
+  np.testing.assert_allclose(float(loss), 5.0 * float(aux["sft_error"]), rtol=1e-6)
+
+
 def test_hppo_config_errors(tiny_world, sft_workdir, tmp_path):
   with pytest.raises(errors.UserError, match="init_from"):
     training.train(_hppo_config(""), str(tiny_world), str(tmp_path / "a"))
@@ -233,6 +295,10 @@ def test_hppo_config_errors(tiny_world, sft_workdir, tmp_path):
   positions.model.learned_positions = True
   with pytest.raises(errors.UserError, match="learned_positions"):
     training.train(positions, str(tiny_world), str(tmp_path / "c"))
+  regress = _hppo_config(sft_workdir)
+  regress.hppo.regress_steps = 30
+  with pytest.raises(errors.UserError, match="regress_steps"):
+    training.train(regress, str(tiny_world), str(tmp_path / "e"))
   target = _hppo_config(sft_workdir)
   target.hppo.sft_target = "mean"
   with pytest.raises(errors.UserError, match="sft_target"):

@@ -29,6 +29,8 @@ def _fast_tiny_config(ablations: bool = True):
       del config.runs[name]
   for run in config.runs.values():
     run.stage.num_steps = 20  # wiring, not quality: tests/test_training.py checks learning
+    if run.stage.stage == "hppo":
+      run.stage.hppo.regress_steps = 0  # straight to the pools (tests/test_hppo.py has both)
   # Any field of any run can be set (here as --config.runs.hppo.stage.hppo.beta=150 would).
   config.runs.hppo.stage.hppo.beta = 150.0
   config.evaluate.num_resamples = 200

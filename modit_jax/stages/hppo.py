@@ -27,6 +27,11 @@ def _check(config: ml_collections.ConfigDict) -> None:
     raise errors.UserError(
         f"config.checkpoint_every ({config.checkpoint_every}) must be a positive multiple of "
         f"hppo.pool_every ({every}): a resumed run rebuilds its pool at the checkpoint step")
+  regress = int(config.hppo.get("regress_steps", 0))
+  if regress < 0 or regress % every or regress > config.num_steps:
+    raise errors.UserError(
+        f"hppo.regress_steps ({regress}) must be a multiple of hppo.pool_every ({every}) "
+        f"between 0 and num_steps ({config.num_steps})")
   hppo.parse_policies(config.hppo.policies)
   hppo.uses_best_target(config.hppo)
 
