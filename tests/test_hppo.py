@@ -205,6 +205,12 @@ def test_hppo_stage_trains_and_resumes_exactly(tiny_world, sft_workdir, tmp_path
     assert 0 < r["pool/kept_pairs"] <= r["pool/margin_pairs"] <= r["pool/candidate_pairs"]
   first = next(r for r in records if "dpo_loss" in r)
   assert 0 <= first["implicit_accuracy"] <= 1
+  # It learns its pools' preferences: from the reference (margin 0, DPO loss log 2) the
+  # winners' implicit reward rises above the losers'. Each value is one batch's, and every
+  # pool brings new pairs, so neither is monotone.
+  dpo = [r for r in records if "dpo_loss" in r]
+  assert np.mean([r["implicit_margin"] for r in dpo]) > 0
+  assert np.mean([r["dpo_loss"] for r in dpo]) < math.log(2)
 
   # Killed one step after the checkpoint (and pool rebuild) at 20, then resumed.
   calls = hppo.PairBatches.__call__
