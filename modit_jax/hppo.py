@@ -42,6 +42,9 @@ from modit_jax import trajectories
 POLICIES = ("policy", "reference", "seed_centroid", "tail_centroid", "interpolation",
             "feedback", "neighbourhood")
 SFT_TARGETS = ("best", "winner")
+# The policies whose candidates need the model: they enter the pools only, never the targets of
+# the regression phase.
+MODEL_POLICIES = ("policy", "reference", "interpolation")
 _POOL_STREAM = 4
 _PAIR_STREAM = 5
 
@@ -113,6 +116,18 @@ def uses_best_target(config: ml_collections.ConfigDict) -> bool:
   if value not in SFT_TARGETS:
     raise errors.UserError(f"hppo.sft_target {value!r}: known {', '.join(SFT_TARGETS)}")
   return value == "best"
+
+
+def policies_trained_on(config: ml_collections.ConfigDict) -> list[str]:
+  """The policies whose candidates can reach a run's updates (its stage config).
+
+  All of `hppo.policies`, less the model-sampled ones when the regression phase is the whole
+  run (no pool is built).
+  """
+  names = parse_policies(config.hppo.policies)
+  if int(config.hppo.get("regress_steps", 0)) >= int(config.num_steps):
+    names = [p for p in names if p not in MODEL_POLICIES]
+  return names
 
 
 def parse_policies(value: str) -> list[str]:
@@ -440,7 +455,11 @@ class PairBatches:
     return step < self._regress_steps
 
   def before_step(self, step: int, state: Any) -> dict[str, float] | None:
-    """Rebuilds the pool from the policy at `step` when `step` starts a new pool period."""
+    """Builds what the batches of `step` draw from, when it is not built yet.
+
+    During the regression phase: the targets, once. After it: the pool from the policy at
+    `step`, when `step` starts a new pool period.
+    """
     if self._regressing(step):
       if self._targets is not None:
         return None
@@ -483,13 +502,12 @@ class PairBatches:
       query = rng.integers(0, len(pool.queries), size=batch_size)
       query = query[data.process_slice(batch_size, process_index, process_count)]
       return self._batch(pool, query, best=pool.best[query])
-    else:
-      pool = self._pool
-      if pool is None or self._pool_index != step // self._every:
-        raise RuntimeError("HPPO batch requested before its pool was built (call before_step)")
-      rows = pool.pairs[rng.integers(0, len(pool.pairs), size=batch_size)]
-      rows = rows[data.process_slice(batch_size, process_index, process_count)]
-      query, winner, loser = rows.T
+    pool = self._pool
+    if pool is None or self._pool_index != step // self._every:
+      raise RuntimeError("HPPO batch requested before its pool was built (call before_step)")
+    rows = pool.pairs[rng.integers(0, len(pool.pairs), size=batch_size)]
+    rows = rows[data.process_slice(batch_size, process_index, process_count)]
+    query, winner, loser = rows.T
     return self._batch(pool, query, winner=winner, loser=loser,
                        best=pool.best[query] if self._best else None)
 

@@ -28,6 +28,7 @@ from modit_jax import catalog as catalog_lib
 from modit_jax import engine
 from modit_jax import errors
 from modit_jax import evaluation
+from modit_jax import hppo
 from modit_jax import models
 from modit_jax import pooling
 from modit_jax import properties
@@ -58,10 +59,38 @@ def with_ablations(config: ml_collections.ConfigDict) -> bool:
   return config.ablations == "all" or (config.ablations == "auto" and not config.dataset)
 
 
+def _training_of(run: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What a run trains: its start and stage config, an HPPO run's policies as trained on."""
+  stage = run.stage.to_dict()
+  if run.stage.stage == "hppo":
+    stage["hppo"]["policies"] = ",".join(hppo.policies_trained_on(run.stage))
+  return {"init_from": run.init_from, "stage": stage}
+
+
+def twin_runs(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """Ablation runs that would train exactly what a main run trains: {ablation: main run}.
+
+  An HPPO ablation of a policy that only enters the pools is one, when its run builds no pool
+  (`hppo.policies_trained_on`): it is not trained or evaluated, and the report says so.
+  """
+  main = {name: _training_of(run) for name, run in config.runs.items() if not run.ablation}
+  twins = {}
+  for name, run in config.runs.items():
+    if run.ablation:
+      training_of = _training_of(run)
+      twins.update({name: m for m, t in main.items() if t == training_of})
+  return twins
+
+
 def ordered_runs(config: ml_collections.ConfigDict) -> list[str]:
-  """Run names in an order where each run comes after the run it starts from."""
+  """Run names in an order where each run comes after the run it starts from.
+
+  Ablations are left out where `with_ablations` says so, and where they are `twin_runs`.
+  """
   ablations = with_ablations(config)
-  runs = {name: run for name, run in config.runs.items() if ablations or not run.ablation}
+  twins = twin_runs(config) if ablations else {}
+  runs = {name: run for name, run in config.runs.items()
+          if (ablations or not run.ablation) and name not in twins}
   order: list[str] = []
 
   def visit(name: str, path: tuple[str, ...]) -> None:
@@ -192,6 +221,10 @@ def run_stage_config(config: ml_collections.ConfigDict, name: str, sizes: sizing
 def _train_runs(config: ml_collections.ConfigDict, sizes: sizing.Sizes, dataset: str, out: str,
                 notes: list[str]) -> dict[str, str]:
   workdirs = {}
+  if with_ablations(config):
+    for name, twin in twin_runs(config).items():
+      notes.append(f"run `{name}`: not trained, it would train exactly what `{twin}` trains "
+                   "(its removed policy only enters HPPO's pools, and the run builds none)")
   for name in ordered_runs(config):
     run = config.runs[name]
     stage = run_stage_config(config, name, sizes, out)

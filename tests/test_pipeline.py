@@ -10,6 +10,7 @@ import pytest
 
 from configs import pipeline as pipeline_config
 from modit_jax import errors
+from modit_jax import hppo as hppo_lib
 from modit_jax import retriever
 from modit_jax import run_dir
 from modit_jax import sizing
@@ -139,10 +140,30 @@ def test_ablations_run_on_the_generated_world_only_by_default():
   assert not workflow.with_ablations(config)
   assert workflow.ordered_runs(config) == ["pretrain", "cpt", "sft", "hppo"]
   config.ablations = "all"
-  assert "hppo_no_policy" in workflow.ordered_runs(config)
+  assert "hppo_no_feedback" in workflow.ordered_runs(config)
   config.ablations = "yes"
   with pytest.raises(errors.UserError, match="ablations must be one of"):
     workflow.ordered_runs(config)
+
+
+def test_ablations_that_would_train_the_main_run_again_are_left_out():
+  config = pipeline_config.get_config()
+  # By default HPPO builds no pool, so removing a policy that only enters pools changes nothing.
+  twins = {f"hppo_no_{p}": "hppo" for p in hppo_lib.MODEL_POLICIES}
+  assert workflow.twin_runs(config) == twins
+  runs = workflow.ordered_runs(config)
+  assert not set(twins) & set(runs)
+  assert {"hppo_no_feedback", "hppo_no_neighbourhood", "cpt_random", "sft_only"} <= set(runs)
+  # With pools after the regression every policy ablation trains something of its own.
+  for run in config.runs.values():
+    if run.stage.stage == "hppo":
+      run.stage.hppo.regress_steps = run.stage.num_steps // 2
+  assert workflow.twin_runs(config) == {}
+  assert "hppo_no_policy" in workflow.ordered_runs(config)
+  # Any other difference makes a run its own.
+  config = pipeline_config.get_config()
+  config.runs.hppo_no_policy.stage.learning_rate = 1e-3
+  assert "hppo_no_policy" not in workflow.twin_runs(config)
 
 
 def test_pipeline_config_errors(tmp_path):
