@@ -19,9 +19,10 @@ one it never saw (pattern holdout), and validation mirrors both:
 
 With unseen groups alone (the rule until 2026-12-01), a knob's cost on seen patterns was
 invisible: guidance scales that the unseen groups preferred by 0.01-0.03 cut HPPO's
-item-holdout length from 0.67 to 0.25-0.34 on the development world (docs/statistics.md). The groups are k-means clusters
-of the queries' seed centroids (no hidden truth is read, not even the number of patterns).
-Everything is a deterministic function of the embeddings, the queries and the seed.
+item-holdout length from 0.67 to 0.25-0.34 on the development world (docs/statistics.md).
+The groups are k-means clusters of the queries' seed centroids (no hidden truth is read, not
+even the number of patterns). Everything is a deterministic function of the embeddings, the
+queries and the seed.
 """
 
 import numpy as np

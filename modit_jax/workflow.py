@@ -224,7 +224,8 @@ def _train_runs(config: ml_collections.ConfigDict, sizes: sizing.Sizes, dataset:
   if with_ablations(config):
     for name, twin in twin_runs(config).items():
       notes.append(f"run `{name}`: not trained, it would train exactly what `{twin}` trains "
-                   "(its removed policy only enters HPPO's pools, and the run builds none)")
+                   "(the same start and config once the candidate policies that never reach "
+                   "its updates are set aside: they only enter HPPO's pools, and it builds none)")
   for name in ordered_runs(config):
     run = config.runs[name]
     stage = run_stage_config(config, name, sizes, out)

@@ -3,7 +3,8 @@
 Each stage must do what it is for, measured on the validation queries (train queries that no
 model trained on; `query_split`) with the truth of train items, or on the evaluation cells:
 stages 2-3 raise Attr@20 over the pretrained model, HPPO fits its regression targets and
-raises validation Joint@20 over its reference (tests/test_hppo.py has its preference pairs), and the final model beats the seed centroid.
+raises validation Joint@20 over its reference (tests/test_hppo.py has its preference pairs),
+and the final model beats the seed centroid.
 """
 
 import json
