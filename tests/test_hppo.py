@@ -194,6 +194,28 @@ class _Killed(Exception):
   pass
 
 
+def _assert_resumes_exactly(config, tiny_world, workdir, monkeypatch, kill_steps, full):
+  """Kills the run in `workdir` at each of `kill_steps` in turn, resumes it to the end, and
+  checks its parameters equal those of the uninterrupted state `full`."""
+  calls = hppo.PairBatches.__call__
+
+  def dies_at(kill_step):
+    def call(self, step, *args):
+      if step == kill_step:
+        raise _Killed()
+      return calls(self, step, *args)
+    return call
+
+  for kill_step in kill_steps:
+    monkeypatch.setattr(hppo.PairBatches, "__call__", dies_at(kill_step))
+    with pytest.raises(_Killed):
+      training.train(config, str(tiny_world), str(workdir))
+  monkeypatch.setattr(hppo.PairBatches, "__call__", calls)
+  resumed = training.train(config, str(tiny_world), str(workdir))
+  for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(full.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_hppo_stage_trains_and_resumes_exactly(tiny_world, sft_workdir, tmp_path, monkeypatch):
   config = _hppo_config(sft_workdir)
   full = training.train(config, str(tiny_world), str(tmp_path / "full"))
@@ -213,21 +235,7 @@ def test_hppo_stage_trains_and_resumes_exactly(tiny_world, sft_workdir, tmp_path
   assert np.mean([r["dpo_loss"] for r in dpo]) < math.log(2)
 
   # Killed one step after the checkpoint (and pool rebuild) at 20, then resumed.
-  calls = hppo.PairBatches.__call__
-
-  def dies_at_25(self, step, *args):
-    if step == 25:
-      raise _Killed()
-    return calls(self, step, *args)
-
-  workdir = tmp_path / "resumed"
-  monkeypatch.setattr(hppo.PairBatches, "__call__", dies_at_25)
-  with pytest.raises(_Killed):
-    training.train(config, str(tiny_world), str(workdir))
-  monkeypatch.setattr(hppo.PairBatches, "__call__", calls)
-  resumed = training.train(config, str(tiny_world), str(workdir))
-  for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(full.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _assert_resumes_exactly(config, tiny_world, tmp_path / "resumed", monkeypatch, (25,), full)
 
 
 def test_regression_phase_then_pools_resume_exactly(tiny_world, sft_workdir, tmp_path,
@@ -242,25 +250,8 @@ def test_regression_phase_then_pools_resume_exactly(tiny_world, sft_workdir, tmp
   assert {r["step"] for r in records if "sft_error" in r} == {10, 20, 30, 40}
   assert min(r["step"] for r in records if "dpo_loss" in r) == 50
 
-  calls = hppo.PairBatches.__call__
-
-  def dies_at(kill_step):
-    def call(self, step, *args):
-      if step == kill_step:
-        raise _Killed()
-      return calls(self, step, *args)
-    return call
-
-  workdir = tmp_path / "resumed"
   # Killed after the checkpoint at 20 (regression), then after the one at 60 (pools).
-  for kill_step in (25, 65):
-    monkeypatch.setattr(hppo.PairBatches, "__call__", dies_at(kill_step))
-    with pytest.raises(_Killed):
-      training.train(config, str(tiny_world), str(workdir))
-  monkeypatch.setattr(hppo.PairBatches, "__call__", calls)
-  resumed = training.train(config, str(tiny_world), str(workdir))
-  for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(full.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _assert_resumes_exactly(config, tiny_world, tmp_path / "resumed", monkeypatch, (25, 65), full)
 
 
 def test_regression_targets_need_no_model(tiny_world, sft_workdir):
