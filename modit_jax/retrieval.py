@@ -44,6 +44,11 @@ _BRUTE_FORCE_BELOW = 2000
 # The fewest items (in expectation: leaves x mean leaf size) a default ScaNN query scores: what
 # 6 % of the leaves are at 100k items (19 of 316), where recall@20 is 0.99 (scann_params).
 _MIN_ITEMS_SEARCHED = 6000
+# The most items a default ScaNN query scores: 6 % of the leaves at 1M items (60 of 1,000),
+# where recall@20 is 0.997 and 5-10 leaves already give 0.987-0.993 (docs/benchmarks.md).
+# Above 1M a share of the leaves grows the work per query as sqrt(N) for no recall: at 10M,
+# 190 leaves (600k items) made search half of the serving time.
+_MAX_ITEMS_SEARCHED = 60_000
 # Queries per ScaNN work unit in parallel batched search (ScaNN's own default).
 _SCANN_PARALLEL_BATCH = 256
 # ScaNN's k-means starts from random centres drawn without a fixed seed (even with its
@@ -214,14 +219,17 @@ def scann_params(num_items: int) -> dict[str, Any]:
   configuration the ScaNN authors recommend for normalised embeddings and dot product:
   - a k-means tree with ~sqrt(N) leaves (balances the cost of scoring the leaf centres
     against the cost of scoring the items in the searched leaves);
-  - search ~6 % of the leaves, and never fewer than `_MIN_ITEMS_SEARCHED` items: with
-    clustered data the top-50 of a query sits in a few neighbouring leaves, and at 6 %
-    recall@20 is >= 0.99 in bench/retrieval.py at 100k and 1M items and 1.0 on the default
-    synthetic world. Below ~100k items 6 % of the leaves is too few items: a query's
-    neighbours straddle more leaves than that (recall@20 0.65 at 10k with 12 leaves,
-    docs/benchmarks.md). The floor keeps a small catalog's query as thorough as a 100k
-    catalog's, at about its cost. Data whose neighbourhoods straddle many leaves still
-    needs more: override `leaves_to_search` and check the recall against `ExactIndex`;
+  - search ~6 % of the leaves, and never fewer than `_MIN_ITEMS_SEARCHED` items nor more
+    than `_MAX_ITEMS_SEARCHED` (in expectation): with clustered data the top-50 of a query
+    sits in a few neighbouring leaves, and at 6 % recall@20 is >= 0.99 in bench/retrieval.py
+    at 100k and 1M items and 1.0 on the default synthetic world. Below ~100k items 6 % of the
+    leaves is too few items: a query's neighbours straddle more leaves than that (recall@20
+    0.65 at 10k with 12 leaves, docs/benchmarks.md). The floor keeps a small catalog's query
+    as thorough as a 100k catalog's, at about its cost; the ceiling keeps a catalog above 1M
+    items searching what a 1M catalog searches (19 of 3,162 leaves at 10M). Data whose
+    neighbourhoods straddle many leaves still needs more: override `leaves_to_search` (at
+    build, or `ScannIndex.with_leaves_to_search` on a built index) and check the recall
+    against `ExactIndex`;
   - anisotropic (score-aware) quantisation with 2 dimensions per 16-centre block
     (threshold 0.2), the accurate end of ScaNN's speed/recall trade-off;
   - exact float32 re-ranking of the best 250 quantised candidates, so returned scores are
@@ -242,11 +250,13 @@ def scann_params(num_items: int) -> dict[str, Any]:
 def _tree_ah_params(num_items: int) -> dict[str, Any]:
   """The tree + asymmetric hashing parameters of `scann_params` (see there)."""
   num_leaves = max(2, round(math.sqrt(num_items)))
-  leaves_for_floor = math.ceil(_MIN_ITEMS_SEARCHED * num_leaves / num_items)
+  items_searched = min(max(0.06 * num_items, _MIN_ITEMS_SEARCHED), _MAX_ITEMS_SEARCHED)
   return {
       "algorithm": "tree_ah",
       "num_leaves": num_leaves,
-      "leaves_to_search": min(num_leaves, max(leaves_for_floor, math.ceil(0.06 * num_leaves))),
+      # Leaves hold num_items / num_leaves items each in expectation.
+      "leaves_to_search": min(num_leaves, max(1, math.ceil(
+          round(items_searched * num_leaves / num_items, 6)))),
       # k-means on a sample: beyond ~250k points the leaf centres barely move.
       "training_sample_size": min(num_items, 250_000),
       "dims_per_block": 2,
@@ -312,6 +322,21 @@ class ScannIndex(Index):
     searcher = scann.scann_ops_pybind.create_searcher(
         embeddings, text_format.MessageToString(config), builder.training_threads)
     return cls(searcher, num_items, dim, params)
+
+  def with_leaves_to_search(self, leaves_to_search: int) -> "ScannIndex":
+    """The same built index searching `leaves_to_search` leaves per query (no rebuild).
+
+    Trades recall for speed at serving time; measure the recall against `ExactIndex`.
+    """
+    if self._params["algorithm"] != "tree_ah":
+      raise errors.UserError(f"a {self._params['algorithm']} ScaNN index has no leaves to "
+                             "search")
+    leaves = int(leaves_to_search)
+    if not 1 <= leaves <= self._params["num_leaves"]:
+      raise errors.UserError(f"leaves_to_search must be in [1, {self._params['num_leaves']}]; "
+                             f"got {leaves_to_search!r}")
+    return ScannIndex(self._searcher, self.num_items, self.dim,
+                      {**self._params, "leaves_to_search": leaves})
 
   def _search(self, queries, k, exclude, parallel):
     num_queries = queries.shape[0]

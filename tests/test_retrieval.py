@@ -265,7 +265,14 @@ def test_scann_params_scale_with_the_catalog():
   assert retrieval.scann_params(1000) == {"algorithm": "brute_force"}
   small, large = retrieval.scann_params(100_000), retrieval.scann_params(10_000_000)
   assert small["num_leaves"] == 316 and large["num_leaves"] == 3162
-  assert small["leaves_to_search"] == 19 and large["leaves_to_search"] == 190  # 6 %
+  assert small["leaves_to_search"] == 19  # 6 %
+  # Above 1M items a query searches what 6 % of the leaves hold at 1M (60k items), not 6 %.
+  assert retrieval.scann_params(1_000_000)["leaves_to_search"] == 60
+  assert large["leaves_to_search"] == 19
+  for num_items in (1_000_000, 2_000_000, 10_000_000, 100_000_000):
+    params = retrieval.scann_params(num_items)
+    searched = params["leaves_to_search"] * num_items / params["num_leaves"]
+    assert 60_000 <= searched < 60_000 + num_items / params["num_leaves"]
   assert large["training_sample_size"] == 250_000
   # Below 100k the searched leaves hold at least as many items as at 100k.
   for num_items in (3000, 10_000, 30_000, 70_000):
@@ -294,6 +301,23 @@ def test_scann_default_search_keeps_recall_on_a_small_catalog():
   narrow = retrieval.build_index(items, "scann", leaves_to_search=12)
   # Measured: 0.99 by default, 0.88 with 12 leaves (one ScaNN build each; builds vary by 0.01).
   assert recall(default) >= 0.95 > recall(narrow)
+
+
+def test_with_leaves_to_search_changes_the_search_not_the_index():
+  rng = np.random.default_rng(2)
+  items = _unit(rng.normal(size=(5000, D)))
+  queries = _unit(rng.normal(size=(Q, D)))
+  index = retrieval.build_index(items, "scann", leaves_to_search=1)
+  every_leaf = index.with_leaves_to_search(index.params["num_leaves"])
+  true_ids, _ = retrieval.build_index(items, "exact").search(queries, 10)
+  assert index.params["leaves_to_search"] == 1  # the original is unchanged
+  # Every leaf searched, with exact re-ranking: the exact answer (ties aside, none here).
+  assert np.array_equal(every_leaf.search(queries, 10)[0], true_ids)
+  assert not np.array_equal(index.search(queries, 10)[0], true_ids)
+  with pytest.raises(errors.UserError, match="leaves_to_search must be in"):
+    index.with_leaves_to_search(0)
+  with pytest.raises(errors.UserError, match="no leaves to search"):
+    retrieval.build_index(items[:100], "scann").with_leaves_to_search(1)
 
 
 def test_scann_builds_of_one_catalog_return_the_same_neighbours():
