@@ -20,7 +20,8 @@ from modit_jax import variants
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the stage-4 config; `arg`: comma-separated from tiny and no_<policy>."""
-  tokens = variants.parse(arg, ("tiny",) + tuple(f"no_{p}" for p in hppo.POLICIES), "hppo")
+  tokens = variants.parse(arg, ("tiny",) + tuple(f"no_{p}" for p in hppo.DEFAULT_POLICIES),
+                          "hppo")
   removed = [t[len("no_"):] for t in tokens if t.startswith("no_")]
   c = training.default_config(variants.join(*(t for t in tokens if not t.startswith("no_"))))
   c.stage = "hppo"
@@ -54,5 +55,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.hppo.pool_every = 50
     c.warmup_steps = 5
     c.ema_decay = 0.9
-  c.hppo.policies = ",".join(p for p in hppo.POLICIES if p not in removed)
+  c.hppo.policies = ",".join(p for p in hppo.DEFAULT_POLICIES if p not in removed)
   return c

@@ -73,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.runs.cpt_reversed = _run(with_variant("cpt", "reversed"), "pretrain", "order_reversed",
                              True)
   c.runs.sft_only = _run(with_variant("sft"), "pretrain", "modit_sft_only", True)
-  for policy in hppo.POLICIES:
+  for policy in hppo.DEFAULT_POLICIES:
     c.runs[f"hppo_no_{policy}"] = _run(with_variant("hppo", f"no_{policy}"), "sft",
                                        f"hppo_no_{policy}", True)
   # The training seed of every run (initialisation, clusters, batches, pools) and of the

@@ -151,8 +151,9 @@ class NeighbourEvidence:
                  exclude_group: np.ndarray | None = None) -> np.ndarray:
     """Train rows int64 [Q, n_max] nearest each unit centroid [Q, d], nearest first.
 
-    `exclude_items` int [Q, s] catalog ids (-1: none) and `exclude_group` int [Q] (-1: none)
-    are never returned. Ties go to the lower row, so the result does not depend on blocking.
+    `exclude_items` int [Q, s] catalog ids (-1: none) and the train items of `exclude_group`
+    int [Q] or [Q, g] (groups per query, -1: none) are never returned. Ties go to the lower
+    row, so the result does not depend on blocking.
     """
     num, count = len(centroids), len(self._train)
     want = min(self.sizes[-1], count - 1)
@@ -169,8 +170,10 @@ class NeighbourEvidence:
       if exclude_group is not None:
         if self._groups is None:
           raise ValueError("exclude_group needs the groups given at construction")
-        hide = exclude_group[start:stop, None] == self._groups[None, :]
-        sims[hide & (exclude_group[start:stop, None] >= 0)] = -np.inf
+        groups = np.asarray(exclude_group).reshape(len(centroids), -1)[start:stop]
+        for column in groups.T:  # one group per query at a time: [rows, train items] masks
+          hide = column[:, None] == self._groups[None, :]
+          sims[hide & (column[:, None] >= 0)] = -np.inf
       top = np.argpartition(-sims, want - 1, axis=1)[:, :want]
       top_sims = np.take_along_axis(sims, top, 1)
       if np.isneginf(top_sims).any():

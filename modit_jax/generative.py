@@ -22,7 +22,7 @@ from modit_jax import run_dir
 # way. The `hppo_no_<policy>` methods are the candidate-policy ablation (configs/hppo.py).
 GENERATIVE_METHODS = ("pretrained_gr", "modit_cpt", "modit_sft", "modit_sft_only", "order_random",
                       "order_reversed", "modit_hppo") + tuple(
-                          f"hppo_no_{policy}" for policy in hppo.POLICIES)
+                          f"hppo_no_{policy}" for policy in hppo.DEFAULT_POLICIES)
 
 
 def check_workdir(name: str, workdir: str) -> None:

@@ -39,20 +39,28 @@ from modit_jax import oracle as oracle_lib
 from modit_jax import query_split
 from modit_jax import trajectories
 
-POLICIES = ("policy", "reference", "seed_centroid", "tail_centroid", "interpolation",
-            "feedback", "neighbourhood")
+POLICIES = ("policy", "reference", "seed_centroid", "global_shift", "tail_centroid",
+            "interpolation", "feedback", "neighbourhood")
+# The default pool, and the policies the candidate-policy ablation removes one at a time.
+# `global_shift` is opt-in: on the development world it changed nothing measured (mean
+# Joint@20 0.658 with and without it; docs/hppo.md, "Unseen patterns in the targets").
+DEFAULT_POLICIES = tuple(p for p in POLICIES if p != "global_shift")
 SFT_TARGETS = ("best", "winner")
 # The policies whose candidates need the model: they enter the pools only, never the targets of
 # the regression phase.
 MODEL_POLICIES = ("policy", "reference", "interpolation")
+# The policies whose candidates a query with a hidden cluster may take as its target: those
+# built without the cluster's train items (`hppo.hide_cluster_prob`).
+UNSEEN_PATTERN_POLICIES = ("seed_centroid", "global_shift", "neighbourhood")
 _POOL_STREAM = 4
 _PAIR_STREAM = 5
+_HIDE_STREAM = 6
 
 
 def default_config() -> ml_collections.ConfigDict:
   """The `config.hppo` fields (training.default_config embeds them)."""
   c = ml_collections.ConfigDict()
-  c.policies = ",".join(POLICIES)     # the candidate-policy ablation removes one
+  c.policies = ",".join(DEFAULT_POLICIES)  # the candidate-policy ablation removes one
   # One on-policy sample per query, at a scale inside the range evaluation picks for SFT and
   # HPPO on train queries (4-12). More policy candidates (1, 4, 8, 16 x 2 noise seeds) lowered
   # the oracle's train-query Joint@20: samples far from the operating point are easy losers
@@ -60,6 +68,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.policy_guidance = (6.0,)          # the last scale is also the interpolations' endpoint
   c.policy_noise_seeds = 1            # samples per guidance scale
   c.reference_guidance = (1.0, 8.0)
+  # The `global_shift` policy: seed centroid + a * g_m, g_m the domain's global direction from
+  # observed labels (the `centroid_global_shift` baseline's, whose tuned a is 0.8-1.0 on the
+  # development world).
+  c.global_steps = (0.5, 1.0, 1.5)
   c.tail_extrapolation = (1.0, 1.5, 2.0)  # seed centroid + a * (tail centroid - seed centroid)
   c.interpolation_weights = (0.5,)
   # Relevance feedback from the oracle (Rocchio): from the seed centroid, retrieve
@@ -104,6 +116,11 @@ def default_config() -> ml_collections.ConfigDict:
   # policy-free candidate (the pool's candidates that need no model: centroids, feedback,
   # neighbourhood), with the SFT term alone; 0: none. A multiple of `pool_every`.
   c.regress_steps = 0
+  # The share of the regression phase's fit queries whose own latent cluster is hidden: their
+  # neighbourhood candidates and neighbour evidence leave out its train items, and their target
+  # is the best of the candidates built without them (`UNSEEN_PATTERN_POLICIES`). Training then
+  # contains the unseen-pattern case that pattern holdout asks about.
+  c.hide_cluster_prob = 0.0
   return c
 
 
@@ -294,6 +311,12 @@ class CandidatePools:
         config.seed)
     self._row_of = np.full(catalog.num_items, -1, np.int64)
     self._row_of[source.train_items] = np.arange(len(source.train_items))
+    # The latent cluster of each train item by catalog id (-1 elsewhere): what a query hides.
+    self._group_of = np.full(catalog.num_items, -1, np.int64)
+    self._group_of[source.train_items] = source.assign
+    self._hide_prob = float(self._hppo.get("hide_cluster_prob", 0.0))  # in [0, 1]: stage check
+    self._global = (evidence_lib.global_directions(catalog)
+                    if "global_shift" in self._policies else None)
     self._pool_size = min(int(self._hppo.pool_queries), len(self._queries))
     self._sample = jax.jit(functools.partial(
         diffusion.sample_rows, apply=apply_fn, dim=catalog.dim,
@@ -305,13 +328,16 @@ class CandidatePools:
     return self._queries.take(
         np.sort(rng.choice(len(self._queries), self._pool_size, replace=False)))
 
-  def _tail(self, queries: catalog_lib.Queries) -> np.ndarray:
-    """The tail centroid of each query's latent cluster (the seeds' majority) for its domain."""
+  def _seed_clusters(self, queries: catalog_lib.Queries) -> np.ndarray:
+    """int64 [Q, seeds]: the latent cluster of each seed."""
     rows = self._row_of[queries.seeds]
     if np.any(rows < 0):
       raise errors.UserError("a training query has a seed that is not a train item")
-    clusters = self._source.assign[rows]
-    majority = np.array([np.bincount(c).argmax() for c in clusters])
+    return np.asarray(self._source.assign[rows], np.int64)
+
+  def _tail(self, queries: catalog_lib.Queries) -> np.ndarray:
+    """The tail centroid of each query's latent cluster (its seeds' majority) for its domain."""
+    majority = [np.bincount(c).argmax() for c in self._seed_clusters(queries)]
     return np.stack([self._tail_centroids.tail_centroid(int(c), int(m))
                      for c, m in zip(majority, queries.domain)])
 
@@ -365,12 +391,29 @@ class CandidatePools:
     The targets of the regression phase (`hppo.regress_steps`): its `best` is each query's
     best candidate among the centroids, feedback and neighbourhood candidates.
     """
-    return self._build(None, self._queries, -1)
+    queries = self._queries
+    rng = np.random.default_rng([self._config.seed, _POOL_STREAM, _HIDE_STREAM])
+    # A pattern spans several latent clusters (k-means is finer than patterns), so hiding the
+    # seeds' majority cluster would leave the pattern's other train items in the neighbourhood:
+    # every cluster a seed falls in is hidden.
+    hide = rng.random(len(queries)) < self._hide_prob
+    hidden = np.where(hide[:, None], self._seed_clusters(queries), -1)
+    return self._build(None, queries, -1, hidden)
 
-  def _build(self, params: Any, queries: catalog_lib.Queries, pool_index: int) -> Pool:
-    """A labelled pool of `queries`; `params` None: only the candidates that need no model."""
+  def _build(self, params: Any, queries: catalog_lib.Queries, pool_index: int,
+             hidden: np.ndarray | None = None) -> Pool:
+    """A labelled pool of `queries`; `params` None: only the candidates that need no model.
+
+    `hidden` int [Q, g]: latent clusters per query to hide (-1: none), see
+    `hide_cluster_prob`.
+    """
     hppo = self._hppo
     with_model = params is not None
+    if hidden is None:
+      hidden = np.full((len(queries), 1), -1, np.int64)
+    if with_model and np.any(hidden >= 0):
+      raise ValueError("only the regression targets hide clusters: the model's candidates "
+                       "would read the hidden cluster's evidence")
     centroid = evidence_lib.seed_centroids(self.embeddings, queries.seeds)
     tail = self._tail(queries)
     evidence = None
@@ -378,7 +421,8 @@ class CandidatePools:
       # Seeds are train items: they are excluded from their own neighbourhood.
       evidence = self._evidence(np.asarray(self.embeddings[queries.seeds], np.float32),
                                 np.ones(queries.seeds.shape, bool), queries.domain,
-                                exclude_items=queries.seeds)
+                                exclude_items=queries.seeds,
+                                exclude_group=hidden if np.any(hidden >= 0) else None)
     candidates: list[np.ndarray] = []
     names: list[str] = []
 
@@ -397,6 +441,10 @@ class CandidatePools:
                                    pool_index, 1)
       add("reference", ref, ref_names)
     add("seed_centroid", [centroid], ["mean"])
+    if self._global is not None:
+      steps = [float(a) for a in hppo.global_steps]
+      direction = self._global[queries.domain]
+      add("global_shift", [centroid + a * direction for a in steps], [f"a{a:g}" for a in steps])
     add("tail_centroid", [centroid + a * (tail - centroid) for a in hppo.tail_extrapolation],
         [f"a{a:g}" for a in hppo.tail_extrapolation])
     # Interpolations toward the policy's sample at the last `policy_guidance` scale, from either
@@ -413,7 +461,8 @@ class CandidatePools:
     if "neighbourhood" in self._policies:
       size = int(hppo.neighbourhood_size)
       contrast = oracle_lib.local_directions(self._catalog, self._oracle, queries, [size],
-                                             oracle_labels=True)[size]
+                                             oracle_labels=True,
+                                             hidden=(self._group_of, hidden))[size]
       steps = [float(a) for a in hppo.neighbourhood_steps]
       add("neighbourhood", [centroid + a * contrast for a in steps], [f"a{a:g}" for a in steps])
     if len(candidates) < 2:
@@ -432,8 +481,16 @@ class CandidatePools:
       raise errors.UserError(
           f"HPPO pool {pool_index} has no preference pair after the margin "
           f"{hppo.margin} and Pareto filter: lower hppo.margin or add policies")
-    # Highest Joint, ties broken by Purity (lexsort's last key is the primary one).
-    best = np.lexsort((purity, joint), axis=1)[:, -1]
+    # Highest Joint, ties broken by Purity (lexsort's last key is the primary one). A query
+    # with a hidden cluster chooses among the candidates built without that cluster.
+    allowed = np.array([n.split(":")[0] in UNSEEN_PATTERN_POLICIES for n in names])
+    if np.any(hidden >= 0) and not allowed.any():
+      raise errors.UserError(
+          f"hppo.hide_cluster_prob > 0 needs one of the policies "
+          f"{', '.join(UNSEEN_PATTERN_POLICIES)} in hppo.policies={hppo.policies!r}")
+    eligible = ~np.any(hidden >= 0, axis=1)[:, None] | allowed[None, :]
+    best = np.lexsort((purity, np.where(eligible, joint, -np.inf)), axis=1)[:, -1]
+    counts["hidden_queries"] = int(np.sum(np.any(hidden >= 0, axis=1)))
     return Pool(queries, stacked, names, joint, purity, pairs, counts, best=best,
                 evidence=evidence)
 

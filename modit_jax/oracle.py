@@ -109,19 +109,37 @@ class OnlineOracle:
 
 def local_directions(catalog: catalog_lib.Catalog, oracle: OnlineOracle,
                      q: catalog_lib.Queries, sizes: Sequence[int],
-                     oracle_labels: bool = False) -> dict[int, np.ndarray]:
+                     oracle_labels: bool = False,
+                     hidden: tuple[np.ndarray, np.ndarray] | None = None
+                     ) -> dict[int, np.ndarray]:
   """Per neighbourhood size n: float32 [Q, d], labelled-positive mean minus labelled mean.
 
   Over the n train items nearest each query's seed centroid (`oracle.neighbours`: embeddings
   only). Labels are the observed labels of the query's domain or, with `oracle_labels`, the
   oracle's label of every one of those train items (what a bound and HPPO's pools may read).
   A query with no labelled positive nearby gets a zero direction.
+
+  `hidden` = (group_of int [num_items], the group of each train item and -1 elsewhere; hide
+  int [Q] or [Q, g], groups per query, -1: none): a query's neighbourhood then leaves out every
+  train item of its hidden groups, as if they were an unseen pattern.
   """
   emb = catalog.embeddings
   sizes = sorted(int(n) for n in sizes)
   centroid = evidence.seed_centroids(emb, q.seeds)
-  near = oracle.neighbours(centroid, q.seeds,
-                           min(sizes[-1], len(oracle.train_items) - q.seeds.shape[1]))
+  extra = 0
+  if hidden is not None and np.any(hidden[1] >= 0):
+    group_of = np.asarray(hidden[0])
+    hide = np.asarray(hidden[1]).reshape(len(q.seeds), -1)
+    # Search past the largest hidden groups, so that n items are left once they are dropped.
+    sizes_desc = np.sort(np.bincount(group_of[group_of >= 0]))[::-1]
+    extra = int(sizes_desc[:hide.shape[1]].sum())
+  want = min(sizes[-1] + extra, len(oracle.train_items) - q.seeds.shape[1])
+  near = oracle.neighbours(centroid, q.seeds, want)
+  if extra:
+    keep = ~np.any(group_of[near][:, :, None] == hide[:, None, :], axis=2)
+    # Stable: the kept items first, nearest first.
+    near = np.take_along_axis(near, np.argsort(~keep, axis=1, kind="stable"), 1)
+    near = near[:, :min(sizes[-1], want)]
   if oracle_labels:
     known, positive = np.ones(near.shape, bool), oracle.labels(near, q.domain)
   else:

@@ -106,6 +106,41 @@ def test_neighbours_are_train_items_never_seeds_nor_a_hidden_group(cat):
   # -1 hides nothing.
   np.testing.assert_array_equal(
       source.neighbours(centroids, q.seeds, np.full(len(q), -1)), near)
+  # Several groups per query (HPPO hides every cluster a seed falls in), -1 as padding.
+  several = np.stack([hide, (hide + 4) % 9, np.full(len(q), -1)], axis=1)
+  hidden = source.neighbours(centroids, exclude_items=q.seeds, exclude_group=several)
+  assert not (groups[hidden][:, :, None] == several[:, None, :]).any()
+  np.testing.assert_array_equal(
+      hidden, source.neighbours(centroids, q.seeds, several[:, [1, 0]]))
+
+
+def test_local_directions_can_hide_groups(cat):
+  """`local_directions(hidden=...)` drops the hidden groups' train items, and only those."""
+  q = _queries(cat, "train")
+  oracle = oracle_lib.OnlineOracle(cat, index_kind="exact")
+  train = cat.train_items()
+  group_of = np.full(cat.num_items, -1)
+  group_of[train] = np.arange(len(train)) % 9
+  nothing = np.full((len(q), 2), -1)
+  plain = oracle_lib.local_directions(cat, oracle, q, _SIZES, oracle_labels=True)
+  same = oracle_lib.local_directions(cat, oracle, q, _SIZES, oracle_labels=True,
+                                     hidden=(group_of, nothing))
+  for n in _SIZES:
+    np.testing.assert_array_equal(plain[n], same[n])
+  # With groups hidden the contrast is that of the nearest items outside them: the exact
+  # neighbours with those groups excluded (NeighbourEvidence's search, shared groups).
+  hide = np.stack([np.arange(len(q)) % 9, np.full(len(q), -1)], axis=1)
+  got = oracle_lib.local_directions(cat, oracle, q, _SIZES, oracle_labels=True,
+                                    hidden=(group_of, hide))
+  source = evidence.NeighbourEvidence(cat, _SIZES, _SCALE, group_of[train])
+  near = train[source.neighbours(evidence.seed_centroids(cat.embeddings, q.seeds),
+                                 exclude_items=q.seeds, exclude_group=hide)]
+  labels = oracle.labels(near, q.domain)
+  want = evidence.label_contrast(cat.embeddings, near, np.ones(near.shape, bool), labels,
+                                 _SIZES)
+  for n in _SIZES:
+    assert np.isclose(got[n], want[n], atol=1e-5).all(axis=1).mean() > 0.9  # search ties
+  assert not np.allclose(got[_SIZES[-1]], plain[_SIZES[-1]])  # the hidden items did count
 
 
 def test_local_shift_reads_the_same_contrast(cat):

@@ -18,6 +18,7 @@ from modit_jax import diffusion
 from modit_jax import dit
 from modit_jax import engine
 from modit_jax import errors
+from modit_jax import evidence as evidence_lib
 from modit_jax import generator as generator_lib
 from modit_jax import hppo
 from modit_jax import models
@@ -156,10 +157,12 @@ def test_swapping_winner_and_loser_flips_delta(model_and_params):
 
 def test_policy_ablation_configs():
   full = hppo.parse_policies(hppo_config.get_config("tiny").hppo.policies)
-  assert full == list(hppo.POLICIES)
-  for policy in hppo.POLICIES:
+  assert full == list(hppo.DEFAULT_POLICIES) == [p for p in hppo.POLICIES
+                                                  if p != "global_shift"]
+  for policy in hppo.DEFAULT_POLICIES:
     c = hppo_config.get_config(f"tiny,no_{policy}")
-    assert hppo.parse_policies(c.hppo.policies) == [p for p in hppo.POLICIES if p != policy]
+    assert hppo.parse_policies(c.hppo.policies) == [p for p in hppo.DEFAULT_POLICIES
+                                                    if p != policy]
   with pytest.raises(ValueError, match="unknown hppo config variant"):
     hppo_config.get_config("no_magic")
   with pytest.raises(errors.UserError, match="known: policy"):
@@ -262,7 +265,7 @@ def test_regression_targets_need_no_model(tiny_world, sft_workdir):
   targets = _pool_builder(cat, config, params).build_policy_free()
   np.testing.assert_array_equal(targets.queries.seeds, query_split.fit_queries(cat).seeds)
   policies = {name.split(":")[0] for name in targets.names}
-  assert policies == set(hppo.POLICIES) - {"policy", "reference", "interpolation"}
+  assert policies == set(hppo.DEFAULT_POLICIES) - {"policy", "reference", "interpolation"}
   rows = np.arange(len(targets.queries))
   np.testing.assert_array_equal(targets.joint[rows, targets.best], targets.joint.max(axis=1))
   # The same targets whatever the policy's parameters (they are not read).
@@ -282,6 +285,66 @@ def test_regression_targets_need_no_model(tiny_world, sft_workdir):
   np.testing.assert_allclose(float(loss), 5.0 * float(aux["sft_error"]), rtol=1e-6)
 
 
+def test_global_shift_candidates_step_along_the_observed_direction(tiny_world, sft_workdir):
+  config = _hppo_config(sft_workdir)
+  config.hppo.policies, config.hppo.global_steps = "seed_centroid,global_shift", (0.5, 2.0)
+  cat = catalog_lib.load_catalog(tiny_world)
+  targets = _pool_builder(cat, config, engine.restore_params(sft_workdir)).build_policy_free()
+  assert targets.names == ["seed_centroid:mean", "global_shift:a0.5", "global_shift:a2"]
+  centroid = evidence_lib.seed_centroids(cat.embeddings, targets.queries.seeds)
+  direction = evidence_lib.global_directions(cat)[targets.queries.domain]
+  for column, step in ((1, 0.5), (2, 2.0)):
+    np.testing.assert_allclose(targets.candidates[:, column],
+                               evidence_lib.normalize(centroid + step * direction), atol=1e-6)
+
+
+def test_hidden_clusters_leave_the_targets_what_an_unseen_pattern_offers(tiny_world,
+                                                                         sft_workdir):
+  """hide_cluster_prob: a hidden query's neighbourhood skips its seeds' clusters, and its
+  target is one of the candidates built without them."""
+  config = _hppo_config(sft_workdir)
+  cat = catalog_lib.load_catalog(tiny_world)
+  params = engine.restore_params(sft_workdir)
+  builder = _pool_builder(cat, config, params)
+  visible = builder.build_policy_free()
+  config.hppo.hide_cluster_prob = 1.0
+  hidden = _pool_builder(cat, config, params).build_policy_free()
+  assert visible.counts["hidden_queries"] == 0
+  assert hidden.counts["hidden_queries"] == len(hidden.queries)
+  names = np.array(hidden.names)
+  policy_of = np.array([n.split(":")[0] for n in names])
+  assert set(policy_of[hidden.best]) <= set(hppo.UNSEEN_PATTERN_POLICIES)
+  rows = np.arange(len(hidden.queries))
+  eligible = np.isin(policy_of, hppo.UNSEEN_PATTERN_POLICIES)
+  np.testing.assert_array_equal(hidden.joint[rows, hidden.best],
+                                hidden.joint[:, eligible].max(axis=1))
+  # Only the neighbourhood candidates change, and they no longer read the hidden clusters'
+  # labels: flipping the labels of one query's seed clusters leaves them (the observed ones
+  # among those labels do move the global direction and the predictor's tail).
+  neighbourhood = policy_of == "neighbourhood"
+  np.testing.assert_array_equal(hidden.candidates[:, ~neighbourhood],
+                                visible.candidates[:, ~neighbourhood])
+  assert not np.allclose(hidden.candidates[:, neighbourhood],
+                         visible.candidates[:, neighbourhood])
+  source, _ = trajectories.build_source(cat, config.num_clusters, config.seed,
+                                        config.metric_predictor)
+  group_of = np.full(cat.num_items, -1)
+  group_of[source.train_items] = source.assign
+  query = 0
+  in_hidden = np.isin(group_of, group_of[hidden.queries.seeds[query]])
+  flipped = dataclasses.replace(
+      cat, attributes=np.where(in_hidden[:, None], ~cat.attributes, cat.attributes))
+  again = _pool_builder(flipped, config, params).build_policy_free()
+  np.testing.assert_allclose(again.candidates[query, neighbourhood],
+                             hidden.candidates[query, neighbourhood], atol=1e-6)
+  assert not np.allclose(again.candidates[query, ~neighbourhood],
+                         hidden.candidates[query, ~neighbourhood], atol=1e-6)
+  # Pools of the model's candidates hide nothing (their evidence would be the visible one).
+  with pytest.raises(ValueError, match="only the regression targets"):
+    builder._build(params, hidden.queries.take(np.arange(2)), 0,  # pylint: disable=protected-access
+                   np.zeros((2, 1), np.int64))
+
+
 def test_hppo_config_errors(tiny_world, sft_workdir, tmp_path):
   with pytest.raises(errors.UserError, match="init_from"):
     training.train(_hppo_config(""), str(tiny_world), str(tmp_path / "a"))
@@ -296,6 +359,10 @@ def test_hppo_config_errors(tiny_world, sft_workdir, tmp_path):
   regress.hppo.regress_steps = 30
   with pytest.raises(errors.UserError, match="regress_steps"):
     training.train(regress, str(tiny_world), str(tmp_path / "e"))
+  hide = _hppo_config(sft_workdir)
+  hide.hppo.hide_cluster_prob = 1.5
+  with pytest.raises(errors.UserError, match="hide_cluster_prob"):
+    training.train(hide, str(tiny_world), str(tmp_path / "f"))
   target = _hppo_config(sft_workdir)
   target.hppo.sft_target = "mean"
   with pytest.raises(errors.UserError, match="sft_target"):

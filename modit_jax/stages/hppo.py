@@ -32,6 +32,12 @@ def _check(config: ml_collections.ConfigDict) -> None:
     raise errors.UserError(
         f"hppo.regress_steps ({regress}) must be a multiple of hppo.pool_every ({every}) "
         f"between 0 and num_steps ({config.num_steps})")
+  hide = config.hppo.get("hide_cluster_prob", 0.0)
+  if isinstance(hide, bool) or not isinstance(hide, (int, float)) or not 0 <= hide <= 1:
+    raise errors.UserError(f"hppo.hide_cluster_prob must be in [0, 1]; got {hide!r}")
+  if hide and not regress:
+    raise errors.UserError("hppo.hide_cluster_prob shapes the regression phase's targets: set "
+                           "hppo.regress_steps > 0 too")
   hppo.parse_policies(config.hppo.policies)
   hppo.uses_best_target(config.hppo)
 
@@ -47,7 +53,7 @@ def _loop_args(inputs: base.Inputs) -> dict[str, Any]:
   pools = hppo.CandidatePools(catalog, source, oracle, models.apply_fn(model), reference,
                               config, model.num_domains, space,
                               models.sample_temperature(config),
-                              models.neighbour_evidence(config, catalog))
+                              models.neighbour_evidence(config, catalog, source.assign))
   batches = hppo.PairBatches(pools, config)
   loss_fn = hppo.dpo_loss_fn(models.apply_fn(model), space, config.hppo.beta,
                              config.hppo.sft_weight)
