@@ -5,6 +5,7 @@ Run from the repository root:
   python bench/scale.py                              # N = 10k, 100k, 1M, 10M; d = 64
   python bench/scale.py --sizes=10000,20000,50000 --queries=200 --plot=/tmp/scale.png
   python bench/scale.py --sizes=1000000,10000000 --sweep_leaves=5,10,19,60,190
+  python bench/scale.py --sizes=1000000,10000000 --sweep_reorder=250,500,1000,2000
 
 The catalogs are nested: the largest synthetic mixture (bench/common.py) is generated once and
 each size takes its first N rows. The rows are drawn independently, so every prefix is a sample
@@ -18,9 +19,10 @@ For each N it measures:
 - per-query search time of ScaNN and of `ExactIndex`, each on one batch of `--queries`
   queries spread over all cores (`parallel=True`);
 - recall@k of ScaNN against `ExactIndex`;
-- with `--sweep_leaves`, the same for other numbers of searched leaves on the same build of
-  each N from 1M up (`ScannIndex.with_leaves_to_search`), so the default's choice can be
-  judged against what fewer or more leaves give;
+- with `--sweep_leaves` / `--sweep_reorder`, the same for other numbers of searched leaves /
+  exactly re-scored candidates on the same build of each N from 1M up
+  (`ScannIndex.with_search`), so the default's choice can be judged against what fewer or
+  more give;
 - memory: the resident memory the index keeps (RSS after its build minus before) and the
   build's peak above its start (`getrusage`'s peak, when the build set a new one; sizes
   ascend, so the largest build's peak is always measured). The catalog itself (4 bytes x d x N,
@@ -63,6 +65,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--sweep_leaves", default="",
                       help="comma-separated leaves_to_search values also timed (with their "
                            "recall) on each N >= 1M; empty: only the default")
+  parser.add_argument("--sweep_reorder", default="",
+                      help="comma-separated reorder values (exactly re-scored candidates) "
+                           "also timed on each N >= 1M, at the default leaves")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--plot", default=os.path.join(os.path.dirname(__file__), "out",
                                                      "scale.png"),
@@ -139,11 +144,13 @@ def main(argv: list[str]) -> None:
     searches[f"exact {n}"] = (
         lambda ix=exact_index, q=queries: ix.search(q, args.k, parallel=True))
     if n >= 1_000_000 and "num_leaves" in scann_index.params:
-      for leaves in sorted({int(x) for x in args.sweep_leaves.split(",") if x.strip()}):
-        if leaves <= scann_index.params["num_leaves"]:
-          searches[f"sweep {n} {leaves}"] = (
-              lambda ix=scann_index.with_leaves_to_search(leaves), q=queries:
-              ix.search(q, args.k, parallel=True))
+      settings = [("leaves_to_search", int(x)) for x in args.sweep_leaves.split(",")
+                  if x.strip() and int(x) <= scann_index.params["num_leaves"]]
+      settings += [("reorder", int(x)) for x in args.sweep_reorder.split(",") if x.strip()]
+      for name, value in settings:
+        searches[f"sweep {n} {name} {value}"] = (
+            lambda ix=scann_index.with_search(**{name: value}), q=queries:
+            ix.search(q, args.k, parallel=True))
     rows.append({"n": n, "build_s": min(builds), "queries": queries.shape[0],
                  "params": scann_index.params, "index_mib": index_bytes / 2**20,
                  "build_peak_mib": None if build_peak_bytes is None else build_peak_bytes / 2**20})
@@ -186,20 +193,24 @@ def main(argv: list[str]) -> None:
       local = [loglog_slope([a["n"], b["n"]], [a[key], b[key]])
                for key in ("build_s", "scann_s", "exact_s")]
       print(f"  {a['n']:,} -> {b['n']:,}: " + " / ".join(f"{s:.2f}" for s in local))
-  sweep = [(key, *map(int, key.split()[1:])) for key in times if key.startswith("sweep ")]
+  sweep = [key for key in times if key.startswith("sweep ")]
   if sweep:
     print()
-    print(f"searched leaves on the same build (fastest of {args.rounds}; one batch of "
+    print(f"other search settings on the same build (fastest of {args.rounds}; one batch of "
           f"{args.queries} queries):")
-    print(f"| N | leaves searched (of) | items searched | ScaNN µs/query | recall@{args.k} |")
-    print("|---|---|---|---|---|")
-    for key, n, leaves in sweep:
-      row = next(r for r in rows if r["n"] == n)
-      num_leaves = row["params"]["num_leaves"]
+    print(f"| N | leaves searched (of) | items searched | reorder | ScaNN µs/query "
+          f"| recall@{args.k} |")
+    print("|---|---|---|---|---|---|")
+    for key in sweep:
+      _, n, name, value = key.split()
+      row = next(r for r in rows if r["n"] == int(n))
+      params = {**row["params"], name: int(value)}
       recall = common.recall(results[key][0], results[f"exact {n}"][0])
-      default = " (default)" if leaves == row["params"]["leaves_to_search"] else ""
-      print(f"| {n:,} | {leaves}{default} ({num_leaves}) | {leaves * n / num_leaves:,.0f} "
-            f"| {times[key][0] / row['queries'] * 1e6:.1f} | {recall:.4f} |")
+      default = " (default)" if params == row["params"] else ""
+      print(f"| {int(n):,} | {params['leaves_to_search']} ({params['num_leaves']}) "
+            f"| {params['leaves_to_search'] * int(n) / params['num_leaves']:,.0f} "
+            f"| {params['reorder']}{default} | {times[key][0] / row['queries'] * 1e6:.1f} "
+            f"| {recall:.4f} |")
   print(f"machine at the end: {common.load()}")
   if args.plot:
     write_plot(rows, slopes, args.plot,

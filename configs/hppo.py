@@ -41,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # update and needs no pool). `hppo.regress_steps` < `num_steps` adds pools after it
   # (docs/hppo.md, "A regression phase"). 4,000 updates rather than 2,000: +0.016 / +0.013
   # mean Joint@20 over two seeds (0.674 / 0.665 against 0.658 / 0.652), on item holdout; 6,000
-  # gave 0.668 (docs/hppo.md, "Longer regression").
+  # gave 0.668 (docs/hppo.md, "Unseen patterns in the targets, and a longer regression").
   c.num_steps = 4000
   c.hppo.regress_steps = 4000
   c.hppo.pool_every = 100

@@ -228,13 +228,17 @@ def scann_params(num_items: int) -> dict[str, Any]:
     as thorough as a 100k catalog's, at about its cost; the ceiling keeps a catalog above 1M
     items searching what a 1M catalog searches (19 of 3,162 leaves at 10M). Data whose
     neighbourhoods straddle many leaves still needs more: override `leaves_to_search` (at
-    build, or `ScannIndex.with_leaves_to_search` on a built index) and check the recall
+    build, or `ScannIndex.with_search` on a built index) and check the recall
     against `ExactIndex`;
   - anisotropic (score-aware) quantisation with 2 dimensions per 16-centre block
     (threshold 0.2), the accurate end of ScaNN's speed/recall trade-off;
   - exact float32 re-ranking of the best 250 quantised candidates, so returned scores are
     true dot products and top-k ordering is exact among the candidates; 250 covers K = 50
-    plus excluded seeds with room to spare.
+    plus excluded seeds with room to spare. Above 1M items, 250 per started factor of
+    sqrt(N / 1M) (1,000 at 10M): a denser catalog puts more near-ties among the searched
+    items than the quantised scores can order. On 10M items of bench/scale.py's mixture
+    recall@20 was 0.865 / 0.918 / 0.938 / 0.945 with 250 / 500 / 1,000 / 2,000 re-scored,
+    for 124 / 130 / 174 / 250 µs per query (docs/benchmarks.md).
 
   Args:
     num_items: catalog size.
@@ -261,7 +265,7 @@ def _tree_ah_params(num_items: int) -> dict[str, Any]:
       "training_sample_size": min(num_items, 250_000),
       "dims_per_block": 2,
       "anisotropic_quantization_threshold": 0.2,
-      "reorder": 250,
+      "reorder": 250 * max(1, math.ceil(round(math.sqrt(num_items / 1e6), 6))),
   }
 
 
@@ -323,20 +327,27 @@ class ScannIndex(Index):
         embeddings, text_format.MessageToString(config), builder.training_threads)
     return cls(searcher, num_items, dim, params)
 
-  def with_leaves_to_search(self, leaves_to_search: int) -> "ScannIndex":
-    """The same built index searching `leaves_to_search` leaves per query (no rebuild).
+  def with_search(self, leaves_to_search: int | None = None,
+                  reorder: int | None = None) -> "ScannIndex":
+    """The same built index searching differently (no rebuild); None keeps a setting.
 
-    Trades recall for speed at serving time; measure the recall against `ExactIndex`.
+    `leaves_to_search` leaves per query, and `reorder` quantised candidates re-scored exactly:
+    they trade recall for speed at serving time; measure the recall against `ExactIndex`.
     """
     if self._params["algorithm"] != "tree_ah":
-      raise errors.UserError(f"a {self._params['algorithm']} ScaNN index has no leaves to "
-                             "search")
-    leaves = int(leaves_to_search)
-    if not 1 <= leaves <= self._params["num_leaves"]:
-      raise errors.UserError(f"leaves_to_search must be in [1, {self._params['num_leaves']}]; "
-                             f"got {leaves_to_search!r}")
-    return ScannIndex(self._searcher, self.num_items, self.dim,
-                      {**self._params, "leaves_to_search": leaves})
+      raise errors.UserError(f"a {self._params['algorithm']} ScaNN index has no search "
+                             "settings: it scores every item")
+    params = dict(self._params)
+    if leaves_to_search is not None:
+      if not 1 <= int(leaves_to_search) <= params["num_leaves"]:
+        raise errors.UserError(f"leaves_to_search must be in [1, {params['num_leaves']}]; "
+                               f"got {leaves_to_search!r}")
+      params["leaves_to_search"] = int(leaves_to_search)
+    if reorder is not None:
+      if int(reorder) < 1:
+        raise errors.UserError(f"reorder must be >= 1; got {reorder!r}")
+      params["reorder"] = int(reorder)
+    return ScannIndex(self._searcher, self.num_items, self.dim, params)
 
   def _search(self, queries, k, exclude, parallel):
     num_queries = queries.shape[0]

@@ -274,6 +274,10 @@ def test_scann_params_scale_with_the_catalog():
     searched = params["leaves_to_search"] * num_items / params["num_leaves"]
     assert 60_000 <= searched < 60_000 + num_items / params["num_leaves"]
   assert large["training_sample_size"] == 250_000
+  # Re-scored candidates: 250 up to 1M items, then 250 per started factor of sqrt(N / 1M).
+  assert small["reorder"] == retrieval.scann_params(1_000_000)["reorder"] == 250
+  assert retrieval.scann_params(1_100_000)["reorder"] == 500
+  assert large["reorder"] == 1000
   # Below 100k the searched leaves hold at least as many items as at 100k.
   for num_items in (3000, 10_000, 30_000, 70_000):
     params = retrieval.scann_params(num_items)
@@ -303,21 +307,27 @@ def test_scann_default_search_keeps_recall_on_a_small_catalog():
   assert recall(default) >= 0.95 > recall(narrow)
 
 
-def test_with_leaves_to_search_changes_the_search_not_the_index():
+def test_with_search_changes_the_search_not_the_index():
   rng = np.random.default_rng(2)
   items = _unit(rng.normal(size=(5000, D)))
   queries = _unit(rng.normal(size=(Q, D)))
   index = retrieval.build_index(items, "scann", leaves_to_search=1)
-  every_leaf = index.with_leaves_to_search(index.params["num_leaves"])
+  every_leaf = index.with_search(leaves_to_search=index.params["num_leaves"])
   true_ids, _ = retrieval.build_index(items, "exact").search(queries, 10)
   assert index.params["leaves_to_search"] == 1  # the original is unchanged
   # Every leaf searched, with exact re-ranking: the exact answer (ties aside, none here).
   assert np.array_equal(every_leaf.search(queries, 10)[0], true_ids)
   assert not np.array_equal(index.search(queries, 10)[0], true_ids)
+  # Fewer re-scored candidates than asked for are still enough (`_search` asks for k + E).
+  np.testing.assert_array_equal(
+      every_leaf.with_search(reorder=1).search(queries, 10)[0].shape, (Q, 10))
+  assert every_leaf.with_search(reorder=7).params["reorder"] == 7
   with pytest.raises(errors.UserError, match="leaves_to_search must be in"):
-    index.with_leaves_to_search(0)
-  with pytest.raises(errors.UserError, match="no leaves to search"):
-    retrieval.build_index(items[:100], "scann").with_leaves_to_search(1)
+    index.with_search(leaves_to_search=0)
+  with pytest.raises(errors.UserError, match="reorder must be"):
+    index.with_search(reorder=0)
+  with pytest.raises(errors.UserError, match="no search settings"):
+    retrieval.build_index(items[:100], "scann").with_search(leaves_to_search=1)
 
 
 def test_scann_builds_of_one_catalog_return_the_same_neighbours():
