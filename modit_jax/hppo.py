@@ -43,14 +43,15 @@ POLICIES = ("policy", "reference", "seed_centroid", "global_shift", "tail_centro
             "interpolation", "feedback", "neighbourhood")
 # The default pool, and the policies the candidate-policy ablation removes one at a time.
 # `global_shift` is opt-in: on the development world it changed nothing measured (mean
-# Joint@20 0.658 with and without it; docs/hppo.md, "Unseen patterns in the targets").
+# Joint@20 0.658 with and without it; docs/hppo.md, "Unseen patterns in the targets, and a
+# longer regression").
 DEFAULT_POLICIES = tuple(p for p in POLICIES if p != "global_shift")
 SFT_TARGETS = ("best", "winner")
 # The policies whose candidates need the model: they enter the pools only, never the targets of
 # the regression phase.
 MODEL_POLICIES = ("policy", "reference", "interpolation")
-# The policies whose candidates a query with a hidden cluster may take as its target: those
-# built without the cluster's train items (`hppo.hide_cluster_prob`).
+# The policies whose candidates a query with hidden clusters may take as its target: those
+# built without the clusters' train items (`hppo.hide_cluster_prob`).
 UNSEEN_PATTERN_POLICIES = ("seed_centroid", "global_shift", "neighbourhood")
 _POOL_STREAM = 4
 _PAIR_STREAM = 5
@@ -116,10 +117,12 @@ def default_config() -> ml_collections.ConfigDict:
   # policy-free candidate (the pool's candidates that need no model: centroids, feedback,
   # neighbourhood), with the SFT term alone; 0: none. A multiple of `pool_every`.
   c.regress_steps = 0
-  # The share of the regression phase's fit queries whose own latent cluster is hidden: their
-  # neighbourhood candidates and neighbour evidence leave out its train items, and their target
-  # is the best of the candidates built without them (`UNSEEN_PATTERN_POLICIES`). Training then
-  # contains the unseen-pattern case that pattern holdout asks about.
+  # The share of the regression phase's fit queries whose seeds' latent clusters are hidden:
+  # their neighbourhood candidates and neighbour evidence leave out those clusters' train items,
+  # and their target is the best of the candidates built without them
+  # (`UNSEEN_PATTERN_POLICIES`), the unseen-pattern case that pattern holdout asks about. Off:
+  # with neighbour evidence it traded item holdout for pattern holdout at no mean gain
+  # (docs/hppo.md, "Unseen patterns in the targets, and a longer regression").
   c.hide_cluster_prob = 0.0
   return c
 
