@@ -400,7 +400,9 @@ class CandidatePools:
     # seeds' majority cluster would leave the pattern's other train items in the neighbourhood:
     # every cluster a seed falls in is hidden.
     hide = rng.random(len(queries)) < self._hide_prob
-    hidden = np.where(hide[:, None], self._seed_clusters(queries), -1)
+    hidden = np.sort(np.where(hide[:, None], self._seed_clusters(queries), -1), axis=1)
+    # Each cluster once per query (-1 for a repeat): the searches below skip a group per column.
+    hidden[:, 1:][hidden[:, 1:] == hidden[:, :-1]] = -1
     return self._build(None, queries, -1, hidden)
 
   def _build(self, params: Any, queries: catalog_lib.Queries, pool_index: int,

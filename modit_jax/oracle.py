@@ -130,9 +130,10 @@ def local_directions(catalog: catalog_lib.Catalog, oracle: OnlineOracle,
   if hidden is not None and np.any(hidden[1] >= 0):
     group_of = np.asarray(hidden[0])
     hide = np.asarray(hidden[1]).reshape(len(q.seeds), -1)
-    # Search past the largest hidden groups, so that n items are left once they are dropped.
-    sizes_desc = np.sort(np.bincount(group_of[group_of >= 0]))[::-1]
-    extra = int(sizes_desc[:hide.shape[1]].sum())
+    # Search past every row's hidden items, so that n items are left once they are dropped.
+    group_size = np.bincount(group_of[group_of >= 0], minlength=int(hide.max()) + 1)
+    hidden_items = np.where(hide >= 0, group_size[np.maximum(hide, 0)], 0)
+    extra = int(hidden_items.sum(axis=1).max())  # a repeated group only widens the search
   want = min(sizes[-1] + extra, len(oracle.train_items) - q.seeds.shape[1])
   near = oracle.neighbours(centroid, q.seeds, want)
   if extra:
