@@ -7,8 +7,9 @@ Run from the repository root (about 45 minutes on 2 cores; a catalog already the
   python bench/large_world.py --out=/tmp/l --world=configs/synthetic.py:tiny \
       --train_config=configs/cpt.py:tiny --train_steps=20 --seed_sets=64 --batch_sizes=32
 
-Every step is one child process of a binary (or of a bench), so its wall time and its peak
-resident memory (`os.wait4`'s ru_maxrss) are its own:
+Every step is one child process of a binary (or of a bench), so its wall time, its peak
+resident memory (`os.wait4`'s ru_maxrss, which counts the memory-mapped catalog's pages it
+read) and its peak anonymous memory (sampled from /proc: what it holds) are its own:
 
 1. `dataset`: `modit_jax.cli.make_dataset` with `configs/synthetic.py:large` (10M items,
    d = 64, 4,000 topics, 10k train and 2x1k evaluation queries), skipped when OUT/dataset holds
@@ -25,7 +26,7 @@ resident memory (`os.wait4`'s ru_maxrss) are its own:
    with the index of step 2, seed sets/s of `retrieve_batch` and recall@20 of ScaNN against
    exact search on the model's queries.
 
-Each step's output and log are under OUT (`<step>.log`); its row (wall s, peak RSS) is written
+Each step's output and log are under OUT (`<step>.log`); its row (wall s, peak RSS, peak anonymous memory) is written
 to OUT/large_world.json as soon as it ends, and the table at the end prints them all. The CPT
 model of step 3 is trained for a few steps only: serving throughput does not depend on how
 good the model is, and recall is measured against exact search on its own queries.
@@ -66,6 +67,24 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
   return args
 
 
+# Peak RSS counts the pages of memory-mapped files a step has read (the catalog's embeddings:
+# 2.6 GB at 10M), which the kernel can drop at will; what a step holds is its anonymous memory,
+# sampled from /proc at this interval (Linux; 0 where /proc has no such field).
+_SAMPLE_S = 0.25
+
+
+def _anonymous_bytes(pid: int) -> int:
+  """The process's resident anonymous memory now (RssAnon of /proc/PID/status), 0 if unknown."""
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        if line.startswith("RssAnon:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return 0
+
+
 def _run(name: str, command: list[str], out: str) -> dict:
   """Runs one step's command as a child; its wall time, peak RSS and exit status."""
   log_path = os.path.join(out, f"{name}.log")
@@ -73,13 +92,19 @@ def _run(name: str, command: list[str], out: str) -> dict:
   with open(log_path, "w") as log:
     start = time.perf_counter()
     child = subprocess.Popen(command, cwd=_REPO, stdout=log, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(child.pid, 0)
+    peak_anon = 0
+    while True:
+      pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+      if pid:
+        break
+      peak_anon = max(peak_anon, _anonymous_bytes(child.pid))
+      time.sleep(_SAMPLE_S)
     seconds = time.perf_counter() - start
   child.returncode = os.waitstatus_to_exitcode(status)
   row = {"step": name, "seconds": seconds, "peak_rss_gib": usage.ru_maxrss / 2**20,
-         "exit": child.returncode}
-  print(f"[{name}] {seconds:,.1f} s, peak RSS {row['peak_rss_gib']:.2f} GiB, exit "
-        f"{child.returncode}", flush=True)
+         "peak_anon_gib": peak_anon / 2**30, "exit": child.returncode}
+  print(f"[{name}] {seconds:,.1f} s, peak RSS {row['peak_rss_gib']:.2f} GiB (anonymous "
+        f"{row['peak_anon_gib']:.2f} GiB), exit {child.returncode}", flush=True)
   if child.returncode:
     with open(log_path) as f:
       sys.stderr.write("".join(f.readlines()[-20:]))
@@ -157,9 +182,11 @@ def main(argv: list[str]) -> None:
     summary["serve"] = _last_lines(os.path.join(out, "serve.log"),
                                    ("seed_sets_per_s", "scann_recall"))
     rows.write()
-  print("\n| step | wall s | peak RSS GiB |\n|---|---|---|")
+  print("\n| step | wall s | peak RSS GiB | peak anonymous GiB |\n|---|---|---|---|")
   for row in summary["steps"]:
-    print(f"| {row['step']} | {row['seconds']:,.1f} | {row['peak_rss_gib']:.2f} |")
+    anon = row.get("peak_anon_gib")  # absent in rows written before it was sampled
+    print(f"| {row['step']} | {row['seconds']:,.1f} | {row['peak_rss_gib']:.2f} | "
+          f"{'-' if anon is None else f'{anon:.2f}'} |")
   print("\n".join(summary.get("serve", [])))
 
 

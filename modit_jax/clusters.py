@@ -158,18 +158,33 @@ def assign_points(x: np.ndarray, centroids: np.ndarray,
   return assign, sqdist
 
 
-def latent_clusters(catalog: catalog_lib.Catalog, k: int,
-                    seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def latent_clusters(catalog: catalog_lib.Catalog, k: int, seed: int,
+                    train_embeddings: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """k-means over the embeddings of train items only (held-out items never enter).
+
+  `train_embeddings`: float32 [n, d], the rows of `catalog.train_items()` when the caller holds
+  them already (at 10M items each copy is 1.7 GB); None: gathered here.
 
   Returns:
     (train_items int64 [n] ascending, assign int32 [n] cluster of each, centroids float32 [k, d]).
   """
   train_items = catalog.train_items().astype(np.int64)
   check_num_clusters(k, len(train_items))
-  x = np.asarray(catalog.embeddings[train_items], np.float32)
+  x = _train_points(catalog, train_items, train_embeddings)
   centroids, assign = kmeans(x, int(k), seed=seed)
   return train_items, assign, centroids
+
+
+def _train_points(catalog: catalog_lib.Catalog, train_items: np.ndarray,
+                  train_embeddings: np.ndarray | None) -> np.ndarray:
+  """float32 [n, d] embeddings of `train_items`: the caller's copy if given, else gathered."""
+  if train_embeddings is None:
+    return np.asarray(catalog.embeddings[train_items], np.float32)
+  if train_embeddings.shape != (len(train_items), catalog.dim):
+    raise ValueError(f"train_embeddings must be [{len(train_items)}, {catalog.dim}] (the "
+                     f"catalog's train items); got {train_embeddings.shape}")
+  return np.asarray(train_embeddings, np.float32)
 
 
 def check_num_clusters(k: int, num_train_items: int) -> None:
@@ -333,18 +348,20 @@ def _kmeanspp(sample: jax.Array, key: jax.Array, k: int, trials: int) -> jax.Arr
   return idx
 
 
-def relative_features(catalog: catalog_lib.Catalog, config: ml_collections.ConfigDict
+def relative_features(catalog: catalog_lib.Catalog, config: ml_collections.ConfigDict,
+                      train_embeddings: np.ndarray | None = None
                       ) -> metric_predictor.RelativeFeatures | None:
   """The metric predictor's relative features that `config` (its config) asks for on `catalog`.
 
   None: the bare embedding. The regions are k-means over the catalog's train items only
   (`sizing.num_predictor_regions` of them); the offsets enter at unit mean norm.
+  `train_embeddings` as in `latent_clusters`.
   """
   if not config.get("relative_features", False):
     return None
   train_items = catalog.train_items()
   count = sizing.num_predictor_regions(len(train_items), sizing.train_seed_size(catalog))
-  x = np.asarray(catalog.embeddings[train_items], np.float32)
+  x = _train_points(catalog, train_items, train_embeddings)
   centres, assign = kmeans(x, min(count, len(train_items)), seed=int(config.seed))
   centres = np.asarray(centres, np.float32)
   scale = float(np.linalg.norm(x - centres[np.asarray(assign)], axis=1).mean())

@@ -207,7 +207,9 @@ def train(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> engi
     raise errors.UserError(
         f"model.neighbour_evidence is read by the {' and '.join(readers)} stages only; "
         f"the {config.stage} stage's batches have none")
-  catalog = catalog_lib.load_catalog(dataset)
+  # Memory-mapped: batches and the data path read rows by id, and at 10M items a full read
+  # would hold 2.6 GB of embeddings the step never needs at once.
+  catalog = catalog_lib.load_catalog(dataset, mmap=True)
   config = _resolve_sizes(config, catalog)
   model = models.make_model(config.model, catalog.dim, catalog.num_domains)
   if config.init_from:

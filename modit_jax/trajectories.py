@@ -147,11 +147,13 @@ def build_source(catalog: catalog_lib.Catalog, num_clusters: int, cluster_seed: 
   labels = np.where(observed, np.asarray(catalog.attributes[train], bool), False)
   if predictor_config is None:
     predictor_config = metric_predictor.default_config()
+  # One copy of the train rows serves the predictor, its density and both k-means runs (1.7 GB
+  # each at 10M items; docs/benchmarks.md, "A 10M-item catalog end to end").
   predictor = metric_predictor.train(
       emb, labels, observed, predictor_config,
-      clusters.relative_features(catalog, predictor_config))
+      clusters.relative_features(catalog, predictor_config, emb))
   density = predictor.predict(emb)
-  train_items, assign, _ = clusters.latent_clusters(catalog, num_clusters, cluster_seed)
+  train_items, assign, _ = clusters.latent_clusters(catalog, num_clusters, cluster_seed, emb)
   # latent_clusters and this function both use train_items() order; density rows follow it.
   assert np.array_equal(train_items, train)
   return TrajectorySource(train_items, assign, density, catalog.embeddings), predictor

@@ -132,15 +132,15 @@ def _dataset(config: ml_collections.ConfigDict, out: str,
   """
   if config.dataset:
     notes.append(f"dataset: `{os.path.abspath(config.dataset)}` (given)")
-    return config.dataset, catalog_lib.load_catalog(config.dataset)
+    return config.dataset, catalog_lib.load_catalog(config.dataset, mmap=True)
   path = os.path.join(out, DATASET_DIR)
   if os.path.isfile(os.path.join(path, "manifest.json")):
     logging.info("Reusing the dataset in %s", path)
     notes.append(f"dataset: `{path}` (reused)")
-    return path, catalog_lib.load_catalog(path)
+    return path, catalog_lib.load_catalog(path, mmap=True)
   start = time.perf_counter()
   synthetic.write_world(config.world, path)
-  catalog = catalog_lib.load_catalog(path)
+  catalog = catalog_lib.load_catalog(path, mmap=True)
   note = f"dataset: `{path}`, generated in {time.perf_counter() - start:.0f} s"
   if config.world.check_properties:
     found, table, _ = properties.check_world(catalog, config.world)

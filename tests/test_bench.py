@@ -106,6 +106,8 @@ def test_large_world_bench_runs_every_step_on_the_tiny_world(tmp_path):
   for row in summary["steps"]:
     assert row["exit"] == 0 and row["seconds"] > 0
     assert 0.05 < row["peak_rss_gib"] < 64  # a child's own peak, in GiB (not KiB or bytes)
+    # Anonymous memory is part of the resident set: sampled, it cannot exceed its peak.
+    assert 0.01 < row["peak_anon_gib"] <= row["peak_rss_gib"]
   assert any(line.startswith("seed_sets_per_s@") for line in summary["serve"])
   assert any(line.startswith("scann_recall@") for line in summary["serve"])
   # A second run reuses the catalog rather than generating it again.

@@ -179,3 +179,17 @@ def test_latent_clusters_find_the_patterns_of_the_tiny_world(tiny):
   assert score["purity"] > 0.7
   with pytest.raises(errors.UserError, match="number of train items"):
     clusters.latent_clusters(tiny, len(train) + 1, seed=0)
+
+
+def test_latent_clusters_on_the_callers_train_rows_equal_their_own(tiny):
+  """A caller's copy of the train rows (trajectories.build_source shares one) gives the same
+  clusters as the rows gathered inside; a copy of other rows is refused."""
+  train = tiny.train_items()
+  rows = np.asarray(tiny.embeddings[train], np.float32)
+  own = clusters.latent_clusters(tiny, 12, seed=3)
+  given = clusters.latent_clusters(tiny, 12, seed=3, train_embeddings=rows)
+  for a, b in zip(own, given):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(rows, tiny.embeddings[train])  # read, not written
+  with pytest.raises(ValueError, match="train items"):
+    clusters.latent_clusters(tiny, 12, seed=3, train_embeddings=rows[:-1])

@@ -23,7 +23,7 @@ flags.mark_flags_as_required(["config", "dataset", "workdir"])
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  catalog = catalog_lib.load_catalog(_DATASET.value)
+  catalog = catalog_lib.load_catalog(_DATASET.value, mmap=True)  # rows are read as needed
   result = evaluation.evaluate(catalog, _CONFIG.value)
   results = evaluation.write(result, _WORKDIR.value, _DATASET.value)
   results_markdown.write_evaluation_report(_WORKDIR.value, results)
