@@ -72,18 +72,24 @@ def kmeans(x: np.ndarray, k: int, *, seed: int, num_iters: int = 50,
   return _flat_kmeans(x, k, seed, num_iters, batch_size)
 
 
-def _flat_kmeans(x: np.ndarray, k: int, seed: int, num_iters: int,
-                 batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """k-means++ seeding and Lloyd passes over all N x k pairs (`kmeans`, arguments checked)."""
-  centroids = _init_centroids(x, k, seed)
+def _flat_kmeans(x: np.ndarray, k: int, seed: int, num_iters: int, batch_size: int,
+                 padded: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """k-means++ seeding and Lloyd passes over all N x k pairs (`kmeans`, arguments checked).
+
+  `padded`: the jitted passes see N and k rounded up by `_bucket`, so that the many small runs
+  of `_two_level_kmeans` share a few compiled shapes (one compile per run took most of its time
+  and kept ~300 executables at 10M items). The padding is masked out, so the clusters are
+  those of the exact shapes up to float rounding; a single run keeps its exact shapes.
+  """
+  centroids = _init_centroids(x, k, seed, padded)
   previous = None
   for _ in range(num_iters):
-    assign, sqdist, sums, counts = _lloyd_pass(x, centroids, batch_size)
+    assign, sqdist, sums, counts = _lloyd_pass(x, centroids, batch_size, padded)
     if previous is not None and np.array_equal(assign, previous):
       return centroids, assign  # converged: the centroids are the means of this assignment
     centroids = _update_centroids(sums, counts, sqdist, x, centroids)
     previous = assign
-  assign, _ = assign_points(x, centroids, batch_size)
+  assign, _, _, _ = _lloyd_pass(x, centroids, batch_size, padded)
   return centroids, assign
 
 
@@ -117,7 +123,7 @@ def _two_level_kmeans(x: np.ndarray, k: int, seed: int, num_iters: int,
     # Each coarse cluster its own seed: its split does not depend on the others'.
     sub_seed = int(np.random.default_rng([int(seed), 1, int(c)]).integers(1 << 31))
     sub_centroids, sub_assign = _flat_kmeans(np.asarray(x[rows], np.float32), share, sub_seed,
-                                             num_iters, batch_size)
+                                             num_iters, batch_size, padded=True)
     centroids[first:first + share] = sub_centroids
     assign[rows] = first + sub_assign
     first += share
@@ -234,18 +240,30 @@ def _check_points(x: np.ndarray) -> np.ndarray:
   return x
 
 
-def _block_rows(n: int, k: int, batch_size: int) -> int:
-  return max(1, min(int(batch_size), n, _MAX_BLOCK_ENTRIES // k))
+def _bucket(n: int) -> int:
+  """n rounded up to a multiple of a quarter of its power of two (at most 1/4 more than n)."""
+  if n <= 8:
+    return max(1, n)
+  step = 1 << max(0, n.bit_length() - 3)
+  return -(-n // step) * step
+
+
+def _block_rows(n: int, k: int, batch_size: int, padded: bool = False) -> int:
+  return max(1, min(int(batch_size), _bucket(n) if padded else n, _MAX_BLOCK_ENTRIES // k))
 
 
 @jax.jit
-def _assign_block(x: jax.Array, valid: jax.Array, centroids: jax.Array):
-  """One block: nearest centroid, squared distance, per-cluster sums and counts of valid rows."""
+def _assign_block(x: jax.Array, valid: jax.Array, centroids: jax.Array, real: jax.Array):
+  """One block: nearest centroid, squared distance, per-cluster sums and counts of valid rows.
+
+  Centroid rows at or past `real` (an int32 scalar) are padding and are never chosen.
+  """
   k = centroids.shape[0]
   # HIGHEST: accelerators otherwise run float32 matmuls at reduced precision (bf16 / TF32),
   # which would change assignments between platforms.
   dots = jnp.matmul(x, centroids.T, precision=jax.lax.Precision.HIGHEST)
   scores = jnp.sum(centroids * centroids, axis=1)[None, :] - 2.0 * dots
+  scores = jnp.where(jnp.arange(k)[None, :] < real, scores, jnp.inf)
   assign = jnp.argmin(scores, axis=1).astype(jnp.int32)
   sqdist = jnp.maximum(jnp.sum(x * x, axis=1) + jnp.min(scores, axis=1), 0.0)
   w = valid.astype(jnp.float32)
@@ -254,12 +272,18 @@ def _assign_block(x: jax.Array, valid: jax.Array, centroids: jax.Array):
   return assign, sqdist, sums, counts
 
 
-def _lloyd_pass(x: np.ndarray, centroids: np.ndarray, batch_size: int):
-  """Assigns every point in blocks; returns (assign, sqdist, sums float64 [k, d], counts [k])."""
+def _lloyd_pass(x: np.ndarray, centroids: np.ndarray, batch_size: int, padded: bool = False):
+  """Assigns every point in blocks; returns (assign, sqdist, sums float64 [k, d], counts [k]).
+
+  `padded` as in `_flat_kmeans`.
+  """
   n, d = x.shape
   k = centroids.shape[0]
-  rows = _block_rows(n, k, batch_size)
-  c = jnp.asarray(centroids, jnp.float32)
+  padded_k = _bucket(k) if padded else k
+  rows = _block_rows(n, padded_k, batch_size, padded)
+  c = jnp.asarray(np.concatenate([np.asarray(centroids, np.float32),
+                                  np.zeros((padded_k - k, d), np.float32)]))
+  real = jnp.int32(k)
   assign = np.empty(n, np.int32)
   sqdist = np.empty(n, np.float32)
   sums = np.zeros((k, d), np.float64)
@@ -274,12 +298,12 @@ def _lloyd_pass(x: np.ndarray, centroids: np.ndarray, batch_size: int):
     if m < rows:
       block = np.concatenate([block, np.zeros((rows - m, d), np.float32)])
     valid = np.arange(rows) < m
-    a, s, blk_sums, blk_counts = _assign_block(jnp.asarray(block), jnp.asarray(valid), c)
+    a, s, blk_sums, blk_counts = _assign_block(jnp.asarray(block), jnp.asarray(valid), c, real)
     assign[start:start + m] = np.asarray(a)[:m]
     sqdist[start:start + m] = np.asarray(s)[:m]
     # Blocks add up in float64 on the host: millions of float32 additions would drift.
-    sums += np.asarray(blk_sums, np.float64)
-    counts += np.asarray(blk_counts, np.float64)
+    sums += np.asarray(blk_sums, np.float64)[:k]
+    counts += np.asarray(blk_counts, np.float64)[:k]
   return assign, sqdist, sums, counts
 
 
@@ -301,23 +325,34 @@ def _update_centroids(sums: np.ndarray, counts: np.ndarray, sqdist: np.ndarray, 
   return new.astype(np.float32)
 
 
-def _init_centroids(x: np.ndarray, k: int, seed: int) -> np.ndarray:
-  """Greedy k-means++ on a seeded random subsample of at most max(20k, k) points."""
+def _init_centroids(x: np.ndarray, k: int, seed: int, padded: bool = False) -> np.ndarray:
+  """Greedy k-means++ on a seeded random subsample of at most max(20k, k) points.
+
+  `padded` as in `_flat_kmeans`: the sample and k enter the jitted seeding rounded up by
+  `_bucket`, the padding masked out.
+  """
   n = x.shape[0]
   size = min(n, max(_INIT_SAMPLE, k))
   rng = np.random.default_rng([int(seed), 0])
   rows = np.arange(n) if size == n else np.sort(rng.choice(n, size=size, replace=False))
-  sample = jnp.asarray(np.asarray(x[rows], np.float32))
+  sample = np.asarray(x[rows], np.float32)
   # sklearn's choice of candidates per step: markedly better seeds than plain k-means++.
   trials = 2 + int(math.log(k))
-  idx = _kmeanspp(sample, jax.random.PRNGKey(int(seed) % (1 << 31)), k, trials)
-  return np.asarray(sample[idx], np.float32)
+  slots = _bucket(k) if padded else k
+  if padded:
+    sample = np.concatenate([sample, np.zeros((_bucket(size) - size, sample.shape[1]),
+                                              np.float32)])
+  idx = _kmeanspp(jnp.asarray(sample), jax.random.PRNGKey(int(seed) % (1 << 31)),
+                  jnp.int32(size), jnp.int32(k), slots, trials)
+  return sample[np.asarray(idx)[:k]]
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _kmeanspp(sample: jax.Array, key: jax.Array, k: int, trials: int) -> jax.Array:
-  """Indices of k seeds in `sample`, each of `trials` D^2-drawn candidates the best."""
-  s = sample.shape[0]
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _kmeanspp(sample: jax.Array, key: jax.Array, size: jax.Array, k: jax.Array, slots: int,
+              trials: int) -> jax.Array:
+  """Indices of k seeds among the first `size` rows of `sample` (the rest is padding), each
+  of `trials` D^2-drawn candidates the best; int32 [slots], the first k filled."""
+  real = jnp.arange(sample.shape[0]) < size
   sq = jnp.sum(sample * sample, axis=1)
 
   def dist_to(points):  # [c, d] -> [c, s] squared distances to every sample point
@@ -326,9 +361,10 @@ def _kmeanspp(sample: jax.Array, key: jax.Array, k: int, trials: int) -> jax.Arr
                        0.0)
 
   key, sub = jax.random.split(key)
-  first = jax.random.randint(sub, (), 0, s)
-  idx = jnp.zeros(k, jnp.int32).at[0].set(first)
-  d2 = dist_to(sample[first][None])[0]
+  first = jax.random.randint(sub, (), 0, size)
+  idx = jnp.zeros(slots, jnp.int32).at[0].set(first)
+  # Padding rows at distance 0 are never drawn, and the min below keeps them there.
+  d2 = jnp.where(real, dist_to(sample[first][None])[0], 0.0)
 
   def body(i, carry):
     idx, d2, key = carry
@@ -337,9 +373,9 @@ def _kmeanspp(sample: jax.Array, key: jax.Array, k: int, trials: int) -> jax.Arr
     total = cdf[-1]
     u = jax.random.uniform(draw, (trials,)) * total
     # compare_all: [trials, s] comparisons; compiles faster than the default scan.
-    cand = jnp.minimum(jnp.searchsorted(cdf, u, side="right", method="compare_all"), s - 1)
+    cand = jnp.minimum(jnp.searchsorted(cdf, u, side="right", method="compare_all"), size - 1)
     # All remaining distances zero (fewer distinct points than k): any point will do.
-    cand = jnp.where(total > 0, cand, jax.random.randint(fallback, (trials,), 0, s))
+    cand = jnp.where(total > 0, cand, jax.random.randint(fallback, (trials,), 0, size))
     cand_d2 = jnp.minimum(d2[None, :], dist_to(sample[cand]))
     best = jnp.argmin(jnp.sum(cand_d2, axis=1))
     return idx.at[i].set(cand[best].astype(jnp.int32)), cand_d2[best], key

@@ -105,6 +105,35 @@ def test_two_level_kmeans_recovers_blobs_as_flat_does(monkeypatch):
   np.testing.assert_array_equal(again_centroids, centroids)
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 13, 100, 291, 20000, 23457, 65536])
+def test_bucket_rounds_up_by_at_most_a_quarter(n):
+  b = clusters._bucket(n)
+  assert n <= b <= max(n + 1, 1.25 * n)
+  assert clusters._bucket(b) == b  # buckets are fixed points: a few shapes, not one per n
+
+
+def test_padded_kmeans_never_uses_the_padding():
+  """Padded shapes (two-level k-means' splits) mask their padding: the zero rows that pad the
+  sample are never drawn as seeds and the zero centroids that pad k never win a point, though
+  every point is far from the origin where the padding sits."""
+  x, labels, _ = _blobs(seed=3, num=5, per=3, dim=4)  # 15 points: sample and k both padded
+  x = x + 50.0
+  assert clusters._bucket(len(x)) > len(x) and clusters._bucket(9) > 9
+  seeds = clusters._init_centroids(x, 9, seed=0, padded=True)
+  assert seeds.shape == (9, 4)
+  assert all(np.any(np.all(x == s, axis=1)) for s in seeds)  # every seed is a real point
+  centroids, assign = clusters._flat_kmeans(x, 9, 0, 50, 65536, padded=True)
+  assert centroids.shape == (9, 4) and assign.min() >= 0 and assign.max() < 9
+  exact_centroids, exact = clusters._flat_kmeans(x, 9, 0, 50, 65536)
+  # Equal up to float rounding (the same seeds, the same Lloyd steps on these 15 points).
+  np.testing.assert_array_equal(assign, exact)
+  np.testing.assert_allclose(centroids, exact_centroids, atol=1e-5)
+  # Points at the origin, real centroids far away: the zero padding centroids would be nearest.
+  near, far = x - 50.0, x[:9] + 100.0
+  assign, _, sums, counts = clusters._lloyd_pass(near, far, 65536, padded=True)
+  assert assign.max() < 9 and sums.shape == (9, 4) and counts.sum() == len(near)
+
+
 def test_two_level_kmeans_starts_above_its_threshold(monkeypatch):
   x, _ = _many_blobs()
   calls = []
