@@ -22,7 +22,10 @@ from modit_jax import retrieval
 class OnlineOracle:
   """Scores candidate query embeddings of training queries, over train items only."""
 
-  def __init__(self, catalog: catalog_lib.Catalog, k: int = 20, index_kind: str = "scann"):
+  def __init__(self, catalog: catalog_lib.Catalog, k: int = 20, index_kind: str = "scann",
+               search_share: float = 0.0):
+    """`search_share` > 0: its ScaNN index searches at least that share of its leaves
+    (`retrieval.searching_leaf_share`)."""
     self.k = int(k)
     self.train_items = catalog.train_items()
     if len(self.train_items) <= k + catalog.seed_size:
@@ -35,8 +38,8 @@ class OnlineOracle:
     self._counts = metrics.pattern_attribute_counts(self._patterns, self._attributes)
     self._local = np.full(catalog.num_items, -1, np.int64)
     self._local[self.train_items] = np.arange(len(self.train_items))
-    self._index = retrieval.build_index(
-        np.asarray(catalog.embeddings[self.train_items]), index_kind)
+    self._index = retrieval.searching_leaf_share(retrieval.build_index(
+        np.asarray(catalog.embeddings[self.train_items]), index_kind), search_share)
 
   def _local_seeds(self, seeds: np.ndarray) -> np.ndarray:
     local = self._local[np.asarray(seeds)]

@@ -463,6 +463,21 @@ def build_index(embeddings: np.ndarray, kind: str = "scann", **overrides: Any) -
   return index
 
 
+def searching_leaf_share(index: Index, share: float) -> Index:
+  """`index` searching at least `share` of its leaves; other indexes (exact, brute force) as
+  they are.
+
+  Serving caps a query at what a 1M-item catalog searches (`scann_params`); an evaluation
+  measures methods, not the index, so it searches the share the default searches up to 1M
+  items at every size (the same index up to 1M; 190 instead of 19 of 3,162 leaves at 10M).
+  """
+  if share <= 0 or not isinstance(index, ScannIndex) or index.params["algorithm"] != "tree_ah":
+    return index
+  leaves, searched = index.params["num_leaves"], index.params["leaves_to_search"]
+  wanted = min(leaves, max(searched, math.ceil(round(share * leaves, 6))))
+  return index if wanted == searched else index.with_search(leaves_to_search=wanted)
+
+
 def load_or_build_index(directory: str | os.PathLike, embeddings: np.ndarray,
                         kind: str = "scann") -> Index:
   """The index saved in `directory`; built (`kind`) from `embeddings` and saved there if none is.

@@ -1,5 +1,6 @@
 """Tests for modit_jax.retrieval: exactness, exclusion, ScaNN recall, save/move/load, refusals."""
 
+import math
 import os
 import shutil
 
@@ -8,6 +9,7 @@ import pytest
 
 from configs import synthetic as synthetic_config
 from modit_jax import errors
+from modit_jax import evaluation
 from modit_jax import retrieval
 from modit_jax import synthetic
 
@@ -328,6 +330,35 @@ def test_with_search_changes_the_search_not_the_index():
     index.with_search(reorder=0)
   with pytest.raises(errors.UserError, match="no search settings"):
     retrieval.build_index(items[:100], "scann").with_search(leaves_to_search=1)
+
+
+def test_searching_leaf_share_raises_the_search_and_never_lowers_it():
+  rng = np.random.default_rng(3)
+  items = _unit(rng.normal(size=(5000, D)))
+  index = retrieval.build_index(items, "scann", leaves_to_search=1)
+  leaves = index.params["num_leaves"]  # 71 at 5,000 items
+  wider = retrieval.searching_leaf_share(index, 0.5)
+  assert wider.params["leaves_to_search"] == math.ceil(0.5 * leaves)
+  assert index.params["leaves_to_search"] == 1  # the original is unchanged
+  assert retrieval.searching_leaf_share(wider, 0.1) is wider  # already searches more
+  assert retrieval.searching_leaf_share(index, 0.0) is index
+  assert retrieval.searching_leaf_share(wider, 1.0).params["leaves_to_search"] == leaves
+  for other in (retrieval.build_index(items, "exact"), retrieval.build_index(items[:100], "scann")):
+    assert retrieval.searching_leaf_share(other, 0.5) is other  # no leaves to widen
+
+
+@pytest.mark.parametrize("num_items", [2_000, 10_000, 100_000, 1_000_000, 3_000_000, 10_000_000])
+def test_the_evaluation_share_changes_the_search_only_above_1m_items(num_items):
+  """evaluation's `search_share` is a no-op where the serving default searches 6 % of the
+  leaves (up to 1M items) and widens the capped search above."""
+  share = evaluation.default_config().search_share
+  params = retrieval.scann_params(num_items)
+  searched, leaves = params["leaves_to_search"], params["num_leaves"]
+  at_share = math.ceil(round(share * leaves, 6))
+  if num_items <= 1_000_000:
+    assert searched >= at_share
+  else:
+    assert searched < at_share  # 19 < 190 of 3,162 at 10M
 
 
 def test_scann_builds_of_one_catalog_return_the_same_neighbours():
