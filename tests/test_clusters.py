@@ -105,6 +105,21 @@ def test_two_level_kmeans_recovers_blobs_as_flat_does(monkeypatch):
   np.testing.assert_array_equal(again_centroids, centroids)
 
 
+def test_two_level_kmeans_with_coarse_centroids_from_a_sample(monkeypatch):
+  """The coarse level fitted on a sample (here 30 points per coarse cluster, not all) still
+  recovers the blobs, deterministically."""
+  x, labels = _many_blobs()
+  monkeypatch.setattr(clusters, "_TWO_LEVEL_MIN_PAIRS", 0)
+  monkeypatch.setattr(clusters, "_COARSE_SAMPLE_PER_CLUSTER", 30)
+  assert 30 * round(np.sqrt(36)) < len(x)  # the sample is a strict subset
+  centroids, assign = clusters.kmeans(x, 36, seed=0)
+  score = clusters.agreement(assign, labels)
+  assert score["purity"] >= 0.98 and score["nmi"] >= 0.98
+  again_centroids, again = clusters.kmeans(x, 36, seed=0)
+  np.testing.assert_array_equal(again, assign)
+  np.testing.assert_array_equal(again_centroids, centroids)
+
+
 @pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 13, 100, 291, 20000, 23457, 65536])
 def test_bucket_rounds_up_by_at_most_a_quarter(n):
   b = clusters._bucket(n)
