@@ -26,10 +26,11 @@ read) and its peak anonymous memory (sampled from /proc: what it holds) are its 
    with the index of step 2, seed sets/s of `retrieve_batch` and recall@20 of ScaNN against
    exact search on the model's queries.
 
-Each step's output and log are under OUT (`<step>.log`); its row (wall s, peak RSS, peak anonymous memory) is written
-to OUT/large_world.json as soon as it ends, and the table at the end prints them all. The CPT
-model of step 3 is trained for a few steps only: serving throughput does not depend on how
-good the model is, and recall is measured against exact search on its own queries.
+Each step's output and log are under OUT (`<step>.log`); its row (wall s, peak RSS, peak
+anonymous memory) is written to OUT/large_world.json as soon as it ends, and the table at the
+end prints them all. The CPT model of step 3 is trained for a few steps only: serving
+throughput does not depend on how good the model is, and recall is measured against exact
+search on its own queries.
 """
 
 import argparse
