@@ -117,7 +117,7 @@ def _two_level_kmeans(x: np.ndarray, k: int, seed: int, num_iters: int,
   sample = np.sort(np.random.default_rng([int(seed), 2]).choice(n, size, replace=False))
   coarse_centroids, _ = _flat_kmeans(np.asarray(x[sample], np.float32), num_coarse, seed,
                                      num_iters, batch_size)
-  coarse, _, _, _ = _lloyd_pass(x, coarse_centroids, batch_size)
+  coarse, _ = assign_points(x, coarse_centroids, batch_size)
   logging.info("k-means: %d coarse clusters in %.0f s; splitting each", num_coarse,
                time.perf_counter() - start)
   sizes = np.bincount(coarse, minlength=num_coarse)

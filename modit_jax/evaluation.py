@@ -58,7 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
   # Both ScaNN indexes search at least this share of their leaves: the serving default caps a
   # query at 60k items above 1M, which at 10M items cost the baselines 0.03-0.07 Joint@20
   # (oracle_shift 0.965 -> 0.914; docs/benchmarks.md). The same index up to 1M items.
-  c.search_share = 0.06
+  c.search_share = retrieval.LEAF_SHARE
   c.shift_grid = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0)
   c.rerank_pool_grid = (50, 100, 200, 400, 800)
   # local_shift: train items around the seed centroid whose labels give the direction, and the

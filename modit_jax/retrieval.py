@@ -41,6 +41,9 @@ _CHECK_ROWS = 1 << 18
 # Below this many items partitioning makes no sense (a handful of tiny leaves), so ScaNN
 # scores every item exactly; that is also exact, so small test catalogs get exact answers.
 _BRUTE_FORCE_BELOW = 2000
+# The share of the leaves a default ScaNN query searches between the bounds below (and an
+# evaluation's at every size, `evaluation.search_share`).
+LEAF_SHARE = 0.06
 # The fewest items (in expectation: leaves x mean leaf size) a default ScaNN query scores: what
 # 6 % of the leaves are at 100k items (19 of 316), where recall@20 is 0.99 (scann_params).
 _MIN_ITEMS_SEARCHED = 6000
@@ -254,7 +257,7 @@ def scann_params(num_items: int) -> dict[str, Any]:
 def _tree_ah_params(num_items: int) -> dict[str, Any]:
   """The tree + asymmetric hashing parameters of `scann_params` (see there)."""
   num_leaves = max(2, round(math.sqrt(num_items)))
-  items_searched = min(max(0.06 * num_items, _MIN_ITEMS_SEARCHED), _MAX_ITEMS_SEARCHED)
+  items_searched = min(max(LEAF_SHARE * num_items, _MIN_ITEMS_SEARCHED), _MAX_ITEMS_SEARCHED)
   return {
       "algorithm": "tree_ah",
       "num_leaves": num_leaves,

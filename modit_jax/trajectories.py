@@ -148,7 +148,7 @@ def build_source(catalog: catalog_lib.Catalog, num_clusters: int, cluster_seed: 
   if predictor_config is None:
     predictor_config = metric_predictor.default_config()
   # One copy of the train rows serves the predictor, its density and both k-means runs (1.7 GB
-  # each at 10M items; docs/benchmarks.md, "A 10M-item catalog end to end").
+  # each at 10M items; docs/benchmarks.md, "Memory and time of the 10M training data path").
   predictor = metric_predictor.train(
       emb, labels, observed, predictor_config,
       clusters.relative_features(catalog, predictor_config, emb))
