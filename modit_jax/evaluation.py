@@ -29,9 +29,11 @@ from modit_jax import baselines
 from modit_jax import catalog as catalog_lib
 from modit_jax import clusters
 from modit_jax import errors
+from modit_jax import evidence
 from modit_jax import generative
 from modit_jax import metric_predictor
 from modit_jax import metrics
+from modit_jax import novelty
 from modit_jax import oracle as oracle_lib
 from modit_jax import query_split
 from modit_jax import retrieval
@@ -81,6 +83,12 @@ def default_config() -> ml_collections.ConfigDict:
   # >= 0: only guidance scales whose train Purity@k is within this of the grid's best are
   # admitted (a pattern-preserving choice); < 0: the best train Joint@k, whatever its purity.
   c.guidance_purity_tolerance = -1.0
+  # The novelty gate (modit_jax/novelty.py, docs/novelty.md): these generative methods answer
+  # seed sets from a region with no train items with the tuned global shift; each is also
+  # reported ungated as `<method>_no_gate`. Comma-separated; empty: no gate.
+  c.novelty_gate = ml_collections.ConfigDict({
+      "methods": "modit_hppo", "neighbours": novelty.NEIGHBOURS,
+      "share_ratio": novelty.SHARE_RATIO})
   c.num_resamples = 10_000
   c.seed = 0
   return c
@@ -157,25 +165,58 @@ def retrieve_all(catalog: catalog_lib.Catalog, methods: Sequence[str], splits: S
   # Without train queries nothing is tuned or chosen; methods with no knob still answer.
   validation = (query_split.validation_queries(catalog) if len(catalog.queries["train"]) >= 2
                 else None)
-  retrieved, knobs = {}, {}
+  gated = [m.strip() for m in str(config.novelty_gate.methods).split(",") if m.strip()]
+  not_generative = [m for m in gated if m in baselines.REGISTRY]
+  if not_generative:
+    raise errors.UserError(f"novelty_gate.methods names baseline(s) {', '.join(not_generative)}"
+                           ": the gate stands in front of a generative model")
+  retrieved, knobs, fitted_baselines = {}, {}, {}
+  gate = None
   for name in methods:
     start = time.perf_counter()
     if name in baselines.REGISTRY:
-      fitted = baselines.fit(name, catalog, oracle, config)
+      fitted_baselines[name] = baselines.fit(name, catalog, oracle, config)
+      answers = {name: fitted_baselines[name]}
     else:
-      fitted = generative.fit(name, config.workdirs[name], catalog, oracle, config)
+      if name in gated and gate is None:
+        gate = _novelty_gate(catalog, oracle, config, fitted_baselines, index, splits, meta)
+      answers = generative.fit(name, config.workdirs[name], catalog, oracle, config,
+                               gate=gate if name in gated else None)
     if validation is not None and name in baselines.REGISTRY:
-      joint = oracle.score_ids(fitted.retrieve(validation, TrainIndex(oracle), oracle.k),
+      joint = oracle.score_ids(answers[name].retrieve(validation, TrainIndex(oracle), oracle.k),
                                validation)[f"joint@{oracle.k}"]
       meta["validation"][name] = {
           d: float(joint[validation.domain == m].mean())
           for m, d in enumerate(catalog.domains) if np.any(validation.domain == m)}
-    retrieved[name] = {s: fitted.retrieve(catalog.queries[s], index, k).astype(np.int32)
-                       for s in splits}
-    knobs[name] = fitted.knob
+    for answer, fitted in answers.items():
+      retrieved[answer] = {s: fitted.retrieve(catalog.queries[s], index, k).astype(np.int32)
+                           for s in splits}
+      knobs[answer] = fitted.knob
     logging.info("%s: fitted and retrieved in %.1f s%s", name, time.perf_counter() - start,
-                 f" (knob {fitted.knob})" if fitted.knob else "")
+                 f" (knob {answers[name].knob})" if answers[name].knob else "")
   return retrieved, knobs, meta
+
+
+def _novelty_gate(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
+                  config: ml_collections.ConfigDict, fitted: dict[str, baselines.Fitted],
+                  index: retrieval.Index, splits: Sequence[str],
+                  meta: dict[str, Any]) -> novelty.Gate:
+  """The gate with the global shift's validation-tuned shifts; records it in `meta`."""
+  if "centroid_global_shift" not in fitted:
+    fitted["centroid_global_shift"] = baselines.fit("centroid_global_shift", catalog, oracle,
+                                                    config)
+  gate = novelty.Gate.for_catalog(catalog, fitted["centroid_global_shift"].knob,
+                                  config.novelty_gate.neighbours,
+                                  config.novelty_gate.share_ratio)
+  novel = {}
+  for split in splits:
+    q = catalog.queries[split]
+    centroids = evidence.seed_centroids(catalog.embeddings, q.seeds)
+    novel[split] = float(gate.novel(index, centroids, q.seeds).mean()) if len(q) else 0.0
+  logging.info("novelty gate: share of novel seed sets per split %s", novel)
+  meta[novelty.JSON_KEY] = {"methods": str(config.novelty_gate.methods),
+                            "novel_share": novel, "gate": gate.to_json()}
+  return gate
 
 
 def score_all(catalog: catalog_lib.Catalog, retrieved: dict[str, dict[str, np.ndarray]],
@@ -304,7 +345,8 @@ def evaluate(catalog: catalog_lib.Catalog, config: ml_collections.ConfigDict) ->
   strongest = strongest_per_domain(meta["validation"])
   records = summarize(catalog.domains, {s: catalog.queries[s].domain for s in splits}, scores,
                       references, strongest, config.num_resamples, config.seed)
-  meta.update({"methods": methods, "splits": splits, "references": references,
+  # The ungated twins of gated methods are methods of the results too.
+  meta.update({"methods": list(retrieved), "splits": splits, "references": references,
                "ks": list(config.ks), "data_diagnostics": data_diagnostics(catalog, methods,
                                                                            config)})
   return Evaluation(records, retrieved, scores, knobs, strongest, meta)

@@ -5,14 +5,17 @@ a knob chosen on train queries like the baselines' ones, and its queries are sam
 `generator.Generator`.
 """
 
+from absl import logging
 import ml_collections
 import numpy as np
 
 from modit_jax import baselines
 from modit_jax import catalog as catalog_lib
 from modit_jax import errors
+from modit_jax import evidence
 from modit_jax import generator as generator_lib
 from modit_jax import hppo
+from modit_jax import novelty
 from modit_jax import oracle as oracle_lib
 from modit_jax import retrieval
 from modit_jax import run_dir
@@ -34,13 +37,16 @@ def check_workdir(name: str, workdir: str) -> None:
 
 
 def fit(name: str, workdir: str, catalog: catalog_lib.Catalog,
-        oracle: oracle_lib.OnlineOracle | None, config: ml_collections.ConfigDict
-        ) -> baselines.Fitted:
+        oracle: oracle_lib.OnlineOracle | None, config: ml_collections.ConfigDict,
+        gate: novelty.Gate | None = None) -> dict[str, baselines.Fitted]:
   """The generative method `name` as a `baselines.Fitted`, reading the model in `workdir`.
 
   A domain-conditioned model's guidance scale is a knob like the baselines' ones: chosen per
   domain over `config.guidance_grid` on train queries with the online oracle (an empty grid
   keeps the training config's scale).
+
+  Returns {name: method}; with a `gate`, {name + UNGATED_SUFFIX: the model alone, name: the
+  model behind the novelty gate}, both answering from the same samples.
   """
   check_workdir(name, workdir)
   generator = generator_lib.Generator(workdir)
@@ -68,8 +74,28 @@ def fit(name: str, workdir: str, catalog: catalog_lib.Catalog,
         purity_tolerance=config.guidance_purity_tolerance)
     knob = dict(zip(catalog.domains, scales.tolist()))
 
+  # The last queries' samples: the gated and the ungated method answer a split from one draw.
+  last: list[tuple[catalog_lib.Queries, np.ndarray]] = []
+
+  def sampled(queries: catalog_lib.Queries) -> np.ndarray:
+    if not last or last[0][0] is not queries:
+      last[:] = [(queries, samples(queries, scales[queries.domain], config.num_samples))]
+    return last[0][1]
+
   def retrieve(queries: catalog_lib.Queries, index: retrieval.Index, k: int) -> np.ndarray:
-    queries_embedded = samples(queries, scales[queries.domain], config.num_samples)
+    return generator_lib.search_samples(index, sampled(queries), queries.seeds, k)
+
+  if gate is None:
+    return {name: baselines.Fitted(name, retrieve, knob=knob)}
+
+  def retrieve_gated(queries: catalog_lib.Queries, index: retrieval.Index,
+                     k: int) -> np.ndarray:
+    queries_embedded, novel = gate.apply(index, evidence.seed_centroids(emb, queries.seeds),
+                                         queries.domain, queries.seeds, sampled(queries))
+    logging.info("%s: %d of %d seed sets novel, answered with the global shift", name,
+                 int(novel.sum()), len(novel))
     return generator_lib.search_samples(index, queries_embedded, queries.seeds, k)
 
-  return baselines.Fitted(name, retrieve, knob=knob)
+  ungated = name + novelty.UNGATED_SUFFIX
+  return {ungated: baselines.Fitted(ungated, retrieve, knob=knob),
+          name: baselines.Fitted(name, retrieve_gated, knob=knob)}

@@ -26,12 +26,15 @@ import numpy as np
 
 from modit_jax import catalog as catalog_lib
 from modit_jax import errors
+from modit_jax import evidence
 from modit_jax import generator as generator_lib
+from modit_jax import novelty
 from modit_jax import retrieval
 from modit_jax import run_dir
 
 PIPELINE_FILE = "pipeline.json"  # written by the pipeline binary into its output directory
-GUIDANCE_FILE = "guidance.json"  # {"guidance_scale": {"<domain>": float, ...}}
+# {"guidance_scale": {"<domain>": float, ...}, "novelty_gate": Gate.to_json()}; both optional.
+GUIDANCE_FILE = "guidance.json"
 INDEX_DIR = "index"               # the default index directory inside a training workdir
 
 Domain = str | int
@@ -43,7 +46,7 @@ class Retriever:
 
   def __init__(self, generator: generator_lib.Generator, catalog: catalog_lib.Catalog,
                index: retrieval.Index, guidance_scale: GuidanceScale | None = None,
-               num_samples: int = 1, seed: int = 0):
+               num_samples: int = 1, seed: int = 0, gate: novelty.Gate | None = None):
     """Wraps a loaded model, its catalog and an index of that catalog.
 
     Args:
@@ -54,6 +57,8 @@ class Retriever:
         domains keep the training config's scale); None: the training config's scale.
       num_samples: query embeddings sampled per query; their results merge by best score.
       seed: the random seed of every query's samples.
+      gate: the novelty gate (modit_jax/novelty.py): seed sets from a region without train
+        items are answered with the global shift; None: the model answers every seed set.
 
     Raises:
       errors.UserError: the parts do not fit together, or a bad scale or sample count.
@@ -71,6 +76,10 @@ class Retriever:
     self.index = index
     self.num_samples = int(num_samples)
     self.seed = int(seed)
+    if gate is not None and gate.train.shape != (catalog.num_items,):
+      raise errors.UserError(f"the novelty gate knows {gate.train.shape[0]} items; the catalog "
+                             f"has {catalog.num_items}")
+    self.gate = gate
     self.guidance_scale = _domain_scales(guidance_scale, generator.guidance_scale,
                                          catalog.domains, "guidance_scale")
     # A model that never saw a domain token (stage 1) is asked with the null domain, as in
@@ -81,7 +90,7 @@ class Retriever:
   @classmethod
   def from_workdir(cls, workdir: str | os.PathLike, *, dataset: str | None = None,
                    index: str | None = None, guidance_scale: GuidanceScale | None = None,
-                   num_samples: int = 1, seed: int = 0) -> "Retriever":
+                   num_samples: int = 1, seed: int = 0, gate: bool = True) -> "Retriever":
     """Loads the retriever of a training workdir or of a pipeline output directory.
 
     Args:
@@ -96,6 +105,8 @@ class Retriever:
         training workdir), else the training config's scale.
       num_samples: query embeddings sampled per query.
       seed: the random seed of every query's samples.
+      gate: serve behind the novelty gate that `guidance.json` holds (the pipeline saves the
+        one its evaluation used); False: the model answers every seed set.
 
     Returns:
       The retriever.
@@ -119,10 +130,12 @@ class Retriever:
     else:
       loaded = retrieval.load_or_build_index(
           pipeline.get("index") or os.path.join(model_dir, INDEX_DIR), catalog.embeddings)
+    # dict.fromkeys: both directories, in order, once each.
+    saved_scales, saved_gate = _read_guidance(dict.fromkeys([root, model_dir]), catalog)
     if guidance_scale is None:
-      # dict.fromkeys: both directories, in order, once each.
-      guidance_scale = _read_guidance(dict.fromkeys([root, model_dir]), catalog.domains)
-    return cls(generator, catalog, loaded, guidance_scale, num_samples, seed)
+      guidance_scale = saved_scales
+    return cls(generator, catalog, loaded, guidance_scale, num_samples, seed,
+               saved_gate if gate else None)
 
   @property
   def domains(self) -> list[str]:
@@ -265,6 +278,10 @@ class Retriever:
     samples = self.generator.sample(context, mask, model_domain, np.full(num, self.seed),
                                     self.num_samples, self.guidance_scale[domain],
                                     exclude_items=exclude)
+    if self.gate is not None:
+      centroids = evidence.normalize(
+          (context * mask[:, :, None]).sum(1) / mask.sum(1, keepdims=True))
+      samples, _ = self.gate.apply(self.index, centroids, domain, exclude, samples)
     ids, scores = generator_lib.search_samples(self.index, samples, exclude, k,
                                                return_scores=True)
     return ids.astype(np.int64), scores.astype(np.float32)
@@ -300,20 +317,32 @@ def _read_pipeline(root: str) -> dict[str, str]:
   return paths
 
 
-def _read_guidance(directories: Sequence[str], domains: list[str]) -> dict[str, float] | None:
-  """The tuned scales of the first `guidance.json` in `directories`; None if there is none."""
+def _read_guidance(directories: Sequence[str], catalog: catalog_lib.Catalog
+                   ) -> tuple[dict[str, float] | None, novelty.Gate | None]:
+  """The tuned scales and the novelty gate of the first `guidance.json` in `directories`.
+
+  (None, None) if there is none; either is None when the file does not hold it.
+  """
   for directory in directories:
     path = os.path.join(directory, GUIDANCE_FILE)
     if os.path.isfile(path):
       saved = _read_json(path)
-      scales = saved.get("guidance_scale") if isinstance(saved, dict) else None
-      if not isinstance(scales, dict):
-        raise errors.UserError(
-            f"{path}: expected {{\"guidance_scale\": {{\"<domain>\": float, ...}}}}")
-      _domain_scales(scales, 1.0, domains, path)  # checked here, so errors name the file
-      logging.info("Guidance scales from %s: %s", path, scales)
-      return scales
-  return None
+      if not isinstance(saved, dict):
+        raise errors.UserError(f"{path}: expected a JSON object")
+      scales = saved.get("guidance_scale")
+      if scales is not None:
+        if not isinstance(scales, dict):
+          raise errors.UserError(
+              f"{path}: expected {{\"guidance_scale\": {{\"<domain>\": float, ...}}}}")
+        _domain_scales(scales, 1.0, catalog.domains, path)  # checked here: errors name the file
+        logging.info("Guidance scales from %s: %s", path, scales)
+      gate = None
+      if novelty.JSON_KEY in saved:
+        gate = novelty.Gate.from_json(saved[novelty.JSON_KEY], catalog, path)
+        logging.info("Novelty gate from %s: %d neighbours, share ratio %s", path,
+                     gate.neighbours, gate.share_ratio)
+      return scales, gate
+  return None, None
 
 
 def _domain_scales(scale: GuidanceScale | None, default: float, domains: list[str],

@@ -30,6 +30,7 @@ from modit_jax import errors
 from modit_jax import evaluation
 from modit_jax import hppo
 from modit_jax import models
+from modit_jax import novelty
 from modit_jax import pooling
 from modit_jax import properties
 from modit_jax import report
@@ -290,9 +291,14 @@ def _write_serving_files(config: ml_collections.ConfigDict, out: str, dataset: s
   """pipeline.json for `Retriever.from_workdir(OUT)`, and the final run's tuned guidance."""
   final = config.runs[config.final_run]
   knob = results.get("knobs", {}).get(final.method)
-  if knob:
+  saved = {"guidance_scale": knob} if knob else {}
+  # The novelty gate serves as it was evaluated, when the final method was evaluated gated.
+  gate = results.get(novelty.JSON_KEY)
+  if gate and final.method in evaluation.split_names(gate["methods"], "novelty_gate.methods"):
+    saved[novelty.JSON_KEY] = gate["gate"]
+  if saved:
     with open(os.path.join(out, config.final_run, retriever.GUIDANCE_FILE), "w") as f:
-      json.dump({"guidance_scale": knob}, f, indent=1)
+      json.dump(saved, f, indent=1)
   with open(os.path.join(out, retriever.PIPELINE_FILE), "w") as f:
     json.dump({"final_workdir": config.final_run,
                "dataset": os.path.relpath(os.path.abspath(dataset), os.path.abspath(out)),

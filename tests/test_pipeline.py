@@ -11,6 +11,7 @@ import pytest
 from configs import pipeline as pipeline_config
 from modit_jax import errors
 from modit_jax import hppo as hppo_lib
+from modit_jax import novelty
 from modit_jax import retriever
 from modit_jax import run_dir
 from modit_jax import sizing
@@ -64,6 +65,29 @@ def test_pipeline_writes_everything(pipeline_out):
     assert os.path.isfile(os.path.join(pipeline_out, name, "config.json"))
   saved = run_dir.read_run_config(os.path.join(pipeline_out, "hppo"))[0]
   assert saved.hppo.beta == 150.0 and saved.num_steps == 20
+
+
+def test_the_final_method_is_evaluated_and_served_behind_the_novelty_gate(pipeline_out):
+  with open(os.path.join(pipeline_out, "eval", "results.json")) as f:
+    results = json.load(f)
+  # On the tiny world every pattern-holdout seed set is novel and no item-holdout one is.
+  assert results[novelty.JSON_KEY]["novel_share"] == {"item_holdout": 0.0,
+                                                      "pattern_holdout": 1.0}
+  def ids(method, split):
+    return np.load(os.path.join(pipeline_out, "eval", "retrieved", f"{method}_{split}.npz"))["ids"]
+  ungated = "modit_hppo" + novelty.UNGATED_SUFFIX
+  np.testing.assert_array_equal(ids("modit_hppo", "item_holdout"), ids(ungated, "item_holdout"))
+  np.testing.assert_array_equal(ids("modit_hppo", "pattern_holdout"),
+                                ids("centroid_global_shift", "pattern_holdout"))
+  assert not np.array_equal(ids(ungated, "pattern_holdout"),
+                            ids("centroid_global_shift", "pattern_holdout"))
+  assert ungated in {r["method"] for r in results["records"]}
+  # Serving reads the same gate back from the final run's guidance.json.
+  served = retriever.Retriever.from_workdir(pipeline_out)
+  np.testing.assert_allclose(served.gate.shifts,
+                             [results["knobs"]["centroid_global_shift"][d]
+                              for d in served.catalog.domains])
+  assert retriever.Retriever.from_workdir(pipeline_out, gate=False).gate is None
 
 
 def test_pipeline_output_serves_and_reruns(pipeline_out):

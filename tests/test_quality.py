@@ -44,8 +44,9 @@ def validation_scores(trained):
   queries = query_split.validation_queries(cat)
   scores = {}
   for run in ("pretrain", "sft", "hppo"):
-    fitted = generative.fit(config.runs[run].method, os.path.join(out, run), cat, oracle,
-                            config.evaluate)
+    method = config.runs[run].method
+    fitted = generative.fit(method, os.path.join(out, run), cat, oracle,
+                            config.evaluate)[method]
     ids = fitted.retrieve(queries, evaluation.TrainIndex(oracle), 20)
     scores[run] = metrics.retrieval_metrics(ids, queries.seeds, queries.pattern, queries.domain,
                                             cat.patterns, cat.attributes, ks=(20,))

@@ -13,7 +13,9 @@ from configs import sft as sft_config
 from modit_jax import catalog as catalog_lib
 from modit_jax import engine
 from modit_jax import errors
+from modit_jax import evidence
 from modit_jax import generator as generator_lib
+from modit_jax import novelty
 from modit_jax import retrieval
 from modit_jax import retriever as retriever_lib
 from modit_jax import run_dir
@@ -164,6 +166,27 @@ def test_calls_in_one_bucket_compile_once(retriever, cat):
     assert retriever.generator._sample_seeded._cache_size() == cache_size  # pylint: disable=protected-access
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_the_novelty_gate_answers_unseen_patterns_with_the_global_shift(retriever, cat):
+  gate = novelty.Gate.for_catalog(cat, dict.fromkeys(cat.domains, 0.4))
+  gated = retriever_lib.Retriever(retriever.generator, cat, retriever.index,
+                                  num_samples=2, gate=gate)
+  ungated = retriever_lib.Retriever(retriever.generator, cat, retriever.index, num_samples=2)
+  # A seed set of a trained pattern: the model's answer.
+  seeds, domain = _query(cat)
+  np.testing.assert_array_equal(gated.retrieve(seeds, domain)[0],
+                                ungated.retrieve(seeds, domain)[0])
+  # One of a pattern no train item belongs to: the global shift's, for ids and raw embeddings.
+  queries = cat.queries["pattern_holdout"]
+  seeds, m = queries.seeds[0], int(queries.domain[0])
+  centroid = evidence.seed_centroids(cat.embeddings, seeds[None])
+  want, _ = retriever.index.search(gate.fallback(centroid, np.array([m])), 20,
+                                   exclude=seeds[None])
+  np.testing.assert_array_equal(gated.retrieve(seeds, cat.domains[m])[0], want[0])
+  assert not np.array_equal(ungated.retrieve(seeds, cat.domains[m])[0], want[0])
+  by_embedding, _ = gated.retrieve(cat.embeddings[seeds], cat.domains[m], k=20 + len(seeds))
+  np.testing.assert_array_equal(by_embedding[~np.isin(by_embedding, seeds)][:20], want[0])
 
 
 @pytest.mark.parametrize("seeds,domain,k,match", [

@@ -1,0 +1,119 @@
+"""The novelty gate: seed sets from a region the model never trained on get the global shift.
+
+A generator learns each region's attribute direction from the train items there. Seed sets
+whose neighbourhood holds no train items (a pattern none of whose items reached training) ask
+it to extrapolate, and there it was measured below one global direction on the synthetic test
+worlds and below the seed average on the real catalog (docs/novelty.md). The gate answers
+those seed sets with the `centroid_global_shift` query instead: normalise(c + a_m * g_m), the
+domain's shift a_m as tuned on validation queries (a_m = 0 is the seed average).
+
+A seed set is **novel** when the share of train items among the `neighbours` catalog items
+nearest its seed centroid (the seeds themselves left out) is below `share_ratio` times the
+catalog's train share. It reads the catalog's embeddings and which items were train items,
+no label and no truth; evaluation and serving call the same `Gate.apply` on the same index.
+"""
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from modit_jax import catalog as catalog_lib
+from modit_jax import errors
+from modit_jax import evidence
+from modit_jax import retrieval
+
+# Catalog items around the seed centroid whose train share decides. 20 is the seed set's own
+# scale of neighbourhood: on the development world a trained pattern's 20 nearest items are
+# 65-95 % train items (10th-90th percentile) and an unseen pattern's 0 %; on the real
+# development catalog 50-90 % against 0-35 % (docs/novelty.md).
+NEIGHBOURS = 20
+# Novel below this fraction of the catalog's train share (0.68 on the development world, 0.64
+# on the real catalog): half, between the two regimes' ranges on both catalogs.
+SHARE_RATIO = 0.5
+# The name the ungated answers of a gated method are reported under (an ablation row).
+UNGATED_SUFFIX = "_no_gate"
+# What the gate's settings are stored under in a training workdir's guidance.json.
+JSON_KEY = "novelty_gate"
+
+
+@dataclasses.dataclass(frozen=True)
+class Gate:
+  """Which seed sets are novel, and the global-shift query they get instead."""
+  train: np.ndarray        # bool [N]: the catalog's train items
+  directions: np.ndarray   # float32 [M, d]: each domain's global direction g_m
+  shifts: np.ndarray       # float32 [M]: each domain's tuned shift a_m
+  neighbours: int = NEIGHBOURS
+  share_ratio: float = SHARE_RATIO
+
+  def __post_init__(self):
+    if self.neighbours < 1 or not 0.0 <= self.share_ratio <= 1.0:
+      raise errors.UserError(f"the novelty gate needs neighbours >= 1 and share_ratio in "
+                             f"[0, 1], got {self.neighbours} and {self.share_ratio}")
+    if self.directions.shape[0] != self.shifts.shape[0]:
+      raise errors.UserError(f"the novelty gate has {self.directions.shape[0]} directions and "
+                             f"{self.shifts.shape[0]} shifts: one of each per domain")
+
+  @classmethod
+  def for_catalog(cls, catalog: catalog_lib.Catalog, shifts: dict[str, float],
+                  neighbours: int = NEIGHBOURS, share_ratio: float = SHARE_RATIO) -> "Gate":
+    """The gate of `catalog`, with the global shift's tuned a_m per domain name."""
+    missing = [d for d in catalog.domains if d not in shifts]
+    if missing:
+      raise errors.UserError(f"the novelty gate has no shift for domain(s) {', '.join(missing)}")
+    return cls(np.asarray(catalog.item_split) == catalog_lib.SPLIT_CODES["train"],
+               evidence.global_directions(catalog),
+               np.asarray([shifts[d] for d in catalog.domains], np.float32),
+               int(neighbours), float(share_ratio))
+
+  def train_share(self, index: retrieval.Index, centroids: np.ndarray,
+                  exclude: np.ndarray) -> np.ndarray:
+    """float [Q]: the share of train items among the nearest catalog items of each centroid."""
+    ids, _ = index.search(np.asarray(centroids, np.float32), self.neighbours, exclude=exclude)
+    return self.train[ids].mean(axis=1)
+
+  def novel(self, index: retrieval.Index, centroids: np.ndarray,
+            exclude: np.ndarray) -> np.ndarray:
+    """bool [Q]: seed sets whose neighbourhood has too few train items for the model."""
+    return self.train_share(index, centroids, exclude) < self.share_ratio * self.train.mean()
+
+  def fallback(self, centroids: np.ndarray, domains: np.ndarray) -> np.ndarray:
+    """float32 [Q, d]: normalise(c + a_m g_m), the `centroid_global_shift` query."""
+    domains = np.asarray(domains)
+    return evidence.normalize(centroids + self.shifts[domains, None] * self.directions[domains])
+
+  def apply(self, index: retrieval.Index, centroids: np.ndarray, domains: np.ndarray,
+            exclude: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The model's samples [Q, n, d] with every novel seed set's replaced by its fallback.
+
+    centroids: float [Q, d], the normalised seed means; exclude: int [Q, E] the seed ids (-1:
+    none). Returns (samples, novel bool [Q]). A row searched n times with one vector gives
+    that vector's own top k (`generator.search_samples` keeps each id's first occurrence).
+    """
+    novel = self.novel(index, centroids, exclude)
+    if novel.any():
+      samples = np.array(samples, np.float32)
+      samples[novel] = self.fallback(centroids[novel], np.asarray(domains)[novel])[:, None, :]
+    return samples, novel
+
+  def to_json(self) -> dict[str, Any]:
+    """What serving needs besides the catalog (its train items): the directions and shifts."""
+    return {"directions": self.directions.tolist(), "shifts": self.shifts.tolist(),
+            "neighbours": self.neighbours, "share_ratio": self.share_ratio}
+
+  @classmethod
+  def from_json(cls, saved: Any, catalog: catalog_lib.Catalog, where: str) -> "Gate":
+    """The gate saved by `to_json`, on `catalog`; `UserError` if it does not fit."""
+    try:
+      directions = np.asarray(saved["directions"], np.float32)
+      shifts = np.asarray(saved["shifts"], np.float32)
+      neighbours, share_ratio = int(saved["neighbours"]), float(saved["share_ratio"])
+    except (KeyError, TypeError, ValueError) as e:
+      raise errors.UserError(f"{where}: {JSON_KEY} is not a saved novelty gate ({e})") from e
+    if directions.shape != (catalog.num_domains, catalog.dim) or shifts.shape != (
+        catalog.num_domains,):
+      raise errors.UserError(
+          f"{where}: {JSON_KEY} holds directions {directions.shape} and shifts {shifts.shape}; "
+          f"the catalog has {catalog.num_domains} domains of d={catalog.dim}")
+    return cls(np.asarray(catalog.item_split) == catalog_lib.SPLIT_CODES["train"],
+               directions, shifts, neighbours, share_ratio)
