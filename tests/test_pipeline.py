@@ -87,7 +87,24 @@ def test_the_final_method_is_evaluated_and_served_behind_the_novelty_gate(pipeli
   np.testing.assert_allclose(served.gate.shifts,
                              [results["knobs"]["centroid_global_shift"][d]
                               for d in served.catalog.domains])
-  assert retriever.Retriever.from_workdir(pipeline_out, gate=False).gate is None
+  model_alone = retriever.Retriever.from_workdir(pipeline_out, gate=False)
+  assert model_alone.gate is None
+  # The binary serves the same: a pattern-holdout seed set gets the global shift's answer with
+  # the gate and the model's with --nogate.
+  queries = served.catalog.queries["pattern_holdout"]
+  seeds, domain = queries.seeds[0], served.catalog.domains[queries.domain[0]]
+  def binary(*flags):
+    proc = subprocess.run(
+        [sys.executable, "-m", "modit_jax.cli.retrieve", f"--workdir={pipeline_out}",
+         f"--domain={domain}", f"--seeds={','.join(map(str, seeds))}", "--k=10", *flags],
+        cwd=_REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return [int(line.split()[1]) for line in proc.stdout.strip().splitlines()[2:]]
+  gated_ids, model_ids = served.retrieve(seeds, domain, k=10)[0], model_alone.retrieve(
+      seeds, domain, k=10)[0]
+  assert not np.array_equal(gated_ids, model_ids)
+  np.testing.assert_array_equal(binary(), gated_ids)
+  np.testing.assert_array_equal(binary("--nogate"), model_ids)
 
 
 def test_pipeline_output_serves_and_reruns(pipeline_out):

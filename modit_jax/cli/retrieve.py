@@ -31,6 +31,10 @@ _INDEX = flags.DEFINE_string("index", None, "Index directory (default: built or 
 _GUIDANCE_SCALE = flags.DEFINE_float(
     "guidance_scale", None, "Guidance scale for every domain (default: guidance.json, else "
     "the training config's).")
+_GATE = flags.DEFINE_bool(
+    "gate", True, "Serve behind the novelty gate saved in guidance.json (seed sets from a "
+    "region without train items get the global shift; docs/novelty.md); --nogate: the model "
+    "answers every seed set.")
 flags.mark_flags_as_required(["workdir", "domain"])
 
 
@@ -57,7 +61,7 @@ def main(argv: Sequence[str]) -> None:
   seeds = _seeds()
   retriever = retriever_lib.Retriever.from_workdir(
       _WORKDIR.value, dataset=_DATASET.value, index=_INDEX.value,
-      guidance_scale=_GUIDANCE_SCALE.value)
+      guidance_scale=_GUIDANCE_SCALE.value, gate=_GATE.value)
   ids, scores = retriever.retrieve(seeds, _DOMAIN.value, _K.value)
   kind = ("item ids, excluded from the answer" if np.issubdtype(seeds.dtype, np.integer)
           else "new-item embeddings")
