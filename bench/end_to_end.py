@@ -27,7 +27,10 @@ real calls, and it times in the same run:
   per-query seeding costs;
 - sampling alone with the context padded to `max_context` (what serving did before it padded
   to a power of two of the seed-set size), to show what that padding costs;
-- search alone: `search_samples` on the sampled queries, ScaNN, default parameters.
+- search alone: `search_samples` on the sampled queries, ScaNN, default parameters;
+- end to end without the novelty gate (docs/novelty.md): the served path runs it, one more
+  k = 20 search per seed set; on the synthetic catalogs it is a gate with a random split
+  (`_bench_gate`), with `--pipeline` the one the pipeline saved.
 The remainder of the end-to-end time is the Python around them (parsing, padding, merging).
 
 Guidance: the scale is a traced per-query array in `Generator.sample`, so serving always runs
@@ -77,6 +80,7 @@ from modit_jax import engine
 from modit_jax import evaluation
 from modit_jax import generator as generator_lib
 from modit_jax import models
+from modit_jax import novelty
 from modit_jax import retrieval
 from modit_jax import retriever as retriever_lib
 from modit_jax import run_dir
@@ -179,11 +183,30 @@ def _synthetic_catalogs(args: argparse.Namespace, generator: generator_lib.Gener
     build_s = time.perf_counter() - start
     catalog = synthetic_catalog(items, generator.num_domains, args.seed_size)
     retriever = retriever_lib.Retriever(generator, catalog, index, args.guidance_scale,
-                                        num_samples=1, seed=args.seed)
+                                        num_samples=1, seed=args.seed,
+                                        gate=_bench_gate(n, generator, args.seed))
     entries.append({"n": n, "items": items, "build_s": build_s, "retriever": retriever,
                     "ids": seed_sets(items, num, args.seed_size, args.seed),
                     "domains": domains, "scales": scales})
   return entries
+
+
+def _bench_gate(n: int, generator: generator_lib.Generator, seed: int) -> novelty.Gate:
+  """A novelty gate as a pipeline's final run is served with: 68 % train items (the default
+  world's share), random unit directions, shift 0.5. Its cost is one k = 20 search per seed
+  set whatever it decides; the decision itself means nothing on this catalog."""
+  rng = np.random.default_rng(seed + 5)
+  directions = rng.normal(size=(generator.num_domains, generator.dim)).astype(np.float32)
+  return novelty.Gate(rng.random(n) < 0.68,
+                      directions / np.linalg.norm(directions, axis=1, keepdims=True),
+                      np.full(generator.num_domains, 0.5, np.float32))
+
+
+def _ungated(retriever: retriever_lib.Retriever) -> retriever_lib.Retriever:
+  """The same retriever without its novelty gate: the model answers every seed set."""
+  scales = dict(zip(retriever.domains, retriever.guidance_scale.tolist()))
+  return retriever_lib.Retriever(retriever.generator, retriever.catalog, retriever.index,
+                                 scales, retriever.num_samples, retriever.seed)
 
 
 def _pipeline_catalog(retriever: retriever_lib.Retriever, num: int) -> dict:
@@ -287,6 +310,10 @@ def main(argv: list[str]) -> None:
       fns[f"end to end N={n} B={b}"] = (
           lambda r=retriever, b=b, ids=ids, domains=domains: [
               r.retrieve_batch(ids[c], domains[c], args.k) for c in chunks[b]])
+      if retriever.gate is not None:
+        fns[f"end to end, no gate N={n} B={b}"] = (
+            lambda r=_ungated(retriever), b=b, ids=ids, domains=domains: [
+                r.retrieve_batch(ids[c], domains[c], args.k) for c in chunks[b]])
     if entry is catalogs[0]:
       # Sampling does not depend on N: timed once, on the first catalog's seed sets. A stage-1
       # model is asked with the null domain, as Retriever does.
@@ -331,7 +358,9 @@ def main(argv: list[str]) -> None:
     n = s["n"]
     for b in batch_sizes:
       e2e = times[f"end to end N={n} B={b}"][0]
-      for name in (f"end to end N={n} B={b}", f"sample B={b}", f"search N={n} B={b}"):
+      names = (f"end to end N={n} B={b}", f"end to end, no gate N={n} B={b}",
+               f"sample B={b}", f"search N={n} B={b}")
+      for name in (name for name in names if name in times):
         fast, median = rate(name)
         label = name.split(" N=")[0].split(" B=")[0]
         print(f"| {label} | {n:,} | {b} | {fast:,.0f} ({median:,.0f}) "
