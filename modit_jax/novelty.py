@@ -45,6 +45,9 @@ class Gate:
   shifts: np.ndarray       # float32 [M]: each domain's tuned shift a_m
   neighbours: int = NEIGHBOURS
   share_ratio: float = SHARE_RATIO
+  # The train share below which a seed set is novel; computed once, not per call (a 10M-item
+  # catalog's mean takes milliseconds, a served batch not many more).
+  threshold: float = dataclasses.field(init=False)
 
   def __post_init__(self):
     if self.neighbours < 1 or not 0.0 <= self.share_ratio <= 1.0:
@@ -53,6 +56,7 @@ class Gate:
     if self.directions.shape[0] != self.shifts.shape[0]:
       raise errors.UserError(f"the novelty gate has {self.directions.shape[0]} directions and "
                              f"{self.shifts.shape[0]} shifts: one of each per domain")
+    object.__setattr__(self, "threshold", self.share_ratio * float(np.mean(self.train)))
 
   @classmethod
   def for_catalog(cls, catalog: catalog_lib.Catalog, shifts: dict[str, float],
@@ -75,7 +79,7 @@ class Gate:
   def novel(self, index: retrieval.Index, centroids: np.ndarray,
             exclude: np.ndarray) -> np.ndarray:
     """bool [Q]: seed sets whose neighbourhood has too few train items for the model."""
-    return self.train_share(index, centroids, exclude) < self.share_ratio * self.train.mean()
+    return self.train_share(index, centroids, exclude) < self.threshold
 
   def fallback(self, centroids: np.ndarray, domains: np.ndarray) -> np.ndarray:
     """float32 [Q, d]: normalise(c + a_m g_m), the `centroid_global_shift` query."""
