@@ -77,6 +77,7 @@ from modit_jax import catalog as catalog_lib
 from modit_jax import diffusion
 from modit_jax import dit
 from modit_jax import engine
+from modit_jax import evidence
 from modit_jax import evaluation
 from modit_jax import generator as generator_lib
 from modit_jax import models
@@ -296,6 +297,12 @@ def main(argv: list[str]) -> None:
         generator.sample(context[c, :served], mask[c, :served], dom[c], query_seeds[c], 1,
                          scales[c])
         for c in chunks[batch_sizes[-1]]])
+    if retriever.gate is not None:
+      # The gate's queries where it answers: the search alone and the recall are of what is
+      # served.
+      samples, _ = retriever.gate.apply(
+          retriever.index, evidence.normalize(items[ids].mean(axis=1)), domains, exclude,
+          samples)
     exact = retrieval.ExactIndex(items)
     near = common.near_queries(items, min(num, n), args.seed)
     index = retriever.index
