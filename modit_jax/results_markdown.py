@@ -10,6 +10,7 @@ import os
 from typing import Any, Sequence
 
 from modit_jax import evaluation
+from modit_jax import novelty
 
 
 # How a `+` / `-` is decided, for report legends.
@@ -20,6 +21,22 @@ SIGNIFICANCE_RULE = ("one-sided paired Wilcoxon, Holm-corrected over the cells, 
 def strongest_text(strongest: dict[str, str] | None) -> str:
   """`domain: method` pairs of the per-domain strongest competitor, for report text."""
   return ", ".join(f"{d}: `{n}`" for d, n in (strongest or {}).items()) or "none"
+
+
+def gate_text(results: dict[str, Any]) -> str:
+  """What the novelty gate did in an evaluation, for report text; "" when there was none."""
+  gate = results.get(novelty.JSON_KEY)
+  if not gate:
+    return ""
+  names = [m.strip() for m in gate["methods"].split(",") if m.strip()]
+  shares = ", ".join(f"{split} {share:.1%}" for split, share in gate["novel_share"].items())
+  saved = gate["gate"]
+  return (f"Novelty gate (docs/novelty.md): {', '.join(f'`{m}`' for m in names)} answered "
+          f"the seed sets whose {saved['neighbours']} nearest catalog items hold under "
+          f"{saved['share_ratio']:g} x the catalog's train share with the tuned global shift "
+          f"({shares} of the seed sets); "
+          + ", ".join(f"`{m}{novelty.UNGATED_SUFFIX}`" for m in names)
+          + " is the model alone.")
 
 
 def _label(record: dict[str, Any]) -> str:
@@ -72,8 +89,10 @@ def evaluation_report(results: dict[str, Any]) -> str:
   out = ["# Evaluation report", "",
          f"Dataset: `{results['dataset']}`. Index: {index['kind']} "
          f"({json.dumps(index['params'])}). Strongest competitor per domain (validation "
-         f"queries): {strongest_text(results['strongest_baseline'])}.", "",
-         "## Joint@20, mean [95 % bootstrap CI], per cell (split / domain)", ""]
+         f"queries): {strongest_text(results['strongest_baseline'])}.", ""]
+  if gate_text(results):
+    out += [gate_text(results), ""]
+  out += ["## Joint@20, mean [95 % bootstrap CI], per cell (split / domain)", ""]
   sig_ref = evaluation.STRONGEST_BASELINE if evaluation.STRONGEST_BASELINE in refs else (refs[0] if refs else None)
   if sig_ref:
     out += [f"`+` / `-`: significant gain / loss against `{sig_ref}` ({SIGNIFICANCE_RULE}).",

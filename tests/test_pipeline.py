@@ -82,6 +82,11 @@ def test_the_final_method_is_evaluated_and_served_behind_the_novelty_gate(pipeli
   assert not np.array_equal(ids(ungated, "pattern_holdout"),
                             ids("centroid_global_shift", "pattern_holdout"))
   assert ungated in {r["method"] for r in results["records"]}
+  # Both reports say what the gate did.
+  for report_file in ("report.md", os.path.join("eval", "report.md")):
+    text = open(os.path.join(pipeline_out, report_file)).read()
+    assert ("Novelty gate (docs/novelty.md): `modit_hppo` answered" in text
+            and "(item_holdout 0.0%, pattern_holdout 100.0% of the seed sets)" in text)
   # Serving reads the same gate back from the final run's guidance.json.
   served = retriever.Retriever.from_workdir(pipeline_out)
   np.testing.assert_allclose(served.gate.shifts,
