@@ -20,6 +20,7 @@ import numpy as np
 from modit_jax import catalog as catalog_lib
 from modit_jax import errors
 from modit_jax import evaluation
+from modit_jax import novelty
 from modit_jax import report
 
 HEADLINE = evaluation.HEADLINE
@@ -65,6 +66,7 @@ def pool(worlds: dict[str, tuple[str, str]], references: Sequence[str], num_resa
   domains_by_split: dict[str, list[np.ndarray]] = {}
   validation: dict[str, dict[str, list[float]]] = {}
   per_world: dict[str, Any] = {}
+  gates: list[dict[str, Any]] = []
   domain_names = methods = splits = ks = None
   for world, (dataset, eval_dir) in worlds.items():
     catalog, results, retrieved = _load_world(dataset, eval_dir)
@@ -85,6 +87,8 @@ def pool(worlds: dict[str, tuple[str, str]], references: Sequence[str], num_resa
       for domain, joint in by_domain.items():
         validation.setdefault(method, {}).setdefault(domain, []).append(joint)
     per_world[world] = _world_summary(results)
+    if results.get(novelty.JSON_KEY):
+      gates.append(results[novelty.JSON_KEY])
   pooled_scores = {m: {s: {k: np.concatenate(v) for k, v in metrics.items()}
                        for s, metrics in by_split.items()} for m, by_split in scores.items()}
   pooled_domains = {s: np.concatenate(v) for s, v in domains_by_split.items()}
@@ -93,10 +97,19 @@ def pool(worlds: dict[str, tuple[str, str]], references: Sequence[str], num_resa
   strongest = evaluation.strongest_per_domain(mean_validation)
   records = evaluation.summarize(domain_names, pooled_domains, pooled_scores, references,
                                  strongest, num_resamples, seed)
-  return {"worlds": {w: {"dataset": d, "eval": e} for w, (d, e) in worlds.items()},
-          "methods": methods, "splits": splits, "ks": ks,
-          "references": list(references), "strongest_baseline": strongest,
-          "validation": mean_validation, "records": records, "per_world": per_world}
+  pooled = {"worlds": {w: {"dataset": d, "eval": e} for w, (d, e) in worlds.items()},
+            "methods": methods, "splits": splits, "ks": ks,
+            "references": list(references), "strongest_baseline": strongest,
+            "validation": mean_validation, "records": records, "per_world": per_world}
+  if gates:
+    # The gate's rule (each world's own directions and shifts stay in its results.json) and
+    # the share of seed sets it answered, over the pooled queries (equal queries per world).
+    pooled[novelty.JSON_KEY] = {
+        "methods": gates[0]["methods"],
+        "novel_share": {split: float(np.mean([g["novel_share"][split] for g in gates]))
+                        for split in gates[0]["novel_share"]},
+        "gate": {key: gates[0]["gate"][key] for key in ("neighbours", "share_ratio")}}
+  return pooled
 
 
 def _world_summary(results: dict[str, Any]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 from configs import protocol as protocol_config
 from modit_jax import errors
 from modit_jax import pooling
+from modit_jax import results_markdown
 from modit_jax import workflow
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,6 +64,26 @@ def test_two_worlds_pool_their_queries(world):
   gaps = pooling.gap_closed(pooled["records"])
   assert gaps["seed_centroid"] == pytest.approx(0.0)
   assert gaps["oracle_shift"] == pytest.approx(1.0)
+
+
+def test_pooled_results_say_what_the_novelty_gate_did(world, tmp_path):
+  worlds = {}
+  for name, share in (("a", 0.2), ("b", 0.6)):
+    eval_dir = tmp_path / name
+    shutil.copytree(world[1], eval_dir)
+    results = _results((world[0], eval_dir))
+    results["novelty_gate"] = {
+        "methods": "modit_hppo", "novel_share": {"item_holdout": 0.0, "pattern_holdout": share},
+        "gate": {"neighbours": 20, "share_ratio": 0.5, "directions": [], "shifts": []}}
+    (eval_dir / "results.json").write_text(json.dumps(results))
+    worlds[name] = (world[0], str(eval_dir))
+  pooled = pooling.pool(worlds, results["references"], num_resamples=200, seed=0)
+  assert pooled["novelty_gate"]["novel_share"] == {"item_holdout": 0.0,
+                                                   "pattern_holdout": pytest.approx(0.4)}
+  assert "(item_holdout 0.0%, pattern_holdout 40.0% of the seed sets)" in (
+      results_markdown.gate_text(pooled))
+  assert "novelty_gate" not in pooling.pool({"a": world}, results["references"],
+                                            num_resamples=200, seed=0)
 
 
 def test_a_world_without_evaluation_is_a_clear_error(tmp_path):
