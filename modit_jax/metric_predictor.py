@@ -191,26 +191,31 @@ def train(embeddings: np.ndarray, attributes: np.ndarray, observed: np.ndarray,
   tx = optax.adamw(schedule, weight_decay=config.weight_decay)
   batch = min(config.batch_size, len(fit))
 
-  def loss_fn(p, idx):
-    logits = model.apply({"params": p}, x[idx])
+  def loss_fn(p, data, idx):
+    xs, ys, ws = data
+    logits = model.apply({"params": p}, xs[idx])
     # Unweighted cross-entropy keeps the probabilities calibrated (validated below).
-    per = optax.sigmoid_binary_cross_entropy(logits, y[idx])
-    wb = w[idx]
+    per = optax.sigmoid_binary_cross_entropy(logits, ys[idx])
+    wb = ws[idx]
     return jnp.sum(per * wb) / jnp.maximum(jnp.sum(wb), 1.0)
 
-  def step(carry, key):
-    p, opt = carry
-    if x.shape[0] > _SAMPLE_WITHOUT_REPLACEMENT_MAX:
-      idx = jax.random.randint(key, (batch,), 0, x.shape[0])
-    else:
-      idx = jax.random.choice(key, x.shape[0], (batch,), replace=False)
-    loss, grads = jax.value_and_grad(loss_fn)(p, idx)
-    updates, opt = tx.update(grads, opt, p)
-    return (optax.apply_updates(p, updates), opt), loss
+  def fit_scan(carry, data, keys):
+    def step(carry, key):
+      p, opt = carry
+      if x.shape[0] > _SAMPLE_WITHOUT_REPLACEMENT_MAX:
+        idx = jax.random.randint(key, (batch,), 0, x.shape[0])
+      else:
+        idx = jax.random.choice(key, x.shape[0], (batch,), replace=False)
+      loss, grads = jax.value_and_grad(loss_fn)(p, data, idx)
+      updates, opt = tx.update(grads, opt, p)
+      return (optax.apply_updates(p, updates), opt), loss
+    return jax.lax.scan(step, carry, keys)
 
   keys = jax.random.split(jax.random.PRNGKey(config.seed + 1), config.num_steps)
-  (params, _), _ = jax.jit(lambda c, k: jax.lax.scan(step, c, k))((params, tx.init(params)),
-                                                                   keys)
+  # The fit rows are an argument of the jitted scan, not a constant it closes over: a captured
+  # array is copied into the compiled program, one more copy of the rows (0.3 GB at 10M items;
+  # docs/benchmarks.md).
+  (params, _), _ = jax.jit(fit_scan)((params, tx.init(params)), (x, y, w), keys)
   predictor = MetricPredictor(params, num_domains, tuple(config.hidden), [], features)
   probs = predictor.predict(np.asarray(embeddings[heldout], np.float32))
   validation = [_validate(probs[:, m], labels[heldout, m], observed[heldout, m])
