@@ -301,8 +301,7 @@ def main(argv: list[str]) -> None:
       # The gate's queries where it answers: the search alone and the recall are of what is
       # served.
       samples, _ = retriever.gate.apply(
-          retriever.index, evidence.normalize(items[ids].mean(axis=1)), domains, exclude,
-          samples)
+          retriever.index, evidence.seed_centroids(items, ids), domains, exclude, samples)
     exact = retrieval.ExactIndex(items)
     near = common.near_queries(items, min(num, n), args.seed)
     index = retriever.index

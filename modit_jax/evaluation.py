@@ -175,11 +175,13 @@ def retrieve_all(catalog: catalog_lib.Catalog, methods: Sequence[str], splits: S
   for name in methods:
     start = time.perf_counter()
     if name in baselines.REGISTRY:
-      fitted_baselines[name] = baselines.fit(name, catalog, oracle, config)
+      if name not in fitted_baselines:  # the gate may have fitted its fallback already
+        fitted_baselines[name] = baselines.fit(name, catalog, oracle, config)
       answers = {name: fitted_baselines[name]}
     else:
       if name in gated and gate is None:
-        gate = _novelty_gate(catalog, oracle, config, fitted_baselines, index, splits, meta)
+        gate = _novelty_gate(catalog, oracle, config, fitted_baselines, index, splits, gated,
+                             meta)
       answers = generative.fit(name, config.workdirs[name], catalog, oracle, config,
                                gate=gate if name in gated else None)
     if validation is not None and name in baselines.REGISTRY:
@@ -199,7 +201,7 @@ def retrieve_all(catalog: catalog_lib.Catalog, methods: Sequence[str], splits: S
 
 def _novelty_gate(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
                   config: ml_collections.ConfigDict, fitted: dict[str, baselines.Fitted],
-                  index: retrieval.Index, splits: Sequence[str],
+                  index: retrieval.Index, splits: Sequence[str], gated: list[str],
                   meta: dict[str, Any]) -> novelty.Gate:
   """The gate with the global shift's validation-tuned shifts; records it in `meta`."""
   if "centroid_global_shift" not in fitted:
@@ -214,8 +216,7 @@ def _novelty_gate(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
     centroids = evidence.seed_centroids(catalog.embeddings, q.seeds)
     novel[split] = float(gate.novel(index, centroids, q.seeds).mean()) if len(q) else 0.0
   logging.info("novelty gate: share of novel seed sets per split %s", novel)
-  meta[novelty.JSON_KEY] = {"methods": str(config.novelty_gate.methods),
-                            "novel_share": novel, "gate": gate.to_json()}
+  meta[novelty.JSON_KEY] = {"methods": gated, "novel_share": novel, "gate": gate.to_json()}
   return gate
 
 

@@ -65,8 +65,7 @@ class Gate:
     missing = [d for d in catalog.domains if d not in shifts]
     if missing:
       raise errors.UserError(f"the novelty gate has no shift for domain(s) {', '.join(missing)}")
-    return cls(np.asarray(catalog.item_split) == catalog_lib.SPLIT_CODES["train"],
-               evidence.global_directions(catalog),
+    return cls(_train_mask(catalog), evidence.global_directions(catalog),
                np.asarray([shifts[d] for d in catalog.domains], np.float32),
                int(neighbours), float(share_ratio))
 
@@ -119,5 +118,9 @@ class Gate:
       raise errors.UserError(
           f"{where}: {JSON_KEY} holds directions {directions.shape} and shifts {shifts.shape}; "
           f"the catalog has {catalog.num_domains} domains of d={catalog.dim}")
-    return cls(np.asarray(catalog.item_split) == catalog_lib.SPLIT_CODES["train"],
-               directions, shifts, neighbours, share_ratio)
+    return cls(_train_mask(catalog), directions, shifts, neighbours, share_ratio)
+
+
+def _train_mask(catalog: catalog_lib.Catalog) -> np.ndarray:
+  """bool [N]: the catalog's train items."""
+  return np.asarray(catalog.item_split) == catalog_lib.SPLIT_CODES["train"]

@@ -350,8 +350,9 @@ def write_pipeline_report(out_dir: str, results: Mapping[str, Any],
   if results.get("dataset"):
     out += [f"Dataset: `{results['dataset']}`. Strongest competitor per domain (validation "
             f"queries): {results_markdown.strongest_text(results.get('strongest_baseline'))}.", ""]
-  if results_markdown.gate_text(results):
-    out += [results_markdown.gate_text(results), ""]
+  gate = results_markdown.gate_text(results)
+  if gate:
+    out += [gate, ""]
   out += ["## Headline: Joint@20 on the cells (split / domain)", ""]
   if records:
     out += _tables(results)

@@ -28,7 +28,7 @@ def gate_text(results: dict[str, Any]) -> str:
   gate = results.get(novelty.JSON_KEY)
   if not gate:
     return ""
-  names = [m.strip() for m in gate["methods"].split(",") if m.strip()]
+  names = gate["methods"]
   shares = ", ".join(f"{split} {share:.1%}" for split, share in gate["novel_share"].items())
   saved = gate["gate"]
   return (f"Novelty gate (docs/novelty.md): {', '.join(f'`{m}`' for m in names)} answered "
@@ -90,8 +90,9 @@ def evaluation_report(results: dict[str, Any]) -> str:
          f"Dataset: `{results['dataset']}`. Index: {index['kind']} "
          f"({json.dumps(index['params'])}). Strongest competitor per domain (validation "
          f"queries): {strongest_text(results['strongest_baseline'])}.", ""]
-  if gate_text(results):
-    out += [gate_text(results), ""]
+  gate = gate_text(results)
+  if gate:
+    out += [gate, ""]
   out += ["## Joint@20, mean [95 % bootstrap CI], per cell (split / domain)", ""]
   sig_ref = evaluation.STRONGEST_BASELINE if evaluation.STRONGEST_BASELINE in refs else (refs[0] if refs else None)
   if sig_ref:

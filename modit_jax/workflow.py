@@ -294,7 +294,7 @@ def _write_serving_files(config: ml_collections.ConfigDict, out: str, dataset: s
   saved = {"guidance_scale": knob} if knob else {}
   # The novelty gate serves as it was evaluated, when the final method was evaluated gated.
   gate = results.get(novelty.JSON_KEY)
-  if gate and final.method in evaluation.split_names(gate["methods"], "novelty_gate.methods"):
+  if gate and final.method in gate["methods"]:
     saved[novelty.JSON_KEY] = gate["gate"]
   if saved:
     with open(os.path.join(out, config.final_run, retriever.GUIDANCE_FILE), "w") as f:

@@ -73,7 +73,7 @@ def test_pooled_results_say_what_the_novelty_gate_did(world, tmp_path):
     shutil.copytree(world[1], eval_dir)
     results = _results((world[0], eval_dir))
     results["novelty_gate"] = {
-        "methods": "modit_hppo", "novel_share": {"item_holdout": 0.0, "pattern_holdout": share},
+        "methods": ["modit_hppo"], "novel_share": {"item_holdout": 0.0, "pattern_holdout": share},
         "gate": {"neighbours": 20, "share_ratio": 0.5, "directions": [], "shifts": []}}
     (eval_dir / "results.json").write_text(json.dumps(results))
     worlds[name] = (world[0], str(eval_dir))
