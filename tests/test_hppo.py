@@ -3,6 +3,10 @@
 import dataclasses
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 import types
 
 import jax
@@ -27,6 +31,7 @@ from modit_jax import query_split
 from modit_jax import training
 from modit_jax import trajectories
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIM, DOMAINS = 16, 3
 
 
@@ -512,3 +517,13 @@ def test_a_model_that_reads_neighbour_evidence_trains_and_samples(tiny_world, tm
   moved = generator.sample(context, mask, queries.domain, guidance_scale=4.0,
                            exclude_items=queries.seeds)
   assert not np.allclose(out, moved, atol=1e-4)
+
+  # The serving bench serves it too (it once fed such a model no evidence and crashed).
+  result = subprocess.run(
+      [sys.executable, os.path.join(_REPO, "bench", "end_to_end.py"),
+       f"--pipeline={tmp_path / 'hppo'}", "--seed_sets=16", "--batch_sizes=8", "--rounds=1"],
+      cwd=_REPO, env=dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1"),
+      capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+  assert "not timed: the model reads neighbour evidence" in result.stdout
+  assert re.search(r"^seed_sets_per_s@N=\d+,batch=8=\d", result.stdout, re.MULTILINE)
