@@ -94,10 +94,10 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def split_names(value: str, what: str) -> list[str]:
-  """Splits a comma-separated config string; refuses an empty list."""
+def split_names(value: str, what: str, allow_empty: bool = False) -> list[str]:
+  """Splits a comma-separated config string; refuses an empty list unless `allow_empty`."""
   names = [n.strip() for n in str(value).split(",") if n.strip()]
-  if not names:
+  if not names and not allow_empty:
     raise errors.UserError(f"config.{what} is empty")
   return names
 
@@ -165,7 +165,7 @@ def retrieve_all(catalog: catalog_lib.Catalog, methods: Sequence[str], splits: S
   # Without train queries nothing is tuned or chosen; methods with no knob still answer.
   validation = (query_split.validation_queries(catalog) if len(catalog.queries["train"]) >= 2
                 else None)
-  gated = [m.strip() for m in str(config.novelty_gate.methods).split(",") if m.strip()]
+  gated = split_names(config.novelty_gate.methods, "novelty_gate.methods", allow_empty=True)
   not_generative = [m for m in gated if m in baselines.REGISTRY]
   if not_generative:
     raise errors.UserError(f"novelty_gate.methods names baseline(s) {', '.join(not_generative)}"

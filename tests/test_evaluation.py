@@ -116,6 +116,14 @@ def test_unknown_method_is_a_clear_error(tiny, tmp_path):
   assert "Traceback" not in proc.stderr
 
 
+def test_config_name_lists_refuse_empty_unless_allowed():
+  assert evaluation.split_names(" a, b ,,", "methods") == ["a", "b"]
+  with pytest.raises(errors.UserError, match="config.methods is empty"):
+    evaluation.split_names(" , ", "methods")
+  # An empty novelty_gate.methods means no gate, not a mistake.
+  assert evaluation.split_names("", "novelty_gate.methods", allow_empty=True) == []
+
+
 def test_missing_dataset_is_a_clear_error(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "modit_jax.cli.evaluate", "--config=configs/evaluate.py:tiny",
