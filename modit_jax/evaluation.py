@@ -39,6 +39,7 @@ from modit_jax import query_split
 from modit_jax import retrieval
 from modit_jax import run_dir
 from modit_jax import stats
+from modit_jax import variants
 
 EVAL_SPLITS = ("item_holdout", "pattern_holdout")
 STRONGEST_BASELINE = "strongest_baseline"
@@ -96,7 +97,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def split_names(value: str, what: str, allow_empty: bool = False) -> list[str]:
   """Splits a comma-separated config string; refuses an empty list unless `allow_empty`."""
-  names = [n.strip() for n in str(value).split(",") if n.strip()]
+  names = variants.split(value)
   if not names and not allow_empty:
     raise errors.UserError(f"config.{what} is empty")
   return names

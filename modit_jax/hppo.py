@@ -38,6 +38,7 @@ from modit_jax import evidence as evidence_lib
 from modit_jax import oracle as oracle_lib
 from modit_jax import query_split
 from modit_jax import trajectories
+from modit_jax import variants
 
 POLICIES = ("policy", "reference", "seed_centroid", "global_shift", "tail_centroid",
             "interpolation", "feedback", "neighbourhood")
@@ -152,7 +153,7 @@ def policies_trained_on(config: ml_collections.ConfigDict) -> list[str]:
 
 def parse_policies(value: str) -> list[str]:
   """The pool's policies from a comma-separated string; unknown names are an error."""
-  names = [p.strip() for p in str(value).split(",") if p.strip()]
+  names = variants.split(value)
   unknown = [p for p in names if p not in POLICIES]
   if unknown or not names:
     raise errors.UserError(f"hppo.policies {value!r}: unknown or empty; known: "

@@ -17,6 +17,7 @@ import numpy as np
 
 from modit_jax import errors
 from modit_jax import retriever as retriever_lib
+from modit_jax import variants
 from modit_jax.cli import app
 
 _WORKDIR = flags.DEFINE_string(
@@ -48,9 +49,8 @@ def _seeds() -> np.ndarray:
     except (OSError, ValueError) as e:
       raise errors.UserError(f"--seed_embeddings: cannot read {_SEED_EMBEDDINGS.value} as "
                              f".npy ({e})") from e
-  tokens = [t.strip() for t in _SEEDS.value.split(",") if t.strip()]
   try:
-    return np.array([int(t) for t in tokens], np.int64)
+    return np.array([int(t) for t in variants.split(_SEEDS.value)], np.int64)
   except ValueError as e:
     raise errors.UserError(f"--seeds must be comma-separated item ids, got {_SEEDS.value!r}"
                            ) from e
