@@ -26,6 +26,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (modit_jax/novelty.py), whose fallback answers the pattern-holdout losses they showed:
   # 7-9 are untouched by both (docs/protocol.md, "Retired test worlds").
   c.worlds = (1, 2) if tiny else (7, 8, 9)
+  # Each world's runs train with seed world + this offset. 0: the world's own seed. Another
+  # value retrains the same worlds with other seeds, to measure what the training seed alone
+  # moves (docs/protocol.md, "Training seeds").
+  c.training_seed_offset = 0
   # Every world runs this pipeline (the main methods; the ablations are the development
   # world's, `make main`). Its `world` is the construction; only the seed changes per world.
   c.pipeline = pipeline_config.get_config("tiny,no_ablations" if tiny else "no_ablations")

@@ -338,6 +338,21 @@ def _properties_note(dataset: str) -> str:
           "properties that do not hold: " + "; ".join(missed))
 
 
+def world_pipeline(config: ml_collections.ConfigDict, world: int) -> ml_collections.ConfigDict:
+  """The pipeline config of test world `world`: its generator seed, and its training seed.
+
+  The training seed is the world's seed plus `config.training_seed_offset` (0 by default), so
+  the same worlds can be retrained with other seeds to see what the training seed alone moves.
+  """
+  offset = int(config.get("training_seed_offset", 0))
+  if offset < 0:
+    raise errors.UserError(f"config.training_seed_offset must be >= 0, got {offset}")
+  pipeline = ml_collections.ConfigDict(config.pipeline.to_dict())
+  pipeline.world.seed = int(world)
+  pipeline.seed = int(world) + offset
+  return pipeline
+
+
 def run_protocol(config: ml_collections.ConfigDict, out: str) -> str:
   """Runs the pipeline on every test world and pools them; returns OUT/report.md's path."""
   start = time.perf_counter()
@@ -354,9 +369,7 @@ def run_protocol(config: ml_collections.ConfigDict, out: str) -> str:
   os.makedirs(out, exist_ok=True)
   notes, world_data = [], {}
   for world in worlds:
-    pipeline = ml_collections.ConfigDict(config.pipeline.to_dict())
-    pipeline.world.seed = world
-    pipeline.seed = world
+    pipeline = world_pipeline(config, world)
     world_dir = os.path.join(out, f"world_{world}")
     world_start = time.perf_counter()
     logging.info("Protocol: world %d into %s", world, world_dir)
@@ -364,7 +377,8 @@ def run_protocol(config: ml_collections.ConfigDict, out: str) -> str:
     run_pipeline(pipeline, world_dir)
     world_data[str(world)] = (os.path.join(world_dir, DATASET_DIR),
                               os.path.join(world_dir, EVAL_DIR))
-    notes.append(f"world {world}: generator and training seed {world}, `{world_dir}` "
+    notes.append(f"world {world}: generator seed {world}, training seed {pipeline.seed}, "
+                 f"`{world_dir}` "
                  f"({time.perf_counter() - world_start:.0f} s); "
                  + _properties_note(os.path.join(world_dir, DATASET_DIR)))
   pooled = pooling.pool(world_data, references, int(config.num_resamples), int(config.seed))

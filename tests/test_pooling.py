@@ -103,3 +103,17 @@ def test_protocol_config_errors(tmp_path, worlds, dataset, message):
   config.pipeline.dataset = dataset
   with pytest.raises(errors.UserError, match=message):
     workflow.run_protocol(config, str(tmp_path))
+
+
+def test_a_world_trains_with_its_seed_plus_the_offset():
+  config = protocol_config.get_config("tiny")
+  default = workflow.world_pipeline(config, 7)
+  assert (default.world.seed, default.seed) == (7, 7)
+  config.training_seed_offset = 100
+  retrained = workflow.world_pipeline(config, 7)
+  # The world (its generator seed) stays; only the training seed moves.
+  assert (retrained.world.seed, retrained.seed) == (7, 107)
+  assert config.pipeline.seed == protocol_config.get_config("tiny").pipeline.seed  # not mutated
+  config.training_seed_offset = -1
+  with pytest.raises(errors.UserError, match="training_seed_offset"):
+    workflow.world_pipeline(config, 7)
