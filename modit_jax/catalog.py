@@ -104,6 +104,25 @@ class Catalog:
     return np.flatnonzero(np.asarray(self.item_split) == SPLIT_CODES["train"])
 
 
+def with_first_seeds(catalog: Catalog, count: int) -> Catalog:
+  """`catalog` with every query (every split) asked with only its first `count` seeds.
+
+  0 (or the seed-set size) leaves it unchanged. The seeds left out become ordinary catalog
+  items, as for a user who holds only `count` of them: they may be retrieved and count as hits.
+  Evaluation uses it to measure what fewer seeds cost (`evaluate --config.seed_limit`).
+  """
+  count = int(count)
+  if count == 0 or count == catalog.seed_size:
+    return catalog
+  if not 0 < count < catalog.seed_size:
+    raise errors.UserError(f"a seed limit must be in [1, {catalog.seed_size}] (the catalog's "
+                           f"seed-set size), or 0 for all seeds; got {count}")
+  queries = {split: Queries(seeds=np.ascontiguousarray(q.seeds[:, :count]), pattern=q.pattern,
+                            domain=q.domain) for split, q in catalog.queries.items()}
+  return dataclasses.replace(catalog, manifest={**catalog.manifest, "seed_size": count},
+                             queries=queries)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading.
 

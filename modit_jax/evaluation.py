@@ -90,6 +90,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.novelty_gate = ml_collections.ConfigDict({
       "methods": "modit_hppo", "neighbours": novelty.NEIGHBOURS,
       "share_ratio": novelty.SHARE_RATIO})
+  # > 0: every query (validation ones too) is asked with only its first `seed_limit` seeds;
+  # the others become ordinary items (docs/robustness.md). 0: all seeds.
+  c.seed_limit = 0
   c.num_resamples = 10_000
   c.seed = 0
   return c
@@ -342,14 +345,17 @@ def evaluate(catalog: catalog_lib.Catalog, config: ml_collections.ConfigDict) ->
   references = split_names(config.references, "references")
   if 20 not in tuple(config.ks):
     raise errors.UserError(f"config.ks must include 20 (the headline K), got {config.ks}")
+  seed_limit = int(config.get("seed_limit", 0))
+  catalog = catalog_lib.with_first_seeds(catalog, seed_limit)
   retrieved, knobs, meta = retrieve_all(catalog, methods, splits, config)
   scores = score_all(catalog, retrieved, config.ks)
   strongest = strongest_per_domain(meta["validation"])
   records = summarize(catalog.domains, {s: catalog.queries[s].domain for s in splits}, scores,
                       references, strongest, config.num_resamples, config.seed)
   # The ungated twins of gated methods are methods of the results too.
+  # Whoever rescores the saved ids from the dataset (pooling) must cut the seeds alike.
   meta.update({"methods": list(retrieved), "splits": splits, "references": references,
-               "ks": list(config.ks), "data_diagnostics": data_diagnostics(catalog, methods,
+               "ks": list(config.ks), "seed_limit": seed_limit, "data_diagnostics": data_diagnostics(catalog, methods,
                                                                            config)})
   return Evaluation(records, retrieved, scores, knobs, strongest, meta)
 

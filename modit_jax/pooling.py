@@ -35,7 +35,9 @@ def _load_world(dataset: str, eval_dir: str) -> tuple[catalog_lib.Catalog, dict[
                            "missing)")
   with open(results_path) as f:
     results = json.load(f)
-  catalog = catalog_lib.load_catalog(dataset)
+  # An evaluation that asked with fewer seeds is rescored with the same seeds.
+  catalog = catalog_lib.with_first_seeds(catalog_lib.load_catalog(dataset),
+                                         results.get("seed_limit", 0))
   retrieved = {}
   for method in results["methods"]:
     retrieved[method] = {}

@@ -90,6 +90,9 @@ def evaluation_report(results: dict[str, Any]) -> str:
          f"Dataset: `{results['dataset']}`. Index: {index['kind']} "
          f"({json.dumps(index['params'])}). Strongest competitor per domain (validation "
          f"queries): {strongest_text(results['strongest_baseline'])}.", ""]
+  if results.get("seed_limit"):
+    out += [f"Every query was asked with only its first {results['seed_limit']} seeds "
+            "(`seed_limit`); the others were ordinary catalog items.", ""]
   gate = gate_text(results)
   if gate:
     out += [gate, ""]

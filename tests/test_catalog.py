@@ -505,3 +505,16 @@ def test_not_an_npy_file(root):
   with open(os.path.join(root, "patterns.npy"), "wb") as f:
     f.write(b"xx")
   _expect(root, "patterns.npy", "does not start with the .npy magic string")
+
+
+def test_with_first_seeds_cuts_every_split_and_refuses_a_bad_count(catalog):
+  assert catalog_lib.with_first_seeds(catalog, 0) is catalog
+  assert catalog_lib.with_first_seeds(catalog, catalog.seed_size) is catalog
+  cut = catalog_lib.with_first_seeds(catalog, 1)
+  assert cut.seed_size == 1 and catalog.seed_size > 1  # the original is left alone
+  for split, q in catalog.queries.items():
+    np.testing.assert_array_equal(cut.queries[split].seeds, q.seeds[:, :1])
+    np.testing.assert_array_equal(cut.queries[split].domain, q.domain)
+  for bad in (-1, catalog.seed_size + 1):
+    with pytest.raises(errors.UserError, match="seed limit"):
+      catalog_lib.with_first_seeds(catalog, bad)

@@ -30,6 +30,18 @@ def world(tiny_world, tmp_path_factory):
   return str(tiny_world), str(eval_dir)
 
 
+@pytest.fixture(scope="module")
+def limited_world(tiny_world, tmp_path_factory):
+  """(catalog directory, evaluation directory) of the tiny world asked with 2 seeds a query."""
+  eval_dir = tmp_path_factory.mktemp("limited") / "eval"
+  proc = subprocess.run(
+      [sys.executable, "-m", "modit_jax.cli.evaluate", "--config=configs/evaluate.py:tiny",
+       f"--config.methods={_METHODS}", "--config.seed_limit=2", f"--dataset={tiny_world}",
+       f"--workdir={eval_dir}"], cwd=_REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return str(tiny_world), str(eval_dir)
+
+
 def _results(world):
   with open(os.path.join(world[1], "results.json")) as f:
     return json.load(f)
@@ -117,3 +129,22 @@ def test_a_world_trains_with_its_seed_plus_the_offset():
   config.training_seed_offset = -1
   with pytest.raises(errors.UserError, match="training_seed_offset"):
     workflow.world_pipeline(config, 7)
+
+
+def test_an_evaluation_with_fewer_seeds_is_rescored_with_them(world, limited_world):
+  limited = _results(limited_world)
+  assert limited["seed_limit"] == 2 and _results(world)["seed_limit"] == 0
+  with open(os.path.join(limited_world[1], "report.md")) as f:
+    assert "only its first 2 seeds" in f.read()
+  # Fewer seeds change what the seed average retrieves.
+  full = {(r["method"], r["split"], r["domain"]): r for r in _results(world)["records"]}
+  assert any(r["joint@20"] != full[(r["method"], r["split"], r["domain"])]["joint@20"]
+             for r in limited["records"] if r["method"] == "seed_centroid")
+  # Pooling rescores the saved ids with the same 2 seeds (a seed's label changes Bound@K
+  # only where a pattern has few positives, so the records alone could not tell): its catalog
+  # is the cut one, and one world pools to its records.
+  catalog, _, _ = pooling._load_world(*limited_world)  # pylint: disable=protected-access
+  assert {q.seeds.shape[1] for q in catalog.queries.values()} == {2}
+  pooled = pooling.pool({"a": limited_world}, limited["references"], num_resamples=1000,
+                        seed=0)
+  assert pooled["records"] == limited["records"]
