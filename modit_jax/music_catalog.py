@@ -17,7 +17,6 @@ bring-your-own-catalog converter (`byo.convert`, `cluster_patterns`), which reco
 derived in the manifest. Everything is seeded; the embeddings are cached by the texts' hash.
 """
 
-import hashlib
 import json
 import os
 import tempfile
@@ -29,7 +28,6 @@ import numpy as np
 from modit_jax import byo
 from modit_jax import catalog as catalog_lib
 from modit_jax import errors
-from modit_jax import evaluation
 from modit_jax import text_encoder
 
 DOMAINS = ("long", "wide_range", "triple_meter", "sharp_key")
@@ -120,22 +118,6 @@ def book_sequences(works: dict[str, np.ndarray], length: int) -> np.ndarray:
   return np.array(rows, dtype=f"<U{width}").reshape(-1, length)
 
 
-def cached_embeddings(texts: np.ndarray, cache_dir: str) -> np.ndarray:
-  """Encodes `texts`, reusing `cache_dir/embeddings_<hash>.npy` when the texts are the same."""
-  key = hashlib.sha256(json.dumps([text_encoder.NAME] + texts.tolist()).encode()).hexdigest()
-  path = os.path.join(cache_dir, f"embeddings_{key[:16]}.npy") if cache_dir else ""
-  if path and os.path.isfile(path):
-    print(f"embeddings: reused {path}", flush=True)
-    return np.load(path)
-  print(f"embeddings: encoding {len(texts)} texts with {text_encoder.NAME} ...", flush=True)
-  embeddings = text_encoder.TextEncoder().encode(texts.tolist())
-  if path:
-    os.makedirs(cache_dir, exist_ok=True)
-    np.save(path + ".partial.npy", embeddings)
-    os.replace(path + ".partial.npy", path)
-  return embeddings
-
-
 def build(out: str, cache_dir: str, options: ml_collections.ConfigDict) -> catalog_lib.Catalog:
   """Builds the catalog into `out` (reused as it is if built with the same options)."""
   source = {"corpus": "music21 core corpus", "encoder": text_encoder.NAME,
@@ -149,7 +131,7 @@ def build(out: str, cache_dir: str, options: ml_collections.ConfigDict) -> catal
     raise errors.UserError(f"{out} holds a music catalog built with other options; write to a "
                            "new directory")
   works = read_works(int(options.max_works))
-  embeddings = cached_embeddings(works["text"], cache_dir)
+  embeddings = text_encoder.encode_cached(works["text"], cache_dir)
   with tempfile.TemporaryDirectory() as tmp:
     items = os.path.join(tmp, "items.npz")
     np.savez(items, item_id=works["item_id"], embedding=embeddings,
@@ -167,32 +149,3 @@ def build(out: str, cache_dir: str, options: ml_collections.ConfigDict) -> catal
   with open(source_path, "w") as f:
     json.dump(source, f, indent=1)
   return result.catalog
-
-
-def sanity_table(catalog: catalog_lib.Catalog) -> str:
-  """Sizes, label rates and the two naive answers per cell, as markdown."""
-  split = catalog.item_split
-  lines = [f"items {catalog.num_items} (train {int((split == 0).sum())}, item holdout "
-           f"{int((split == 1).sum())}, pattern holdout {int((split == 2).sum())}), d "
-           f"{catalog.dim}, {int(catalog.patterns.max()) + 1} patterns (derived), "
-           f"{len(catalog.sequences)} sequences, seed size {catalog.seed_size}", ""]
-  config = evaluation.default_config()
-  config.methods = "seed_centroid,global_attribute,centroid_global_shift"
-  config.index_kind = config.oracle_index_kind = "exact"
-  config.num_resamples = 200
-  result = evaluation.evaluate(catalog, config)
-  by = {(r["method"], r["split"], r["domain"]): r for r in result.records}
-  lines += ["| cell | positive rate | observed (train) | mean Bound@20 | seed centroid Purity / "
-            "Joint @20 | global attribute Purity / Attr @20 | global shift Joint@20 |",
-            "|---|---|---|---|---|---|---|"]
-  for split_name in evaluation.EVAL_SPLITS:
-    for m, domain in enumerate(catalog.domains):
-      sc = by[("seed_centroid", split_name, domain)]
-      ga = by[("global_attribute", split_name, domain)]
-      gs = by[("centroid_global_shift", split_name, domain)]
-      lines.append(
-          f"| {split_name} / {domain} | {catalog.attributes[:, m].mean():.2f} | "
-          f"{int(catalog.observed[:, m].sum())} | {sc['bound@20']:.2f} | "
-          f"{sc['purity@20']:.2f} / {sc['joint@20']:.3f} | {ga['purity@20']:.2f} / "
-          f"{ga['attr@20']:.2f} | {gs['joint@20']:.3f} |")
-  return "\n".join(lines) + "\n"

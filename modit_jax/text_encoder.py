@@ -8,7 +8,9 @@ does for this model; against a float32 reference the int8 model's embeddings agr
 cosine of 0.9995 (docs/real_catalog.md).
 """
 
+import hashlib
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -72,3 +74,22 @@ class TextEncoder:
       pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
       out[rows] = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
     return out
+
+
+def encode_cached(texts: np.ndarray, cache_dir: str) -> np.ndarray:
+  """Encodes `texts`, reusing `cache_dir/embeddings_<hash>.npy` when the texts are the same.
+
+  An empty `cache_dir` encodes without caching.
+  """
+  key = hashlib.sha256(json.dumps([NAME] + texts.tolist()).encode()).hexdigest()
+  path = os.path.join(cache_dir, f"embeddings_{key[:16]}.npy") if cache_dir else ""
+  if path and os.path.isfile(path):
+    print(f"embeddings: reused {path}", flush=True)
+    return np.load(path)
+  print(f"embeddings: encoding {len(texts)} texts with {NAME} ...", flush=True)
+  embeddings = TextEncoder().encode(texts.tolist())
+  if path:
+    os.makedirs(cache_dir, exist_ok=True)
+    np.save(path + ".partial.npy", embeddings)
+    os.replace(path + ".partial.npy", path)
+  return embeddings

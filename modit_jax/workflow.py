@@ -37,6 +37,7 @@ from modit_jax import report
 from modit_jax import results_markdown
 from modit_jax import retrieval
 from modit_jax import retriever
+from modit_jax import sequence_locality
 from modit_jax import sizing
 from modit_jax import synthetic
 from modit_jax import training
@@ -169,6 +170,17 @@ def _sizes(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog, out:
   with open(os.path.join(out, SIZES_FILE), "w") as f:
     json.dump(sizes.as_dict(), f, indent=1)
   return sizes
+
+
+def _sequence_note(catalog: catalog_lib.Catalog, notes: list[str]) -> None:
+  """Prints and notes how local the raw sequences are (what stage 1 can learn from them)."""
+  found = sequence_locality.measure(catalog)
+  if found is None:
+    return
+  line = found.line()
+  (logging.warning if found.low else logging.info)("%s", line)
+  print(("warning: " if found.low else "") + line, flush=True)
+  notes.append(line)
 
 
 # Run fields the pipeline fills from its sizes (docs/sizing.md) where the run leaves them at 0,
@@ -315,6 +327,7 @@ def run_pipeline(config: ml_collections.ConfigDict, out: str) -> str:
   notes: list[str] = []
   dataset, catalog = _dataset(config, out, notes)
   sizes = _sizes(config, catalog, out, notes)
+  _sequence_note(catalog, notes)
   workdirs = _train_runs(config, sizes, dataset, out, notes)
   index_start = time.perf_counter()
   retrieval.load_or_build_index(os.path.join(out, INDEX_DIR), catalog.embeddings,

@@ -16,9 +16,9 @@ LAYERS = (
     ("models and runs", {"metric_predictor", "models", "engine", "run_dir", "generator"}),
     ("serving", {"retriever"}),
     # stages.base < the stage modules < stages (the registry) < training, inside one layer.
-    ("training", {"data", "clusters", "trajectories", "query_split", "oracle", "hppo",
-                  "stages.base", "stages.pretrain", "stages.cpt", "stages.sft", "stages.hppo",
-                  "stages", "training"}),
+    ("training", {"data", "sequence_locality", "clusters", "trajectories", "query_split",
+                  "oracle", "hppo", "stages.base", "stages.pretrain", "stages.cpt",
+                  "stages.sft", "stages.hppo", "stages", "training"}),
     ("evaluation", {"baselines", "generative", "evaluation", "results_markdown", "report",
                     "pooling", "properties"}),
     ("orchestration", {"workflow", "synthetic", "byo", "music_catalog", "text_encoder"}),

@@ -17,6 +17,7 @@ from typing import Sequence
 from absl import flags
 from ml_collections import config_flags
 
+from modit_jax import byo
 from modit_jax import music_catalog
 from modit_jax.cli import app
 
@@ -35,7 +36,7 @@ def main(argv: Sequence[str]) -> None:
   start = time.perf_counter()
   catalog = music_catalog.build(out, cache_dir, _OPTIONS.value)
   print(f"catalog: {out} ({time.perf_counter() - start:.1f} s)", flush=True)
-  table = music_catalog.sanity_table(catalog)
+  table = byo.sanity_table(catalog)
   with open(os.path.join(out, "sanity.md"), "w") as f:
     f.write(table)
   print(table)
