@@ -246,11 +246,16 @@ def _run_binary(*args):
 
 
 def test_binary_converts_and_refuses_bad_input_without_traceback(tmp_path):
-  items = write_npz(tmp_path / "items.npz", make_columns())
+  columns = make_columns()
+  items = write_npz(tmp_path / "items.npz", columns)
+  # One session per pattern, its items in row order: local sequences.
+  sessions = write_npz(tmp_path / "seq.npz", {"sequence": columns["item_id"].reshape(P, PER)})
   ok = _run_binary(f"--input={items}", f"--out={tmp_path / 'out'}", "--attributes=quality,safety",
-                   "--seed_size=3", "--queries_per_cell=5")
+                   "--seed_size=3", "--queries_per_cell=5", f"--sequences={sessions}")
   assert ok.returncode == 0, ok.stderr
   assert f"wrote {N} items" in ok.stdout
+  # How local the sequences are is said before any training (sequence_locality).
+  assert "raw sequences: locality" in ok.stdout and "warning" not in ok.stdout
   catalog_lib.load_catalog(tmp_path / "out")
   bad = _run_binary(f"--input={items}", f"--out={tmp_path / 'bad'}", "--attributes=colour")
   assert bad.returncode == 2

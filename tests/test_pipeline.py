@@ -59,6 +59,7 @@ def test_pipeline_writes_everything(pipeline_out):
   report = open(os.path.join(pipeline_out, "report.md")).read()
   for name in ("modit_hppo", "hppo_no_reference", "order_random", "modit_sft"):
     assert name in report
+  assert "raw sequences: locality" in report  # what stage 1 can learn, noted before training
   pngs = [p for p in os.listdir(os.path.join(pipeline_out, "plots")) if p.endswith(".png")]
   assert pngs and all(f"plots/{p}" in report for p in pngs)
   for name in config.runs:

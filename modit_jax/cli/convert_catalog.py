@@ -18,6 +18,7 @@ from absl import flags
 
 from modit_jax import byo
 from modit_jax import catalog as catalog_lib
+from modit_jax import sequence_locality
 from modit_jax.cli import app
 
 _DEFAULTS = byo.Options(attributes=())
@@ -69,6 +70,10 @@ def main(argv: Sequence[str]) -> None:
         f"{len(catalog.sequences)} sequences) to {_OUT.value}")
   for note in result.notes:
     print(f"note: {note}")
+  # Before any training: sequences that jump between unrelated items make stage 1 useless.
+  locality = sequence_locality.measure(catalog)
+  if locality is not None:
+    print(("warning: " if locality.low else "") + locality.line())
 
 
 if __name__ == "__main__":
