@@ -568,8 +568,8 @@ def convert(items: str | os.PathLike, out: str | os.PathLike, options: Options,
   else:
     seq = np.full((0, 1), -1, np.int32)
     sequence_info = {"source": None}
-    notes.append("no --sequences: sequences.npy is empty, so stage 1 (pretraining on raw "
-                 "sequences) cannot run on this catalog")
+    notes.append("no --sequences: sequences.npy is empty, so stage 1 trains on "
+                 "nearest-neighbour walks of the train items (pretrain.sequences=auto)")
 
   queries = {
       split: sample_queries(patterns, attributes, item_split, split,

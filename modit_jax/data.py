@@ -14,6 +14,7 @@ A batch is a dict of numpy arrays:
 import numpy as np
 
 from modit_jax import errors
+from modit_jax import retrieval
 
 
 def process_slice(batch_size: int, process_index: int, process_count: int) -> slice:
@@ -34,6 +35,44 @@ def gather(embeddings: np.ndarray, context_ids: np.ndarray, target: np.ndarray,
   context[mask] = embeddings[context_ids[mask]]
   return {"context": context, "context_mask": mask, "domain": domain.astype(np.int32),
           "target": np.asarray(target, np.float32)}
+
+
+def neighbour_walks(embeddings: np.ndarray, train_items: np.ndarray, neighbours: int,
+                    length: int, max_walks: int, seed: int) -> np.ndarray:
+  """Random walks over the train items' nearest-neighbour graph, int32 [W, length] item ids.
+
+  Stage 1's sequences where the catalog has none that stay local: each step goes to one of
+  the current item's `neighbours` nearest train items (dot product, itself left out), so a
+  walk stays in a region as a session inside one pattern does. One walk starts at each train
+  item (at most `max_walks`, a seeded sample beyond that). Reads only train items.
+  """
+  train_items = np.asarray(train_items)
+  if len(train_items) < 2:
+    raise errors.UserError("stage 1's neighbour walks need at least 2 train items")
+  neighbours = min(int(neighbours), len(train_items) - 1)
+  if neighbours < 1 or length < 2:
+    raise errors.UserError(f"neighbour walks need neighbours >= 1 and length >= 2, got "
+                           f"{neighbours} and {length}")
+  vectors = np.asarray(embeddings[train_items], np.float32)
+  index = retrieval.build_index(vectors, "exact" if len(vectors) <= _EXACT_WALK_ITEMS
+                                else "scann")
+  # Row i's own id is excluded; its neighbours come back as rows of `vectors`.
+  near, _ = index.search(vectors, neighbours, exclude=np.arange(len(vectors))[:, None])
+  rng = np.random.default_rng([seed, _WALK_STREAM])
+  starts = np.arange(len(vectors))
+  if len(starts) > max_walks:
+    starts = np.sort(rng.choice(starts, max_walks, replace=False))
+  walks = np.empty((len(starts), length), np.int64)
+  walks[:, 0] = starts
+  for step in range(1, length):
+    walks[:, step] = near[walks[:, step - 1], rng.integers(0, neighbours, len(starts))]
+  return train_items[walks].astype(np.int32)
+
+
+# Up to this many train items the walks' neighbours come from an exact search; beyond, ScaNN.
+_EXACT_WALK_ITEMS = 200_000
+# The random stream of the walks, apart from the batches' (which key on the step).
+_WALK_STREAM = 7
 
 
 class SequencePrefixes:
