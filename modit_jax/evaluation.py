@@ -355,8 +355,8 @@ def evaluate(catalog: catalog_lib.Catalog, config: ml_collections.ConfigDict) ->
   # The ungated twins of gated methods are methods of the results too.
   # Whoever rescores the saved ids from the dataset (pooling) must cut the seeds alike.
   meta.update({"methods": list(retrieved), "splits": splits, "references": references,
-               "ks": list(config.ks), "seed_limit": seed_limit, "data_diagnostics": data_diagnostics(catalog, methods,
-                                                                           config)})
+               "ks": list(config.ks), "seed_limit": seed_limit,
+               "data_diagnostics": data_diagnostics(catalog, methods, config)})
   return Evaluation(records, retrieved, scores, knobs, strongest, meta)
 
 
