@@ -4,9 +4,8 @@ Stage 1 (the pretrained GR) learns to generate a sequence's next item from its p
 consecutive items lie near each other (walks inside a pattern, books of one region), its
 samples stay near the seeds; where a sequence jumps between unrelated items (a card set in
 card-number order), it learns the jumps, and `pretrained_gr` retrieves outside the seeds'
-pattern (docs/real_data.md, "A second real catalog"). Below `LOW` stage 1 therefore trains on
-nearest-neighbour walks instead, by default (`stages.pretrain`). Stages 2-4 train on
-latent-cluster trajectories and seed-like sets, not on the raw sequences.
+pattern (docs/real_data.md, "A second real catalog"). Below `LOW` the pipeline warns. Stages
+2-4 train on latent-cluster trajectories and seed-like sets, not on the raw sequences.
 
 Locality = (mean cosine of consecutive items - mean cosine of random train-item pairs) /
 (1 - the latter): 1 when consecutive items coincide, 0 when they are as far apart as random
@@ -19,8 +18,7 @@ import numpy as np
 
 from modit_jax import catalog as catalog_lib
 
-# Below this stage 1 trains on nearest-neighbour walks (pretrain.sequences=auto). Measured on
-# raw sequences: the development world 0.91, the music catalog 0.43 (`pretrained_gr`
+# Below this the pipeline and the converter warn. Measured on raw sequences: the development world 0.91, the music catalog 0.43 (`pretrained_gr`
 # Purity@20 0.94-0.98 of the seed average's), the Hearthstone cards 0.04 (Purity@20 0.00).
 LOW = 0.2
 # Pairs averaged over (uniformly sampled beyond it): a 10M-item catalog has tens of millions
@@ -46,10 +44,9 @@ class Locality:
             f"{self.consecutive_cosine:.3f} against {self.random_cosine:.3f} for random train "
             f"items; {self.num_pairs} pairs)")
     if self.low:
-      text += (f"; below {LOW}: the sequences jump between unrelated items, and a stage 1 "
-               "trained on them does not stay in the seeds' pattern, so by default "
-               "(pretrain.sequences=auto) it trains on nearest-neighbour walks of the train "
-               "items instead")
+      text += (f"; below {LOW}: the sequences jump between unrelated items, and stage 1 "
+               "(`pretrained_gr`) may not stay in the seeds' pattern; stages 2-4 do not read "
+               "the sequences")
     return text
 
 

@@ -82,8 +82,8 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.diffusion.guidance_scale = 1.0
 
   # Stage 1's sequences: "raw" (the catalog's), "walks" (nearest-neighbour walks over the train
-  # items), "auto": raw where they are local enough (sequence_locality.LOW), else walks, also
-  # when the catalog has none (docs/decisions.md, "Stage 1 without usable sequences").
+  # items), "auto": raw, or walks when the catalog has none (docs/decisions.md, "Stage 1
+  # without usable sequences").
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.sequences = "auto"
   c.pretrain.walk_neighbours = 10   # a walk's next item: one of the current item's 10 nearest
