@@ -18,8 +18,9 @@ import numpy as np
 
 from modit_jax import catalog as catalog_lib
 
-# Below this the pipeline and the converter warn. Measured on raw sequences: the development world 0.91, the music catalog 0.43 (`pretrained_gr`
-# Purity@20 0.94-0.98 of the seed average's), the Hearthstone cards 0.04 (Purity@20 0.00).
+# Below this the pipeline and the converter warn. Measured on raw sequences: the development
+# world 0.91, the music catalog 0.43 (`pretrained_gr` Purity@20 0.94-0.98 of the seed
+# average's), the Hearthstone cards 0.04 (Purity@20 0.00).
 LOW = 0.2
 # Pairs averaged over (uniformly sampled beyond it): a 10M-item catalog has tens of millions
 # of consecutive pairs, and 50,000 pin the mean to about +-0.002.
