@@ -37,6 +37,11 @@ def gather(embeddings: np.ndarray, context_ids: np.ndarray, target: np.ndarray,
           "target": np.asarray(target, np.float32)}
 
 
+def item_counts(sequences: np.ndarray) -> np.ndarray:
+  """int [S]: the items in each -1-padded sequence row (a row with 2 or more has a next item)."""
+  return (np.asarray(sequences) >= 0).sum(axis=1)
+
+
 def neighbour_walks(embeddings: np.ndarray, train_items: np.ndarray, neighbours: int,
                     length: int, max_walks: int, seed: int) -> np.ndarray:
   """Random walks over the train items' nearest-neighbour graph, int32 [W, length] item ids.
@@ -81,7 +86,7 @@ class SequencePrefixes:
   def __init__(self, sequences: np.ndarray, embeddings: np.ndarray, max_context: int,
                null_domain: int, seed: int):
     sequences = np.asarray(sequences)
-    lengths = (sequences >= 0).sum(axis=1)
+    lengths = item_counts(sequences)
     keep = lengths >= 2  # a prefix needs at least one context item and one next item
     if not keep.any():
       raise errors.UserError("stage 1 needs raw sequences of length >= 2; sequences.npy has none")

@@ -50,6 +50,10 @@ class Locality:
                "the sequences")
     return text
 
+  def message(self) -> str:
+    """`line()` as printed to the user: a warning when low."""
+    return ("warning: " if self.low else "") + self.line()
+
 
 def measure(catalog: catalog_lib.Catalog, seed: int = 0) -> Locality | None:
   """The locality of `catalog`'s raw sequences; None if they hold no consecutive pair."""

@@ -179,7 +179,7 @@ def _sequence_note(catalog: catalog_lib.Catalog, notes: list[str]) -> None:
     return
   line = found.line()
   (logging.warning if found.low else logging.info)("%s", line)
-  print(("warning: " if found.low else "") + line, flush=True)
+  print(found.message(), flush=True)
   notes.append(line)
 
 

@@ -70,10 +70,11 @@ def main(argv: Sequence[str]) -> None:
         f"{len(catalog.sequences)} sequences) to {_OUT.value}")
   for note in result.notes:
     print(f"note: {note}")
-  # Before any training: sequences that jump between unrelated items make stage 1 useless.
+  # Before any training: sequences that jump between unrelated items give a stage 1 that does
+  # not stay in the seeds' pattern.
   locality = sequence_locality.measure(catalog)
   if locality is not None:
-    print(("warning: " if locality.low else "") + locality.line())
+    print(locality.message())
 
 
 if __name__ == "__main__":
