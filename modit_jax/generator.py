@@ -15,6 +15,7 @@ import numpy as np
 
 from modit_jax import catalog as catalog_lib
 from modit_jax import diffusion
+from modit_jax import dit
 from modit_jax import engine
 from modit_jax import errors
 from modit_jax import metric_predictor
@@ -23,6 +24,21 @@ from modit_jax import retrieval
 from modit_jax import run_dir
 
 _BUCKET = 256
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_samplers(model: dit.DiT, dim: int, num_steps: int, null_domain: int,
+                     space: diffusion.TargetSpace, temperature: float) -> tuple[Any, Any]:
+  """The jitted samplers (one stream, per-row seeds) of one architecture and sampler.
+
+  Shared by every Generator with equal arguments (a DiT compares by its fields), so the models
+  of one pipeline (stages and ablations of one width) compile each padded batch size once.
+  """
+  sample_rows = functools.partial(
+      diffusion.sample_rows, apply=models.apply_fn(model), dim=dim, num_steps=num_steps,
+      null_domain=null_domain, space=space, temperature=temperature)
+  return (jax.jit(sample_rows),
+          jax.jit(functools.partial(Generator._seeded_rows, sample_rows)))
 
 
 class Generator:
@@ -35,13 +51,9 @@ class Generator:
     self._placed_params = {}  # sharding -> self.params placed with it
     self.num_steps = int(num_steps or self.config.diffusion.sample_steps)
     self.guidance_scale = float(self.config.diffusion.guidance_scale)
-    sample_rows = functools.partial(
-        diffusion.sample_rows, apply=models.apply_fn(self.model), dim=self.dim,
-        num_steps=self.num_steps, null_domain=self.num_domains,
-        space=models.target_space(self.config, self.dim),
-        temperature=models.sample_temperature(self.config))
-    self._sample = jax.jit(sample_rows)
-    self._sample_seeded = jax.jit(functools.partial(self._seeded_rows, sample_rows))
+    self._sample, self._sample_seeded = _jitted_samplers(
+        self.model, self.dim, self.num_steps, self.num_domains,
+        models.target_space(self.config, self.dim), models.sample_temperature(self.config))
     # A model with learned positions was trained on contexts in ascending predicted density
     # for the domain (stage-2 trajectories): its seeds are ordered the same way here.
     self.context_predictor: metric_predictor.MetricPredictor | None = None

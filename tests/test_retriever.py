@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import perturb
 from configs import sft as sft_config
 from modit_jax import catalog as catalog_lib
 from modit_jax import engine
@@ -166,6 +167,31 @@ def test_calls_in_one_bucket_compile_once(retriever, cat):
     assert retriever.generator._sample_seeded._cache_size() == cache_size  # pylint: disable=protected-access
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_generators_of_one_architecture_share_compiled_samplers(sft_workdir, cat):
+  """A second model of the same architecture (another stage, an ablation) does not recompile,
+  and answers with its own parameters."""
+  first, second = (generator_lib.Generator(sft_workdir) for _ in range(2))
+  assert second._sample_seeded is first._sample_seeded  # pylint: disable=protected-access
+  second.params = perturb(first.params, seed=3)
+  queries = cat.queries["item_holdout"]
+  context = np.asarray(cat.embeddings[queries.seeds[:3]], np.float32)
+  mask = np.ones(queries.seeds[:3].shape, bool)
+  draw = lambda g: g.sample(context, mask, queries.domain[:3], seed=np.arange(3))
+  before = draw(first)
+  compiles = []
+  listener = lambda event, duration, **kwargs: compiles.append(event == _COMPILE_EVENT)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    other = draw(second)
+    assert not any(compiles)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert np.abs(other - before).max() > 1e-3  # its own parameters, not the first's
+  np.testing.assert_array_equal(draw(first), before)
+  # Another sampler (fewer DDIM steps) is another compiled function.
+  assert generator_lib.Generator(sft_workdir, num_steps=2)._sample is not first._sample  # pylint: disable=protected-access
 
 
 def test_the_novelty_gate_answers_unseen_patterns_with_the_global_shift(retriever, cat):
