@@ -20,8 +20,10 @@ setup: $(VENV)/.installed
 main: $(VENV)/.installed
 	$(PY) -m modit_jax.cli.pipeline --config=configs/pipeline.py --workdir=$(OUT)
 
+# One worker per core, at most 4 (each holds its own JAX runtime); a test file stays on one
+# worker, so its module fixtures are built once. `pytest -q tests` runs the same tests serially.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile tests
 
 # faiss-cpu (for bench/faiss_compare.py) is a bench-only extra.
 bench: $(VENV)/.installed

@@ -249,17 +249,17 @@ def test_hppo_stage_trains_and_resumes_exactly(tiny_world, sft_workdir, tmp_path
 def test_regression_phase_then_pools_resume_exactly(tiny_world, sft_workdir, tmp_path,
                                                     monkeypatch):
   """Regression updates (no pairs) until hppo.regress_steps, then pools; killed in each phase."""
-  config = _hppo_config(sft_workdir, num_steps=80)
-  config.hppo.regress_steps = 40
+  config = _hppo_config(sft_workdir, num_steps=40, checkpoint_every=10, log_every=5)
+  config.hppo.regress_steps, config.hppo.pool_every = 20, 10
   full = training.train(config, str(tiny_world), str(tmp_path / "full"))
   records = [json.loads(line) for line in open(tmp_path / "full" / engine.METRICS_FILE)]
   # The targets once at step 0, then a pool every pool_every steps.
-  assert [r["step"] for r in records if "pool/kept_pairs" in r] == [0, 40, 60]
-  assert {r["step"] for r in records if "sft_error" in r} == {10, 20, 30, 40}
-  assert min(r["step"] for r in records if "dpo_loss" in r) == 50
+  assert [r["step"] for r in records if "pool/kept_pairs" in r] == [0, 20, 30]
+  assert {r["step"] for r in records if "sft_error" in r} == {5, 10, 15, 20}
+  assert min(r["step"] for r in records if "dpo_loss" in r) == 25
 
-  # Killed after the checkpoint at 20 (regression), then after the one at 60 (pools).
-  _assert_resumes_exactly(config, tiny_world, tmp_path / "resumed", monkeypatch, (25, 65), full)
+  # Killed after the checkpoint at 10 (regression), then after the one at 30 (pools).
+  _assert_resumes_exactly(config, tiny_world, tmp_path / "resumed", monkeypatch, (13, 33), full)
 
 
 def test_regression_targets_need_no_model(tiny_world, sft_workdir):

@@ -30,7 +30,8 @@ def _fast_tiny_config(ablations: bool = True):
     if name not in _RUNS:
       del config.runs[name]
   for run in config.runs.values():
-    run.stage.num_steps = 20  # wiring, not quality: tests/test_training.py checks learning
+    run.stage.num_steps = 8  # wiring, not quality: tests/test_training.py checks learning
+    run.stage.warmup_steps = 4
     if run.stage.stage == "hppo":
       run.stage.hppo.regress_steps = 0  # straight to the pools (tests/test_hppo.py has both)
   # Any field of any run can be set (here as --config.runs.hppo.stage.hppo.beta=150 would).
@@ -65,7 +66,7 @@ def test_pipeline_writes_everything(pipeline_out):
   for name in config.runs:
     assert os.path.isfile(os.path.join(pipeline_out, name, "config.json"))
   saved = run_dir.read_run_config(os.path.join(pipeline_out, "hppo"))[0]
-  assert saved.hppo.beta == 150.0 and saved.num_steps == 20
+  assert saved.hppo.beta == 150.0 and saved.num_steps == 8
 
 
 def test_the_final_method_is_evaluated_and_served_behind_the_novelty_gate(pipeline_out):

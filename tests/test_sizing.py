@@ -90,7 +90,8 @@ def test_pipeline_applies_the_sizes(text_shaped_catalog, tmp_path, fast_compile)
     if name not in ("pretrain", "cpt", "sft"):
       del config.runs[name]
     else:
-      config.runs[name].stage.num_steps = 20  # the tiny warm-up; wiring, not quality
+      config.runs[name].stage.num_steps = 8  # wiring, not quality
+      config.runs[name].stage.warmup_steps = 4
   config.final_run = "sft"
   config.evaluate.methods = "seed_centroid"
   config.evaluate.guidance_grid = (1.0,)
