@@ -37,7 +37,7 @@ setuptools.setup(
     ],
     extras_require={
         # pytest-xdist: the suite runs in one worker per core (most of a test is single-threaded
-        # XLA compilation and NumPy); 2 cores take 13 minutes instead of 20. execnet is its
+        # XLA compilation and NumPy); 2 cores take 10-13 minutes instead of 20-23. execnet is its
         # transport, pinned for a reproducible install.
         "test": ["pytest==9.0.3", "pytest-xdist==3.6.1", "execnet==2.1.2"],
         # pyarrow: reads Parquet item tables in `modit_jax.cli.convert_catalog` (bring your own
