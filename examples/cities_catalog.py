@@ -18,8 +18,6 @@ catalogs': 5 seeds, 250 queries per cell, 10 % of train labels observed, seed 0.
 """
 
 import importlib.util
-import os
-import tempfile
 from typing import Any, Sequence
 
 from absl import flags
@@ -27,8 +25,7 @@ import numpy as np
 
 from modit_jax import byo
 from modit_jax import errors
-from modit_jax import sequence_locality
-from modit_jax import text_encoder
+from modit_jax import text_catalog
 from modit_jax.cli import app  # a user's mistake is one line, not a traceback
 
 DOMAINS = ("large", "famous", "north", "east")
@@ -80,39 +77,15 @@ def table(cities: list[dict[str, Any]], countries: dict[str, str]) -> dict[str, 
 
 def region_sequences(columns: dict[str, np.ndarray]) -> np.ndarray:
   """Each region's city ids in descending population, rows of 16 ("" padded, 2 or more ids)."""
-  rows = []
-  order = np.lexsort((-columns["population"], columns["region"]))
-  region = columns["region"][order]
-  starts = np.flatnonzero(np.r_[True, region[1:] != region[:-1]])
-  for start, end in zip(starts, list(starts[1:]) + [len(order)]):
-    ids = columns["item_id"][order[start:end]]
-    for first in range(0, len(ids), _SEQUENCE_LENGTH):
-      chunk = list(ids[first:first + _SEQUENCE_LENGTH])
-      if len(chunk) >= 2:
-        rows.append(chunk + [""] * (_SEQUENCE_LENGTH - len(chunk)))
-  return np.array(rows, dtype=f"<U{max(len(i) for i in columns['item_id'])}")
+  return byo.group_sequences(columns["item_id"], columns["region"], -columns["population"],
+                             _SEQUENCE_LENGTH)
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
   columns = table(*read_cities())
-  print(f"cities: {len(columns['item_id'])}, positive rates "
-        + ", ".join(f"{d} {columns[d].mean():.2f}" for d in DOMAINS), flush=True)
-  out = flags.FLAGS.out
-  embeddings = text_encoder.encode_cached(columns["text"], flags.FLAGS.cache_dir)
-  with tempfile.TemporaryDirectory() as tmp:
-    items, sequences = os.path.join(tmp, "items.npz"), os.path.join(tmp, "sequences.npz")
-    np.savez(items, item_id=columns["item_id"], embedding=embeddings,
-             **{d: columns[d] for d in DOMAINS})
-    np.savez(sequences, sequence=region_sequences(columns))
-    result = byo.convert(items, out, byo.Options(
-        attributes=DOMAINS, seed_size=5, queries_per_cell=250, observed_fraction=0.1, seed=0,
-        cluster_patterns=_NUM_PATTERNS), sequences)
-  for note in result.notes:
-    print(f"note: {note}")
-  np.save(os.path.join(out, "texts.npy"), columns["text"])
-  print(byo.sanity_table(result.catalog))
-  print(sequence_locality.measure(result.catalog).line())
+  text_catalog.build_and_report("cities", columns, DOMAINS, region_sequences(columns), _NUM_PATTERNS,
+                                flags.FLAGS.out, flags.FLAGS.cache_dir)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 r"""A second real catalog: the collectible Hearthstone cards, through the BYO converter.
 
 An independent check, never used for a decision (docs/real_data.md, "A second real catalog"),
-and an example of turning a real item table into a catalog with `byo.convert`:
+and an example of turning a real item table into a catalog with `byo.convert` (through
+`text_catalog`):
 
   pip install -e '.[real,cards]'
   python examples/hearthstone_catalog.py --out=out/cards/dataset
@@ -21,7 +22,6 @@ catalog's: 5 seeds, 250 queries per cell, 10 % of train labels observed, seed 0.
 import importlib.util
 import os
 import re
-import tempfile
 from typing import Any, Sequence
 import xml.etree.ElementTree as ElementTree
 
@@ -30,8 +30,7 @@ import numpy as np
 
 from modit_jax import byo
 from modit_jax import errors
-from modit_jax import sequence_locality
-from modit_jax import text_encoder
+from modit_jax import text_catalog
 from modit_jax.cli import app  # a user's mistake is one line, not a traceback
 
 DOMAINS = ("expensive", "elite", "neutral", "early")
@@ -104,36 +103,14 @@ def table(cards: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 def set_sequences(item_id: np.ndarray, card_set: np.ndarray) -> np.ndarray:
   """The card ids of each set in id order, cut into rows of 16 ("" padded, 2 or more ids)."""
-  rows = []
-  for name in np.unique(card_set):
-    ids = np.sort(item_id[card_set == name])
-    for first in range(0, len(ids), _SEQUENCE_LENGTH):
-      chunk = list(ids[first:first + _SEQUENCE_LENGTH])
-      if len(chunk) >= 2:
-        rows.append(chunk + [""] * (_SEQUENCE_LENGTH - len(chunk)))
-  return np.array(rows, dtype=f"<U{max(len(i) for i in item_id)}")
+  return byo.group_sequences(item_id, card_set, item_id, _SEQUENCE_LENGTH)
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
   columns = table(read_cards(card_defs()))
-  print(f"cards: {len(columns['item_id'])}, positive rates "
-        + ", ".join(f"{d} {columns[d].mean():.2f}" for d in DOMAINS), flush=True)
-  out = flags.FLAGS.out
-  embeddings = text_encoder.encode_cached(columns["text"], flags.FLAGS.cache_dir)
-  with tempfile.TemporaryDirectory() as tmp:
-    items, sequences = os.path.join(tmp, "items.npz"), os.path.join(tmp, "sequences.npz")
-    np.savez(items, item_id=columns["item_id"], embedding=embeddings,
-             **{d: columns[d] for d in DOMAINS})
-    np.savez(sequences, sequence=set_sequences(columns["item_id"], columns["set"]))
-    result = byo.convert(items, out, byo.Options(
-        attributes=DOMAINS, seed_size=5, queries_per_cell=250, observed_fraction=0.1, seed=0,
-        cluster_patterns=_NUM_PATTERNS), sequences)
-  for note in result.notes:
-    print(f"note: {note}")
-  np.save(os.path.join(out, "texts.npy"), columns["text"])
-  print(byo.sanity_table(result.catalog))
-  print(sequence_locality.measure(result.catalog).line())
+  text_catalog.build_and_report("cards", columns, DOMAINS, set_sequences(columns["item_id"], columns["set"]), _NUM_PATTERNS,
+                                flags.FLAGS.out, flags.FLAGS.cache_dir)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ so a converted directory has passed the loader's validation. Decisions: docs/byo
 
 import dataclasses
 import os
+import tempfile
 from typing import Any, Sequence
 
 import numpy as np
@@ -428,6 +429,28 @@ def map_sequences(ids: np.ndarray, lengths: np.ndarray, item_ids: np.ndarray,
   return out, dropped
 
 
+def group_sequences(item_ids: np.ndarray, groups: np.ndarray, order: np.ndarray,
+                    length: int) -> np.ndarray:
+  """Raw sequences from groups: each group's item ids in ascending `order`, in rows of `length`.
+
+  Groups come in sorted order; a group longer than `length` gives several consecutive rows;
+  rows are "" padded, and a row of a single item is dropped (a sequence needs a next item).
+  For real co-occurrence a catalog has as groups (a book, a card set, a region).
+  """
+  rows = []
+  ordered = np.lexsort((order, groups))
+  group = groups[ordered]
+  starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if len(group) else []
+  for start, end in zip(starts, list(starts[1:]) + [len(ordered)]):
+    ids = item_ids[ordered[start:end]]
+    for first in range(0, len(ids), length):
+      chunk = list(ids[first:first + length])
+      if len(chunk) >= 2:
+        rows.append(chunk + [""] * (length - len(chunk)))
+  width = max((len(str(i)) for i in item_ids), default=1)
+  return np.array(rows, dtype=f"<U{width}").reshape(-1, length)
+
+
 def _rows_of(item_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
   """Catalog row of each id in `ids`, -1 where it is not an item id."""
   order = np.argsort(item_ids, kind="stable")
@@ -608,6 +631,24 @@ def convert(items: str | os.PathLike, out: str | os.PathLike, options: Options,
     np.save(os.path.join(out, PATTERN_IDS_FILE), pattern_labels, allow_pickle=False)
   # The loader's validation of what is on disk: a converted directory is known to load.
   return Result(catalog_lib.load_catalog(out, mmap=True), notes)
+
+
+def convert_arrays(item_ids: np.ndarray, embeddings: np.ndarray, columns: dict[str, np.ndarray],
+                   out: str | os.PathLike, options: Options,
+                   sequences: np.ndarray | None = None) -> Result:
+  """`convert` from arrays in memory: ids [N], embeddings [N, d] and the table's other columns
+  [N] by name (a label column per attribute; `pattern`, `split` where given).
+
+  `sequences` are rows of item ids ("" or -1 padded), as the sequences file holds them.
+  """
+  with tempfile.TemporaryDirectory() as tmp:
+    items = os.path.join(tmp, "items.npz")
+    np.savez(items, **{ITEM_ID: item_ids, EMBEDDING: embeddings}, **columns)
+    sequences_file = None
+    if sequences is not None:
+      sequences_file = os.path.join(tmp, "sequences.npz")
+      np.savez(sequences_file, **{SEQUENCE: sequences})
+    return convert(items, out, options, sequences_file)
 
 
 def sanity_table(catalog: catalog_lib.Catalog) -> str:

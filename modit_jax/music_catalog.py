@@ -19,7 +19,6 @@ derived in the manifest. Everything is seeded; the embeddings are cached by the 
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import ml_collections
@@ -28,6 +27,7 @@ import numpy as np
 from modit_jax import byo
 from modit_jax import catalog as catalog_lib
 from modit_jax import errors
+from modit_jax import text_catalog
 from modit_jax import text_encoder
 
 DOMAINS = ("long", "wide_range", "triple_meter", "sharp_key")
@@ -39,12 +39,12 @@ def default_options() -> ml_collections.ConfigDict:
   """How the catalog is built; `make_music_catalog` exposes each field as a flag."""
   c = ml_collections.ConfigDict()
   c.num_patterns = 200         # derived by k-means over the embeddings (the corpus has none)
-  c.seed_size = 5
-  c.queries_per_cell = 250
-  c.observed_fraction = 0.1    # DESIGN §2's sparse observed labels
+  c.seed_size = text_catalog.SEED_SIZE
+  c.queries_per_cell = text_catalog.QUERIES_PER_CELL
+  c.observed_fraction = text_catalog.OBSERVED_FRACTION  # DESIGN §2's sparse observed labels
   c.sequence_length = 16       # a book longer than this gives several consecutive sequences
   c.max_works = 0              # 0: every work; > 0 keeps that many, evenly spaced (tests)
-  c.seed = 0
+  c.seed = text_catalog.SEED
   return c
 
 
@@ -106,18 +106,7 @@ def book_sequences(works: dict[str, np.ndarray], length: int) -> np.ndarray:
 
   Books with a single work give no sequence (a sequence needs a next item).
   """
-  rows = []
-  order = np.lexsort((works["number"], works["book"]))
-  _, starts = np.unique(works["book"][order], return_index=True)
-  ends = list(starts[1:]) + [len(order)]
-  for start, end in zip(starts, ends):
-    ids = works["item_id"][order[start:end]]
-    for first in range(0, len(ids), length):
-      chunk = ids[first:first + length]
-      if len(chunk) >= 2:
-        rows.append(list(chunk) + [""] * (length - len(chunk)))
-  width = max(len(i) for i in works["item_id"])
-  return np.array(rows, dtype=f"<U{width}").reshape(-1, length)
+  return byo.group_sequences(works["item_id"], works["book"], works["number"], length)
 
 
 def build(out: str, cache_dir: str, options: ml_collections.ConfigDict) -> catalog_lib.Catalog:
@@ -133,21 +122,13 @@ def build(out: str, cache_dir: str, options: ml_collections.ConfigDict) -> catal
     raise errors.UserError(f"{out} holds a music catalog built with other options; write to a "
                            "new directory")
   works = read_works(int(options.max_works))
-  embeddings = text_encoder.encode_cached(works["text"], cache_dir)
-  with tempfile.TemporaryDirectory() as tmp:
-    items = os.path.join(tmp, "items.npz")
-    np.savez(items, item_id=works["item_id"], embedding=embeddings,
-             **{name: works[name] for name in DOMAINS})
-    sequences = os.path.join(tmp, "sequences.npz")
-    np.savez(sequences, sequence=book_sequences(works, int(options.sequence_length)))
-    result = byo.convert(items, out, byo.Options(
-        attributes=DOMAINS, seed_size=int(options.seed_size),
-        queries_per_cell=int(options.queries_per_cell),
-        observed_fraction=float(options.observed_fraction), seed=int(options.seed),
-        cluster_patterns=int(options.num_patterns)), sequences)
-  for note in result.notes:
-    print(f"note: {note}", flush=True)
-  np.save(os.path.join(out, "texts.npy"), works["text"])
+  result = text_catalog.convert(
+      works["item_id"], works["text"], {name: works[name] for name in DOMAINS}, out,
+      byo.Options(attributes=DOMAINS, seed_size=int(options.seed_size),
+                  queries_per_cell=int(options.queries_per_cell),
+                  observed_fraction=float(options.observed_fraction), seed=int(options.seed),
+                  cluster_patterns=int(options.num_patterns)),
+      book_sequences(works, int(options.sequence_length)), cache_dir)
   with open(source_path, "w") as f:
     json.dump(source, f, indent=1)
   return result.catalog

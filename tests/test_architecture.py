@@ -21,7 +21,8 @@ LAYERS = (
                   "stages.sft", "stages.hppo", "stages", "training"}),
     ("evaluation", {"baselines", "generative", "evaluation", "results_markdown", "report",
                     "pooling", "properties"}),
-    ("orchestration", {"workflow", "synthetic", "byo", "music_catalog", "text_encoder"}),
+    ("orchestration", {"workflow", "synthetic", "byo", "music_catalog", "text_catalog",
+                       "text_encoder"}),
     # cli.app is the binaries' shared start-up; the package's __init__ imports nothing.
     ("binaries", {"cli", "cli.app", "cli.train", "cli.evaluate", "cli.retrieve",
                   "cli.build_index", "cli.make_dataset", "cli.make_music_catalog",

@@ -135,6 +135,21 @@ def test_sequences_map_ids_and_drop_held_out_items(tmp_path):
   assert dropped["held_out_items"] == sum(len(r) for r in picks) - sum(len(r) for r in expected)
 
 
+def test_arrays_in_memory_convert_as_the_files_do(tmp_path):
+  columns = make_columns()
+  ids = columns["item_id"]
+  seq = np.stack([ids[:4], ids[4:8]])
+  from_files = convert(tmp_path, columns,
+                       sequences=write_npz(tmp_path / "seq.npz", {"sequence": seq}))
+  rest = {k: v for k, v in columns.items() if k not in ("item_id", "embedding")}
+  from_arrays = byo.convert_arrays(ids, columns["embedding"], rest, tmp_path / "arrays",
+                                   OPTIONS, seq).catalog
+  for field in ("embeddings", "patterns", "attributes", "observed", "item_split", "sequences"):
+    np.testing.assert_array_equal(getattr(from_arrays, field), getattr(from_files, field))
+  alone = byo.convert_arrays(ids, columns["embedding"], rest, tmp_path / "alone", OPTIONS)
+  assert len(alone.catalog.sequences) == 0
+
+
 def test_parquet_sequences_with_int_ids(tmp_path):
   pa = pytest.importorskip("pyarrow")
   pq = pytest.importorskip("pyarrow.parquet")

@@ -56,6 +56,9 @@ def test_build_a_small_music_catalog(tmp_path):
   assert loaded.domains == list(music_catalog.DOMAINS) and loaded.seed_size == 5
   assert loaded.manifest["patterns"]["source"] == "derived"
   assert len(loaded.sequences) > 0
+  # The texts are kept beside the catalog, row for row (text_catalog.convert).
+  np.testing.assert_array_equal(np.load(os.path.join(out, "texts.npy")),
+                                music_catalog.read_works(1200)["text"])
   # Labels come from the scores: every domain has positives and negatives.
   rates = loaded.attributes.mean(axis=0)
   assert np.all((rates > 0.05) & (rates < 0.95))
