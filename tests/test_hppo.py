@@ -265,6 +265,7 @@ def test_regression_phase_then_pools_resume_exactly(tiny_world, sft_workdir, tmp
 def test_regression_targets_need_no_model(tiny_world, sft_workdir):
   """Every fit query, candidates of the model-free policies only, its best as the target."""
   config = _hppo_config(sft_workdir)
+  config.hppo.every_domain = False  # the fit queries as they are (the option: the next test)
   cat = catalog_lib.load_catalog(tiny_world)
   params = engine.restore_params(sft_workdir)
   targets = _pool_builder(cat, config, params).build_policy_free()
@@ -288,6 +289,35 @@ def test_regression_targets_need_no_model(tiny_world, sft_workdir):
   loss_fn = hppo.dpo_loss_fn(models.apply_fn(model), space, beta=2.0, sft_weight=5.0)
   loss, aux = loss_fn(params, jax.tree.map(jnp.asarray, batch), jax.random.PRNGKey(0), None)
   np.testing.assert_allclose(float(loss), 5.0 * float(aux["sft_error"]), rtol=1e-6)
+
+
+def test_every_domain_asks_each_fit_seed_set_about_every_domain(tiny_world, sft_workdir):
+  """`hppo.every_domain`: the fit seed sets under every domain, scored by the same oracle."""
+  cat = catalog_lib.load_catalog(tiny_world)
+  params = engine.restore_params(sft_workdir)
+  config = _hppo_config(sft_workdir)
+  config.hppo.every_domain = True
+  targets = _pool_builder(cat, config, params).build_policy_free()
+  fit = query_split.fit_queries(cat)
+  fit_sets = {tuple(sorted(s)) for s in fit.seeds}
+  rows = {(tuple(sorted(s)), int(m)) for s, m in zip(targets.queries.seeds, targets.queries.domain)}
+  assert len(rows) == len(targets.queries) == len(fit_sets) * cat.num_domains
+  assert rows == {(s, m) for s in fit_sets for m in range(cat.num_domains)}
+  validation = {tuple(sorted(s)) for s in query_split.validation_queries(cat).seeds}
+  assert not {s for s, _ in rows} & validation
+  # A fit query's own (seeds, domain) gets the target it gets without the option.
+  config.hppo.every_domain = False
+  plain = _pool_builder(cat, config, params).build_policy_free()
+  best = {(tuple(s), int(m)): c[b] for s, m, c, b in zip(
+      targets.queries.seeds, targets.queries.domain, targets.candidates, targets.best)}
+  for s, m, c, b in zip(plain.queries.seeds, plain.queries.domain, plain.candidates, plain.best):
+    np.testing.assert_allclose(best[(tuple(s), int(m))], c[b], atol=1e-6)
+  # The added domains are answered for their own domain: targets differ across a seed set's
+  # domains (not one target copied four times).
+  first = targets.queries.seeds[0]
+  same_set = np.flatnonzero((targets.queries.seeds == first).all(axis=1))
+  picked = targets.candidates[same_set, targets.best[same_set]]
+  assert len(same_set) == cat.num_domains and not np.allclose(picked[0], picked[1:])
 
 
 def test_global_shift_candidates_step_along_the_observed_direction(tiny_world, sft_workdir):

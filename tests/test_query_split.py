@@ -45,6 +45,16 @@ def test_bad_fraction_is_a_user_error(cat):
     query_split.validation_mask(cat, fraction=1.0)
 
 
+def test_with_every_domain_hand_made():
+  queries = catalog_lib.Queries(seeds=np.array([[3, 1], [5, 6], [1, 3], [7, 8]], np.int32),
+                                pattern=np.array([0, 1, 0, 2], np.int32),
+                                domain=np.array([1, 0, 0, 2], np.int32))
+  out = query_split.with_every_domain(queries, 3)
+  np.testing.assert_array_equal(out.seeds, np.repeat([[3, 1], [5, 6], [7, 8]], 3, axis=0))
+  np.testing.assert_array_equal(out.pattern, np.repeat([0, 1, 2], 3))
+  np.testing.assert_array_equal(out.domain, np.tile([0, 1, 2], 3))
+
+
 def test_knobs_are_scored_on_validation_queries_only(cat):
   oracle = oracle_lib.OnlineOracle(cat, k=20, index_kind="exact")
   seen = []
