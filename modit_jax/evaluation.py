@@ -89,7 +89,7 @@ def default_config() -> ml_collections.ConfigDict:
   # reported ungated as `<method>_no_gate`. Comma-separated; empty: no gate.
   c.novelty_gate = ml_collections.ConfigDict({
       "methods": "modit_hppo", "neighbours": novelty.NEIGHBOURS,
-      "share_ratio": novelty.SHARE_RATIO})
+      "train_quantile": novelty.TRAIN_QUANTILE})
   # > 0: every query (validation ones too) is asked with only its first `seed_limit` seeds;
   # the others become ordinary items (docs/robustness.md). 0: all seeds.
   c.seed_limit = 0
@@ -211,9 +211,9 @@ def _novelty_gate(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
   if "centroid_global_shift" not in fitted:
     fitted["centroid_global_shift"] = baselines.fit("centroid_global_shift", catalog, oracle,
                                                     config)
-  gate = novelty.Gate.for_catalog(catalog, fitted["centroid_global_shift"].knob,
+  gate = novelty.Gate.for_catalog(catalog, fitted["centroid_global_shift"].knob, index,
                                   config.novelty_gate.neighbours,
-                                  config.novelty_gate.share_ratio)
+                                  config.novelty_gate.train_quantile)
   novel = {}
   for split in splits:
     q = catalog.queries[split]

@@ -110,8 +110,16 @@ def pool(worlds: dict[str, tuple[str, str]], references: Sequence[str], num_resa
         "methods": gates[0]["methods"],
         "novel_share": {split: float(np.mean([g["novel_share"][split] for g in gates]))
                         for split in gates[0]["novel_share"]},
-        "gate": {key: gates[0]["gate"][key] for key in ("neighbours", "share_ratio")}}
+        "gate": _pooled_gate_rule([g["gate"] for g in gates])}
   return pooled
+
+
+def _pooled_gate_rule(saved: list[dict[str, Any]]) -> dict[str, Any]:
+  """The worlds' gate rule: the neighbours, and each world's threshold (or the old ratio)."""
+  if "threshold" in saved[0]:
+    return {"neighbours": saved[0]["neighbours"],
+            "thresholds": [float(g["threshold"]) for g in saved]}
+  return {key: saved[0][key] for key in ("neighbours", "share_ratio")}
 
 
 def _world_summary(results: dict[str, Any]) -> dict[str, Any]:

@@ -31,9 +31,16 @@ def gate_text(results: dict[str, Any]) -> str:
   names = gate["methods"]
   shares = ", ".join(f"{split} {share:.1%}" for split, share in gate["novel_share"].items())
   saved = gate["gate"]
+  if "threshold" in saved:
+    under = f"a share of train items under {saved['threshold']:.3f}"
+  elif "thresholds" in saved:  # pooled worlds: each read its own from its train queries
+    under = ("a share of train items under their world's threshold ("
+             + ", ".join(f"{t:.3f}" for t in saved["thresholds"]) + ")")
+  else:  # an evaluation saved before the threshold was read from the train queries
+    under = f"under {saved['share_ratio']:g} x the catalog's train share"
   return (f"Novelty gate (docs/novelty.md): {', '.join(f'`{m}`' for m in names)} answered "
-          f"the seed sets whose {saved['neighbours']} nearest catalog items hold under "
-          f"{saved['share_ratio']:g} x the catalog's train share with the tuned global shift "
+          f"the seed sets whose {saved['neighbours']} nearest catalog items hold {under} "
+          f"with the tuned global shift "
           f"({shares} of the seed sets); "
           + ", ".join(f"`{m}{novelty.UNGATED_SUFFIX}`" for m in names)
           + " is the model alone.")

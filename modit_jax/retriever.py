@@ -339,8 +339,8 @@ def _read_guidance(directories: Sequence[str], catalog: catalog_lib.Catalog
       gate = None
       if novelty.JSON_KEY in saved:
         gate = novelty.Gate.from_json(saved[novelty.JSON_KEY], catalog, path)
-        logging.info("Novelty gate from %s: %d neighbours, share ratio %s", path,
-                     gate.neighbours, gate.share_ratio)
+        logging.info("Novelty gate from %s: %d neighbours, threshold %.3f", path,
+                     gate.neighbours, gate.threshold)
       return scales, gate
   return None, None
 

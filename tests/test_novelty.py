@@ -1,5 +1,7 @@
 """The novelty gate: which seed sets it calls novel, what it answers them with, how it is saved."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -20,8 +22,8 @@ def index(cat):
   return retrieval.build_index(np.asarray(cat.embeddings), "exact")
 
 
-def _gate(cat, shift=0.5, **kwargs):
-  return novelty.Gate.for_catalog(cat, dict.fromkeys(cat.domains, shift), **kwargs)
+def _gate(cat, index, shift=0.5, **kwargs):
+  return novelty.Gate.for_catalog(cat, dict.fromkeys(cat.domains, shift), index, **kwargs)
 
 
 def _novel(gate, index, cat, split):
@@ -30,7 +32,7 @@ def _novel(gate, index, cat, split):
 
 
 def test_unseen_patterns_are_novel_and_seen_ones_are_not(cat, index):
-  gate = _gate(cat)
+  gate = _gate(cat, index)
   # A pattern-holdout pattern has no train item; an item-holdout one keeps most of its items in
   # training. The tiny world separates them as the default world does (docs/novelty.md).
   assert _novel(gate, index, cat, "pattern_holdout").mean() > 0.9
@@ -39,7 +41,7 @@ def test_unseen_patterns_are_novel_and_seen_ones_are_not(cat, index):
 
 
 def test_the_decision_reads_which_items_trained_and_nothing_else(cat, index):
-  gate = _gate(cat)
+  gate = _gate(cat, index)
   q = cat.queries["item_holdout"]
   centroids = evidence.seed_centroids(cat.embeddings, q.seeds)
   share = gate.train_share(index, centroids, q.seeds)
@@ -50,13 +52,13 @@ def test_the_decision_reads_which_items_trained_and_nothing_else(cat, index):
   want = (np.asarray(cat.item_split)[nearest] == catalog_lib.SPLIT_CODES["train"]).mean(1)
   np.testing.assert_allclose(share, want)
   # Labels do not enter the decision: a gate whose directions came from other labels agrees.
-  other = novelty.Gate(gate.train, -gate.directions, gate.shifts)
+  other = novelty.Gate(gate.train, -gate.directions, gate.shifts, gate.threshold)
   np.testing.assert_array_equal(other.novel(index, centroids, q.seeds),
                                 gate.novel(index, centroids, q.seeds))
 
 
 def test_apply_replaces_exactly_the_novel_rows_with_the_global_shift(cat, index):
-  gate = _gate(cat, shift=0.3)
+  gate = _gate(cat, index, shift=0.3)
   q = catalog_lib.Queries(
       *(np.concatenate([getattr(cat.queries[s], f)[:6] for s in ("item_holdout",
                                                                    "pattern_holdout")])
@@ -71,17 +73,47 @@ def test_apply_replaces_exactly_the_novel_rows_with_the_global_shift(cat, index)
   # The caller's samples are not written to.
   assert not np.array_equal(gated, samples)
   # A zero shift is the seed average.
-  zero, _ = _gate(cat, shift=0.0).apply(index, centroids, q.domain, q.seeds, samples)
+  zero, _ = _gate(cat, index, shift=0.0).apply(index, centroids, q.domain, q.seeds, samples)
   np.testing.assert_allclose(zero[novel, 0], centroids[novel], atol=1e-6)
 
 
-def test_saved_gate_reads_back_and_refuses_another_catalog(cat):
-  gate = _gate(cat, neighbours=7, share_ratio=0.4)
+def test_threshold_is_the_train_queries_quantile(cat, index):
+  """The rule: novel below the `train_quantile` quantile of the train queries' shares."""
+  train = cat.queries["train"]
+  gate = _gate(cat, index, train_quantile=0.1)
+  share = gate.train_share(index, evidence.seed_centroids(cat.embeddings, train.seeds),
+                           train.seeds)
+  assert gate.threshold == pytest.approx(np.quantile(share, 0.1))
+  # About that share of the train queries are novel (ties at the threshold are not).
+  assert _novel(gate, index, cat, "train").mean() <= 0.1
+  assert _gate(cat, index, train_quantile=0.5).threshold >= gate.threshold
+  # Only which items trained and the train queries' seeds enter: shuffled patterns and labels
+  # of the held-out items leave it unchanged.
+  held = np.asarray(cat.item_split) != catalog_lib.SPLIT_CODES["train"]
+  rng = np.random.default_rng(0)
+  poisoned = dataclasses.replace(
+      cat, patterns=rng.permutation(np.asarray(cat.patterns)),
+      attributes=np.where(held[:, None], ~np.asarray(cat.attributes), cat.attributes))
+  assert _gate(poisoned, index, train_quantile=0.1).threshold == gate.threshold
+  # Not vacuous: fewer train items lower it.
+  fewer = np.where(np.asarray(cat.item_split) == 0,
+                   (rng.random(cat.num_items) < 0.5).astype(np.int8), cat.item_split)
+  assert _gate(dataclasses.replace(cat, item_split=fewer), index,
+               train_quantile=0.1).threshold < gate.threshold
+
+
+def test_saved_gate_reads_back_and_refuses_another_catalog(cat, index):
+  gate = _gate(cat, index, neighbours=7)
   back = novelty.Gate.from_json(gate.to_json(), cat, "guidance.json")
   np.testing.assert_array_equal(back.train, gate.train)
   np.testing.assert_allclose(back.directions, gate.directions)
   np.testing.assert_allclose(back.shifts, gate.shifts)
-  assert (back.neighbours, back.share_ratio) == (7, 0.4)
+  assert (back.neighbours, back.threshold) == (7, gate.threshold)
+  # A gate saved before the threshold was read from the train queries keeps its old rule.
+  old = {k: v for k, v in gate.to_json().items() if k != "threshold"}
+  old["share_ratio"] = 0.5
+  assert novelty.Gate.from_json(old, cat, "guidance.json").threshold == pytest.approx(
+      0.5 * np.mean(np.asarray(cat.item_split) == catalog_lib.SPLIT_CODES["train"]))
   saved = gate.to_json()
   saved["shifts"] = saved["shifts"][:-1]
   with pytest.raises(errors.UserError, match="guidance.json: novelty_gate holds directions"):
@@ -90,10 +122,14 @@ def test_saved_gate_reads_back_and_refuses_another_catalog(cat):
     novelty.Gate.from_json({"shifts": []}, cat, "guidance.json")
 
 
-def test_bad_settings_are_user_errors(cat):
+def test_bad_settings_are_user_errors(cat, index):
   with pytest.raises(errors.UserError, match="neighbours >= 1"):
-    _gate(cat, neighbours=0)
-  with pytest.raises(errors.UserError, match="share_ratio in"):
-    _gate(cat, share_ratio=1.5)
+    _gate(cat, index, neighbours=0)
+  with pytest.raises(errors.UserError, match="train_quantile must be in"):
+    _gate(cat, index, train_quantile=1.5)
   with pytest.raises(errors.UserError, match="no shift for domain"):
-    novelty.Gate.for_catalog(cat, {cat.domains[0]: 1.0})
+    novelty.Gate.for_catalog(cat, {cat.domains[0]: 1.0}, index)
+  no_train = dataclasses.replace(cat, queries={**cat.queries,
+                                               "train": cat.queries["train"].take(np.arange(0))})
+  with pytest.raises(errors.UserError, match="queries_train.npz is empty"):
+    _gate(no_train, index)

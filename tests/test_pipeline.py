@@ -72,13 +72,17 @@ def test_pipeline_writes_everything(pipeline_out):
 def test_the_final_method_is_evaluated_and_served_behind_the_novelty_gate(pipeline_out):
   with open(os.path.join(pipeline_out, "eval", "results.json")) as f:
     results = json.load(f)
-  # On the tiny world every pattern-holdout seed set is novel and no item-holdout one is.
-  assert results[novelty.JSON_KEY]["novel_share"] == {"item_holdout": 0.0,
-                                                      "pattern_holdout": 1.0}
+  # On the tiny world every pattern-holdout seed set is novel, and about as few item-holdout
+  # ones as the rule's 5 % of train queries.
+  shares = results[novelty.JSON_KEY]["novel_share"]
+  assert shares["pattern_holdout"] == 1.0 and shares["item_holdout"] <= 0.05, shares
   def ids(method, split):
     return np.load(os.path.join(pipeline_out, "eval", "retrieved", f"{method}_{split}.npz"))["ids"]
   ungated = "modit_hppo" + novelty.UNGATED_SUFFIX
-  np.testing.assert_array_equal(ids("modit_hppo", "item_holdout"), ids(ungated, "item_holdout"))
+  gated_rows = (ids("modit_hppo", "item_holdout") != ids(ungated, "item_holdout")).any(axis=1)
+  assert gated_rows.mean() <= shares["item_holdout"]
+  np.testing.assert_array_equal(ids("modit_hppo", "item_holdout")[gated_rows],
+                                ids("centroid_global_shift", "item_holdout")[gated_rows])
   np.testing.assert_array_equal(ids("modit_hppo", "pattern_holdout"),
                                 ids("centroid_global_shift", "pattern_holdout"))
   assert not np.array_equal(ids(ungated, "pattern_holdout"),
@@ -88,7 +92,9 @@ def test_the_final_method_is_evaluated_and_served_behind_the_novelty_gate(pipeli
   for report_file in ("report.md", os.path.join("eval", "report.md")):
     text = open(os.path.join(pipeline_out, report_file)).read()
     assert ("Novelty gate (docs/novelty.md): `modit_hppo` answered" in text
-            and "(item_holdout 0.0%, pattern_holdout 100.0% of the seed sets)" in text)
+            and f"(item_holdout {shares['item_holdout']:.1%}, pattern_holdout 100.0% of the "
+                "seed sets)" in text
+            and "hold a share of train items under" in text)
   # Serving reads the same gate back from the final run's guidance.json.
   served = retriever.Retriever.from_workdir(pipeline_out)
   np.testing.assert_allclose(served.gate.shifts,

@@ -80,20 +80,22 @@ def test_two_worlds_pool_their_queries(world):
 
 def test_pooled_results_say_what_the_novelty_gate_did(world, tmp_path):
   worlds = {}
-  for name, share in (("a", 0.2), ("b", 0.6)):
+  for name, share, threshold in (("a", 0.2, 0.55), ("b", 0.6, 0.6)):
     eval_dir = tmp_path / name
     shutil.copytree(world[1], eval_dir)
     results = _results((world[0], eval_dir))
     results["novelty_gate"] = {
         "methods": ["modit_hppo"], "novel_share": {"item_holdout": 0.0, "pattern_holdout": share},
-        "gate": {"neighbours": 20, "share_ratio": 0.5, "directions": [], "shifts": []}}
+        "gate": {"neighbours": 20, "threshold": threshold, "directions": [], "shifts": []}}
     (eval_dir / "results.json").write_text(json.dumps(results))
     worlds[name] = (world[0], str(eval_dir))
   pooled = pooling.pool(worlds, results["references"], num_resamples=200, seed=0)
   assert pooled["novelty_gate"]["novel_share"] == {"item_holdout": 0.0,
                                                    "pattern_holdout": pytest.approx(0.4)}
-  assert "(item_holdout 0.0%, pattern_holdout 40.0% of the seed sets)" in (
-      results_markdown.gate_text(pooled))
+  assert pooled["novelty_gate"]["gate"] == {"neighbours": 20, "thresholds": [0.55, 0.6]}
+  text = results_markdown.gate_text(pooled)
+  assert "(item_holdout 0.0%, pattern_holdout 40.0% of the seed sets)" in text
+  assert "their world's threshold (0.550, 0.600)" in text
   assert "novelty_gate" not in pooling.pool({"a": world}, results["references"],
                                             num_resamples=200, seed=0)
 

@@ -195,7 +195,7 @@ def test_generators_of_one_architecture_share_compiled_samplers(sft_workdir, cat
 
 
 def test_the_novelty_gate_answers_unseen_patterns_with_the_global_shift(retriever, cat):
-  gate = novelty.Gate.for_catalog(cat, dict.fromkeys(cat.domains, 0.4))
+  gate = novelty.Gate.for_catalog(cat, dict.fromkeys(cat.domains, 0.4), retriever.index)
   gated = retriever_lib.Retriever(retriever.generator, cat, retriever.index,
                                   num_samples=2, gate=gate)
   ungated = retriever_lib.Retriever(retriever.generator, cat, retriever.index, num_samples=2)
