@@ -91,9 +91,9 @@ def validation_queries(catalog: catalog_lib.Catalog) -> catalog_lib.Queries:
 def with_every_domain(queries: catalog_lib.Queries, num_domains: int) -> catalog_lib.Queries:
   """Each distinct seed set of `queries` once per domain, in the order the seed sets first occur.
 
-  A train query asks about one domain, so a (pattern, domain) pair with no train query has no
-  training target at all: on the real development catalog 16 % of the item-holdout queries
-  are of such pairs. The seed set's other domains are answered by the same online oracle (the
+  A train query asks about one domain, so a (pattern, domain) pair with no fit query has no
+  training target at all: on the real development catalog 30 % of the item-holdout queries
+  ask about such a pair. The seed set's other domains are answered by the same online oracle (the
   same train items, the same pattern); nothing held out is read. A seed set asked twice
   (its seeds in any order) yields its rows once.
   """
@@ -104,4 +104,3 @@ def with_every_domain(queries: catalog_lib.Queries, num_domains: int) -> catalog
   domains = np.tile(np.arange(num_domains, dtype=queries.domain.dtype), len(first))
   return catalog_lib.Queries(seeds=queries.seeds[rows], pattern=queries.pattern[rows],
                              domain=domains)
-
