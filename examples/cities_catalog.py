@@ -84,8 +84,8 @@ def region_sequences(columns: dict[str, np.ndarray]) -> np.ndarray:
 def main(argv: Sequence[str]) -> None:
   del argv
   columns = table(*read_cities())
-  text_catalog.build_and_report("cities", columns, DOMAINS, region_sequences(columns), _NUM_PATTERNS,
-                                flags.FLAGS.out, flags.FLAGS.cache_dir)
+  text_catalog.build_and_report("cities", columns, DOMAINS, region_sequences(columns),
+                                _NUM_PATTERNS, flags.FLAGS.out, flags.FLAGS.cache_dir)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,8 @@ def set_sequences(item_id: np.ndarray, card_set: np.ndarray) -> np.ndarray:
 def main(argv: Sequence[str]) -> None:
   del argv
   columns = table(read_cards(card_defs()))
-  text_catalog.build_and_report("cards", columns, DOMAINS, set_sequences(columns["item_id"], columns["set"]), _NUM_PATTERNS,
+  text_catalog.build_and_report("cards", columns, DOMAINS,
+                                set_sequences(columns["item_id"], columns["set"]), _NUM_PATTERNS,
                                 flags.FLAGS.out, flags.FLAGS.cache_dir)
 
 

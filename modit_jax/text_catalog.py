@@ -6,7 +6,6 @@ sequences; this turns such a table into a catalog directory in one way for all o
 """
 
 import os
-
 from typing import Sequence
 
 import numpy as np
