@@ -48,7 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = 128
   c.ema_decay = 0.99
   c.log_every = 20
-  c.checkpoint_every = 100
+  # A save costs about 0.6 s on 2 CPU cores (the asynchronous writer shares them with the
+  # step): every 100 steps it was 24 s of a 183-s run. Every 500, a stop loses at most 20 s.
+  c.checkpoint_every = 500
   if "tiny" in tokens:
     c.num_steps = 200
     c.hppo.regress_steps = 200

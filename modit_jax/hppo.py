@@ -54,6 +54,8 @@ MODEL_POLICIES = ("policy", "reference", "interpolation")
 # The policies whose candidates a query with hidden clusters may take as its target: those
 # built without the clusters' train items (`hppo.hide_cluster_prob`).
 UNSEEN_PATTERN_POLICIES = ("seed_centroid", "global_shift", "neighbourhood")
+# The metrics key prefix of the share of a pool's queries whose best candidate is a policy's.
+BEST_SHARE_KEY = "pool/best_share/"
 _POOL_STREAM = 4
 _PAIR_STREAM = 5
 _HIDE_STREAM = 6
@@ -145,6 +147,11 @@ def uses_best_target(config: ml_collections.ConfigDict) -> bool:
   return value == "best"
 
 
+def regression_only(config: ml_collections.ConfigDict) -> bool:
+  """Whether a run (its stage config) is the regression phase alone: it builds no pool."""
+  return int(config.hppo.get("regress_steps", 0)) >= int(config.num_steps)
+
+
 def policies_trained_on(config: ml_collections.ConfigDict) -> list[str]:
   """The policies whose candidates can reach a run's updates (its stage config).
 
@@ -152,7 +159,7 @@ def policies_trained_on(config: ml_collections.ConfigDict) -> list[str]:
   run (no pool is built).
   """
   names = parse_policies(config.hppo.policies)
-  if int(config.hppo.get("regress_steps", 0)) >= int(config.num_steps):
+  if regression_only(config):
     names = [p for p in names if p not in MODEL_POLICIES]
   return names
 
@@ -551,7 +558,7 @@ class PairBatches:
     for policy in dict.fromkeys(policy_of):
       # Per policy: its candidates' mean Joint, and the share of queries it wins outright.
       scalars[f"pool/mean_joint/{policy}"] = float(pool.joint[:, policy_of == policy].mean())
-      scalars[f"pool/best_share/{policy}"] = float(np.mean(best == policy))
+      scalars[BEST_SHARE_KEY + policy] = float(np.mean(best == policy))
     logging.info(
         "HPPO %s at step %d: %d queries x %d candidates; pairs %d -> %d (margin) -> %d "
         "(Pareto); mean best Joint %.3f; mean Joint per policy %s",

@@ -320,6 +320,39 @@ def test_every_domain_asks_each_fit_seed_set_about_every_domain(tiny_world, sft_
   assert len(same_set) == cat.num_domains and not np.allclose(picked[0], picked[1:])
 
 
+def test_leaving_out_policies_that_win_no_target_leaves_every_regression_batch(tiny_world,
+                                                                             sft_workdir):
+  """What `workflow.target_twin` relies on: the ablation would train exactly the main run."""
+  cat = catalog_lib.load_catalog(tiny_world)
+  params = engine.restore_params(sft_workdir)
+  config = _hppo_config(sft_workdir)
+  config.hppo.regress_steps = config.num_steps
+  state = types.SimpleNamespace(params=params)
+
+  def batches_and_shares(policies):
+    config.hppo.policies = ",".join(policies)
+    batches = hppo.PairBatches(_pool_builder(cat, config, params), config)
+    scalars = batches.before_step(0, state)
+    return batches, {p: scalars[hppo.BEST_SHARE_KEY + p] for p in policies}
+
+  trained = hppo.policies_trained_on(config)
+  full, shares = batches_and_shares(trained)
+  never_best = [p for p in trained if shares[p] == 0.0]
+  some_best = [p for p in trained if shares[p] > 0.0]
+  assert never_best and some_best, shares  # the tiny world has both kinds
+  steps = (0, 7, config.num_steps - 1)
+  without, _ = batches_and_shares([p for p in trained if p not in never_best])
+  for step in steps:
+    a, b = full(step, 0, 1, 16), without(step, 0, 1, 16)
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  # Leaving out a policy that some query's target came from changes targets.
+  without, _ = batches_and_shares([p for p in trained if p != some_best[0]])
+  assert any(not np.array_equal(full(step, 0, 1, 64)["best"], without(step, 0, 1, 64)["best"])
+             for step in steps)
+
+
 def test_global_shift_candidates_step_along_the_observed_direction(tiny_world, sft_workdir):
   config = _hppo_config(sft_workdir)
   config.hppo.policies, config.hppo.global_steps = "seed_centroid,global_shift", (0.5, 2.0)

@@ -220,6 +220,44 @@ def test_ablations_that_would_train_the_main_run_again_are_left_out():
   assert "hppo_no_policy" not in workflow.twin_runs(config)
 
 
+def test_an_ablation_of_policies_that_won_no_target_is_not_trained_again(tmp_path, monkeypatch):
+  """`workflow.target_twin`: judged from the main HPPO run's logged best shares."""
+  config = pipeline_config.get_config()  # HPPO is the regression phase alone by default
+  assert hppo_lib.regression_only(config.runs.hppo.stage)
+  main = tmp_path / "hppo"
+  main.mkdir()
+
+  def log(**shares):
+    records = [{"step": 0, **{hppo_lib.BEST_SHARE_KEY + p: v for p, v in shares.items()}},
+               {"step": 20, "loss": 1.0}]
+    (main / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  finished = {str(main): config.runs.hppo.stage.num_steps}
+  monkeypatch.setattr(workflow, "_latest_step", lambda workdir: finished.get(workdir, 0))
+  log(seed_centroid=0.0, tail_centroid=0.001, feedback=0.0, neighbourhood=0.999)
+  workdirs = {"hppo": str(main)}
+  assert workflow.target_twin(config, "hppo_no_seed_centroid", workdirs) == (
+      "hppo", ["seed_centroid"])
+  assert workflow.target_twin(config, "hppo_no_feedback", workdirs) == ("hppo", ["feedback"])
+  for name in ("hppo_no_tail_centroid", "hppo_no_neighbourhood", "sft_only", "hppo"):
+    assert workflow.target_twin(config, name, workdirs) is None, name
+  # Not when the main run is unfinished, absent, or logged no share of the policy.
+  assert workflow.target_twin(config, "hppo_no_seed_centroid", {}) is None
+  finished.clear()
+  assert workflow.target_twin(config, "hppo_no_seed_centroid", workdirs) is None
+  finished[str(main)] = config.runs.hppo.stage.num_steps
+  log(tail_centroid=0.001, neighbourhood=0.999)
+  assert workflow.target_twin(config, "hppo_no_seed_centroid", workdirs) is None
+  # Nor when the ablation differs otherwise, or builds pools (whose pairs read every policy).
+  log(seed_centroid=0.0, neighbourhood=1.0)
+  config.runs.hppo_no_seed_centroid.stage.learning_rate = 1e-3
+  assert workflow.target_twin(config, "hppo_no_seed_centroid", workdirs) is None
+  config = pipeline_config.get_config()
+  for run in config.runs.values():
+    if run.stage.stage == "hppo":
+      run.stage.hppo.regress_steps = run.stage.num_steps // 2
+  assert workflow.target_twin(config, "hppo_no_seed_centroid", workdirs) is None
+
+
 def test_pipeline_config_errors(tmp_path):
   config = _fast_tiny_config(ablations=False)
   config.runs.sft.init_from = "nowhere"
