@@ -14,6 +14,7 @@ and resamples, and no Python loop runs over individual resamples. Results are de
 a given seed.
 """
 
+import functools
 from typing import Any, Sequence
 
 import numpy as np
@@ -129,9 +130,24 @@ def _wilcoxon(diffs: np.ndarray, alternative: str) -> float:
   return p if np.isfinite(p) else 1.0
 
 
+@functools.lru_cache(maxsize=4)
+def _resample_rows(n: int, num_resamples: int, seed: int) -> np.ndarray:
+  """The resamples' row indices, int64 [B, n], read-only: what `_bootstrap_means` draws.
+
+  An evaluation bootstraps thousands of cells of the same size with the same seed, so it
+  draws the same indices every time; drawing them was three quarters of the bootstrap's time.
+  """
+  idx = np.random.default_rng(seed).integers(0, n, size=(num_resamples, n))
+  idx.flags.writeable = False
+  return idx
+
+
 def _bootstrap_means(values: np.ndarray, num_resamples: int, seed: int) -> np.ndarray:
   """Means of `num_resamples` resamples (with replacement) of `values`, float64 [B]."""
   n = values.shape[0]
+  if num_resamples * n <= _MAX_CHUNK_ELEMENTS:
+    # One chunk below: the same draw, kept for the next call of this size and seed.
+    return values[_resample_rows(n, num_resamples, seed)].mean(axis=1)
   rng = np.random.default_rng(seed)
   chunk = max(1, _MAX_CHUNK_ELEMENTS // n)
   means = np.empty(num_resamples, np.float64)

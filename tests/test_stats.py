@@ -171,11 +171,15 @@ def test_paired_test_deterministic_for_a_seed():
 
 
 def test_resampling_in_chunks_is_seamless(monkeypatch):
-  # Many chunks (here 25 resamples each) must match a single big draw.
-  values = np.random.default_rng(9).random(1000)
-  whole = stats.mean_ci(values, num_resamples=500, seed=2)
+  # Many chunks (here 25 resamples each) must match a single big draw, which is kept for
+  # the next values of the same size and seed (`_resample_rows`): each call, first or not,
+  # gives what a fresh draw gives.
+  rng = np.random.default_rng(9)
+  values, others = rng.random(1000), rng.random(1000)
+  whole = [stats.mean_ci(v, num_resamples=500, seed=2) for v in (values, others, values)]
   monkeypatch.setattr(stats, "_MAX_CHUNK_ELEMENTS", 25_000)
-  assert stats.mean_ci(values, num_resamples=500, seed=2) == whole
+  assert [stats.mean_ci(v, num_resamples=500, seed=2) for v in (values, others, values)] == whole
+  assert whole[0] != whole[1] and whole[0] == whole[2]
 
 
 @pytest.mark.parametrize("values, message", [
