@@ -374,13 +374,15 @@ def _write_serving_files(config: ml_collections.ConfigDict, out: str, dataset: s
                "index": INDEX_DIR}, f, indent=1)
 
 
-def _use_compilation_cache(out: str) -> None:
-  """JAX's persistent compilation cache in OUT/cache/xla, unless one is set already.
+def use_compilation_cache(out: str) -> None:
+  """Points JAX's persistent compilation cache at OUT/cache/xla, unless one is set already.
 
-  Runs of the same shapes (an ablation and its main run, a resumed run, the evaluation's
-  samplers) then compile once: about 6 s of each HPPO ablation's start on 2 CPU cores. A cached
-  executable is the one a compile would give, so results do not change. Where JAX has compiled
-  before this call in the same process, it keeps the setting it started with.
+  For the binaries, before anything compiles: runs of the same shapes (an ablation and its main
+  run, a resumed run, another test world, the evaluation's samplers) then compile once, about
+  6 s of each HPPO ablation's start on 2 CPU cores. A cached executable is the one a compile
+  would give, so results do not change. JAX reads the setting at its first compile, so a
+  process that has compiled before keeps what it had (a process-wide setting, which is why the
+  library functions leave it alone).
   """
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.join(out, CACHE_DIR, "xla"))
@@ -393,7 +395,6 @@ def run_pipeline(config: ml_collections.ConfigDict, out: str) -> str:
   if config.model_dtype:
     models.compute_dtype(config.model_dtype, "model_dtype", may_be_empty=True)
   os.makedirs(out, exist_ok=True)
-  _use_compilation_cache(out)
   notes: list[str] = []
   dataset, catalog = _dataset(config, out, notes)
   sizes = _sizes(config, catalog, out, notes)

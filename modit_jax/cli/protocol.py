@@ -22,6 +22,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  workflow.use_compilation_cache(_WORKDIR.value)
   path = workflow.run_protocol(_CONFIG.value, _WORKDIR.value)
   print(f"wrote {path}")
 
