@@ -101,3 +101,23 @@ def test_cities_are_labelled_against_their_own_country():
       ["2", "1"] + [""] * 14, ["5", "4"] + [""] * 14]
   with pytest.raises(errors.UserError, match="unknown countries: BB"):
     cities_example.table(cities, {"AA": "Aland"})
+
+
+def test_seed_average_probes_reduce_to_the_seed_average(tiny_world):
+  probes = _load_example("seed_average_probes")
+  from modit_jax import catalog as catalog_lib  # pylint: disable=g-import-not-at-top
+  from modit_jax import retrieval  # pylint: disable=g-import-not-at-top
+  catalog = catalog_lib.load_catalog(tiny_world)
+  queries = catalog.queries["item_holdout"]
+  index = retrieval.build_index(np.asarray(catalog.embeddings, np.float32), kind="exact")
+  flat = np.zeros(catalog.attributes.shape, np.float32)  # a predictor that knows nothing
+  rows = {name: (joint, purity) for name, joint, purity in
+          probes._rows(catalog, index, flat, queries)}
+  base_joint, base_purity = rows["seed average"]
+  assert base_joint.shape == (len(queries),) and base_purity.mean() > 0
+  for name, (joint, purity) in rows.items():
+    assert ((0 <= joint) & (joint <= purity) & (purity <= 1)).all(), name
+    if name.startswith("predictor"):
+      # A constant logit re-scores nothing: the pool's first K are the seed average's top K.
+      np.testing.assert_array_equal(joint, base_joint)
+      np.testing.assert_array_equal(purity, base_purity)
