@@ -14,6 +14,7 @@ here, and nothing of the training stack is needed to load a model (`load`).
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any
@@ -52,9 +53,28 @@ class ModelFacts:
                bool(config.model.learned_positions))
 
 
+# Fields that say how a run is carried out or where its inputs lie, not what it trains: a run
+# may be resumed or reused with them changed (its parent is checked as a run of its own). The
+# matmul precision and the parameter sharding change results within rounding only, as the
+# device count does (docs/engine.md).
+_BOOKKEEPING_FIELDS = frozenset(
+    {"checkpoint_every", "keep_checkpoints", "log_every", "init_from", "data_cache",
+     "model.dtype", "fsdp"})
+_ABSENT = "(absent)"
+
+
+def catalog_fingerprint(catalog: catalog_lib.Catalog) -> str:
+  """A short digest of the catalog's manifest (its source, options, sizes, seed): what a run
+  trained on, wherever the catalog directory now lies."""
+  text = json.dumps(catalog.manifest, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def write_run_config(workdir: str, config: ml_collections.ConfigDict, dim: int,
-                     num_domains: int, facts: ModelFacts, dataset: str = "") -> None:
-  """Records what a checkpoint in `workdir` is: the config, the catalog's shape and path."""
+                     num_domains: int, facts: ModelFacts, dataset: str = "",
+                     catalog: str = "") -> None:
+  """Records what a checkpoint in `workdir` is: the config, the catalog's shape, path and
+  `catalog_fingerprint`."""
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
@@ -62,8 +82,73 @@ def write_run_config(workdir: str, config: ml_collections.ConfigDict, dim: int,
     json.dump({"config": json.loads(config.to_json_best_effort()), "dim": dim,
                "num_domains": num_domains,
                "dataset": os.path.abspath(dataset) if dataset else "",
+               "catalog": catalog,
                "facts": dataclasses.asdict(facts)}, f, indent=1)
     f.write("\n")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  flat = {}
+  for key, value in tree.items():
+    flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+  return flat
+
+
+def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+  """`field: saved -> new` for every field whose value differs between a saved run config
+  (as read from its JSON) and `config`, bookkeeping fields aside."""
+  old = _flatten(saved)
+  new = _flatten(json.loads(config.to_json_best_effort()))
+  changes = []
+  for field in sorted(set(old) | set(new)):
+    if field in _BOOKKEEPING_FIELDS or field.split(".")[0] in _BOOKKEEPING_FIELDS:
+      continue
+    before, after = old.get(field, _ABSENT), new.get(field, _ABSENT)
+    if before != after:
+      changes.append(f"{field}: {before} -> {after}")
+  return changes
+
+
+def check_same_run(workdir: str, config: ml_collections.ConfigDict, dim: int,
+                   num_domains: int, catalog: str) -> None:
+  """Refuses to resume or reuse the run in `workdir` for another config or catalog.
+
+  A resumed run with another config would mix two trainings in one checkpoint, and a finished
+  run reused for another config would be reported as that config's model.
+
+  Raises:
+    errors.UserError: naming what differs, when `workdir` holds a run config that does.
+  """
+  if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+    return
+  saved = _read_run_file(workdir)
+  changes = config_changes(saved["config"], config)
+  if (saved["dim"], saved["num_domains"]) != (dim, num_domains):
+    changes.append(f"catalog shape: d {saved['dim']}, {saved['num_domains']} domains -> d {dim}, "
+                   f"{num_domains} domains")
+  # Runs written before the fingerprint was recorded are compared by their config alone.
+  elif saved.get("catalog") and catalog and saved["catalog"] != catalog:
+    changes.append(f"catalog: manifest {saved['catalog']} -> {catalog}")
+  if changes:
+    shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5
+                                       else "")
+    raise errors.UserError(
+        f"{workdir} holds a run trained with another config or catalog ({shown}): resuming "
+        "or reusing it would report one training as another. Give a new workdir, or remove "
+        "that run to train it again")
+
+
+def latest_step(workdir: str) -> int:
+  """The workdir's newest checkpoint step (0: none)."""
+  if not os.path.isdir(os.path.join(workdir, engine.CHECKPOINT_SUBDIR)):
+    return 0
+  checkpointer = engine.Checkpointer(workdir)
+  try:
+    return checkpointer.latest_step() or 0
+  finally:
+    checkpointer.close()
 
 
 def _read_run_file(workdir: str) -> dict[str, Any]:

@@ -202,6 +202,23 @@ def _resolve_sizes(config: ml_collections.ConfigDict,
   return resolved
 
 
+def _resolved(config: ml_collections.ConfigDict,
+              dataset: str) -> tuple[ml_collections.ConfigDict, catalog_lib.Catalog]:
+  """The config with its catalog-derived sizes, and the catalog (memory-mapped: batches and the
+  data path read rows by id, and at 10M items a full read would hold 2.6 GB of embeddings the
+  step never needs at once)."""
+  catalog = catalog_lib.load_catalog(dataset, mmap=True)
+  return _resolve_sizes(config, catalog), catalog
+
+
+def check_finished_run(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> None:
+  """Refuses to reuse the finished run in `workdir` unless it trained `config` on `dataset`'s
+  catalog (`run_dir.check_same_run`): a skipped run stands for the config asked for."""
+  config, catalog = _resolved(config, dataset)
+  run_dir.check_same_run(workdir, config, catalog.dim, catalog.num_domains,
+                         run_dir.catalog_fingerprint(catalog))
+
+
 def train(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> engine.TrainState:
   """Trains the stage `config.stage` on the catalog at `dataset` into `workdir` (resumable)."""
   stage = stages.get(config.stage)
@@ -213,10 +230,10 @@ def train(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> engi
     raise errors.UserError(
         f"model.neighbour_evidence is read by the {' and '.join(readers)} stages only; "
         f"the {config.stage} stage's batches have none")
-  # Memory-mapped: batches and the data path read rows by id, and at 10M items a full read
-  # would hold 2.6 GB of embeddings the step never needs at once.
-  catalog = catalog_lib.load_catalog(dataset, mmap=True)
-  config = _resolve_sizes(config, catalog)
+  config, catalog = _resolved(config, dataset)
+  fingerprint = run_dir.catalog_fingerprint(catalog)
+  if run_dir.latest_step(workdir):  # a resume: only of the same run
+    run_dir.check_same_run(workdir, config, catalog.dim, catalog.num_domains, fingerprint)
   model = models.make_model(config.model, catalog.dim, catalog.num_domains)
   if config.init_from:
     logging.info("Initialising from %s", config.init_from)
@@ -227,5 +244,5 @@ def train(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> engi
   loop_args = stage.loop_args(stages_base.Inputs(config, catalog, model, init_params, dataset,
                                                  workdir))
   run_dir.write_run_config(workdir, config, catalog.dim, catalog.num_domains,
-                           stage.facts(config), dataset)
+                           stage.facts(config), dataset, fingerprint)
   return engine.train_loop(config, workdir, init_params=init_params, **loop_args)

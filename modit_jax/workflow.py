@@ -27,7 +27,6 @@ import numpy as np
 
 from modit_jax import baselines
 from modit_jax import catalog as catalog_lib
-from modit_jax import engine
 from modit_jax import errors
 from modit_jax import evaluation
 from modit_jax import hppo
@@ -39,6 +38,7 @@ from modit_jax import report
 from modit_jax import results_markdown
 from modit_jax import retrieval
 from modit_jax import retriever
+from modit_jax import run_dir
 from modit_jax import sequence_locality
 from modit_jax import sizing
 from modit_jax import synthetic
@@ -118,7 +118,7 @@ def target_twin(config: ml_collections.ConfigDict, name: str,
     policies, main_rest = policies_and_rest(_training_of(main_run))
     left_out = [p for p in policies if p not in own]
     if (rest != main_rest or not left_out or not set(own) <= set(policies)
-        or _latest_step(workdir) < int(main_run.stage.num_steps)):
+        or run_dir.latest_step(workdir) < int(main_run.stage.num_steps)):
       continue
     try:
       metrics = report.load_metrics(workdir)
@@ -160,17 +160,6 @@ def ordered_runs(config: ml_collections.ConfigDict) -> list[str]:
     raise errors.UserError(f"final_run {config.final_run!r} is not among the runs "
                            f"({', '.join(runs)})")
   return order
-
-
-def _latest_step(workdir: str) -> int:
-  """The workdir's newest checkpoint step (0: none)."""
-  if not os.path.isdir(os.path.join(workdir, engine.CHECKPOINT_SUBDIR)):
-    return 0
-  checkpointer = engine.Checkpointer(workdir)
-  try:
-    return checkpointer.latest_step() or 0
-  finally:
-    checkpointer.close()
 
 
 def _dataset(config: ml_collections.ConfigDict, out: str,
@@ -301,7 +290,8 @@ def _train_runs(config: ml_collections.ConfigDict, sizes: sizing.Sizes, dataset:
     stage = run_stage_config(config, name, sizes, out)
     workdir = os.path.join(out, name)
     workdirs[name] = workdir
-    if _latest_step(workdir) >= stage.num_steps:
+    if run_dir.latest_step(workdir) >= stage.num_steps:
+      training.check_finished_run(stage, dataset, workdir)
       logging.info("Run %s is finished (%s); skipped", name, workdir)
       notes.append(f"run `{name}` ({run.source}): finished earlier, skipped")
       continue
@@ -335,7 +325,8 @@ def _evaluate(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog, d
   eval_dir = os.path.join(out, EVAL_DIR)
   # What the evaluation depends on besides the dataset: its config and each model's checkpoint.
   inputs = {"config": json.loads(eval_config.to_json_best_effort()),
-            "checkpoints": {name: _latest_step(workdir) for name, workdir in workdirs.items()}}
+            "checkpoints": {name: run_dir.latest_step(workdir)
+                            for name, workdir in workdirs.items()}}
   inputs_path = os.path.join(eval_dir, EVAL_INPUTS_FILE)
   results_path = os.path.join(eval_dir, "results.json")
   if os.path.isfile(results_path) and os.path.isfile(inputs_path):

@@ -139,6 +139,17 @@ def test_pipeline_output_serves_and_reruns(pipeline_out):
   assert "finished earlier, skipped" in report and "unchanged inputs, reused" in report
 
 
+def test_a_finished_run_is_not_reused_for_another_config(pipeline_out):
+  # A changed field of a finished run is refused, not answered with the old model.
+  report = open(os.path.join(pipeline_out, "report.md")).read()
+  config = _fast_tiny_config()
+  config.runs.hppo.stage.hppo.beta = 300.0
+  with pytest.raises(errors.UserError, match=r"hppo holds a run trained with another config or catalog "
+                     r"\(hppo\.beta: 150\.0 -> 300\.0\)"):
+    workflow.run_pipeline(config, pipeline_out)
+  assert open(os.path.join(pipeline_out, "report.md")).read() == report
+
+
 def test_pipeline_binary_refuses_bad_input_without_traceback(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "modit_jax.cli.pipeline", "--config=configs/pipeline.py:tiny",
@@ -232,7 +243,7 @@ def test_an_ablation_of_policies_that_won_no_target_is_not_trained_again(tmp_pat
                {"step": 20, "loss": 1.0}]
     (main / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
   finished = {str(main): config.runs.hppo.stage.num_steps}
-  monkeypatch.setattr(workflow, "_latest_step", lambda workdir: finished.get(workdir, 0))
+  monkeypatch.setattr(run_dir, "latest_step", lambda workdir: finished.get(workdir, 0))
   log(seed_centroid=0.0, tail_centroid=0.001, feedback=0.0, neighbourhood=0.999)
   workdirs = {"hppo": str(main)}
   assert workflow.target_twin(config, "hppo_no_seed_centroid", workdirs) == (

@@ -1,6 +1,7 @@
 """Stage 1 end to end on the tiny world: batches, training, and the pretrained_gr method."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 
 from configs import evaluate as evaluate_config
 from configs import pretrain as pretrain_config
+from configs import synthetic as synthetic_config
 from modit_jax import baselines
 from modit_jax import catalog as catalog_lib
 from modit_jax import data
@@ -21,6 +23,7 @@ from modit_jax import metrics
 from modit_jax import models
 from modit_jax import retrieval
 from modit_jax import run_dir
+from modit_jax import synthetic
 from modit_jax import training
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,6 +145,35 @@ def test_a_refused_config_leaves_the_workdir_untouched(tiny, tmp_path):
   with pytest.raises(errors.UserError, match="config.warmup_steps must be in"):
     training.train(config, str(tiny), str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+def test_a_run_resumes_only_with_its_own_config_and_catalog(tiny, pretrained, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(pretrained, workdir)
+  saved = open(os.path.join(workdir, run_dir.CONFIG_FILE)).read()
+  # Another learning rate on a resume would mix two trainings in one checkpoint.
+  config = pretrain_config.get_config("tiny")
+  config.learning_rate *= 2
+  config.model.num_heads = 4 if config.model.num_heads != 4 else 2
+  with pytest.raises(errors.UserError, match=r"another config.*learning_rate: .* -> .*"
+                     r"model\.num_heads"):
+    training.train(config, str(tiny), workdir)
+  assert open(os.path.join(workdir, run_dir.CONFIG_FILE)).read() == saved
+  # So would another catalog of the same shape (another generator seed).
+  other = tmp_path / "other_world"
+  world = synthetic_config.get_config("tiny")
+  world.seed += 1
+  synthetic.write_world(world, other)
+  with pytest.raises(errors.UserError, match="catalog: manifest"):
+    training.train(pretrain_config.get_config("tiny"), str(other), workdir)
+  # Bookkeeping may change: how often to log and save, where the catalog or parent lies, and
+  # the matmul precision (docs/engine.md).
+  config = pretrain_config.get_config("tiny")
+  config.log_every, config.checkpoint_every, config.model.dtype = 1, 1, "bfloat16"
+  state = training.train(config, shutil.copytree(str(tiny), str(tmp_path / "moved")), workdir)
+  assert int(state.step) == config.num_steps
+  # A workdir without a run config (a fresh one) is no resume.
+  run_dir.check_same_run(str(tmp_path / "fresh"), config, 1, 1, "")
 
 
 @pytest.mark.parametrize("workdir, message", [
