@@ -3,8 +3,10 @@
 A run directory holds, besides the engine's `checkpoints/` and metric files:
 
   config.json            the run's resolved config, the catalog's shape (`dim`, `num_domains`),
-                         the catalog path it was trained on, and `facts` (`ModelFacts`): what
-                         inference must know about the trained model;
+                         the catalog path it was trained on and its manifest's digest
+                         (`catalog_fingerprint`: a run resumes or is reused only for the same
+                         config and catalog, `check_same_run`), and `facts` (`ModelFacts`):
+                         what inference must know about the trained model;
   data_diagnostics.npz   stages 2-4's data path: latent clusters, the metric predictor's
                          validation and parameters (a learned-positions model orders its seeds
                          with that predictor at inference).
