@@ -113,8 +113,8 @@ def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> 
   return changes
 
 
-def check_same_run(workdir: str, config: ml_collections.ConfigDict, dim: int,
-                   num_domains: int, catalog: str) -> None:
+def check_same_run(workdir: str, config: ml_collections.ConfigDict,
+                   catalog: catalog_lib.Catalog) -> None:
   """Refuses to resume or reuse the run in `workdir` for another config or catalog.
 
   A resumed run with another config would mix two trainings in one checkpoint, and a finished
@@ -127,12 +127,13 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict, dim: int,
     return
   saved = _read_run_file(workdir)
   changes = config_changes(saved["config"], config)
-  if (saved["dim"], saved["num_domains"]) != (dim, num_domains):
-    changes.append(f"catalog shape: d {saved['dim']}, {saved['num_domains']} domains -> d {dim}, "
-                   f"{num_domains} domains")
+  fingerprint = catalog_fingerprint(catalog)
+  if (saved["dim"], saved["num_domains"]) != (catalog.dim, catalog.num_domains):
+    changes.append(f"catalog shape: d {saved['dim']}, {saved['num_domains']} domains -> "
+                   f"d {catalog.dim}, {catalog.num_domains} domains")
   # Runs written before the fingerprint was recorded are compared by their config alone.
-  elif saved.get("catalog") and catalog and saved["catalog"] != catalog:
-    changes.append(f"catalog: manifest {saved['catalog']} -> {catalog}")
+  elif saved.get("catalog") and saved["catalog"] != fingerprint:
+    changes.append(f"catalog: manifest {saved['catalog']} -> {fingerprint}")
   if changes:
     shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5
                                        else "")

@@ -214,9 +214,7 @@ def _resolved(config: ml_collections.ConfigDict,
 def check_finished_run(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> None:
   """Refuses to reuse the finished run in `workdir` unless it trained `config` on `dataset`'s
   catalog (`run_dir.check_same_run`): a skipped run stands for the config asked for."""
-  config, catalog = _resolved(config, dataset)
-  run_dir.check_same_run(workdir, config, catalog.dim, catalog.num_domains,
-                         run_dir.catalog_fingerprint(catalog))
+  run_dir.check_same_run(workdir, *_resolved(config, dataset))
 
 
 def train(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> engine.TrainState:
@@ -231,9 +229,8 @@ def train(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> engi
         f"model.neighbour_evidence is read by the {' and '.join(readers)} stages only; "
         f"the {config.stage} stage's batches have none")
   config, catalog = _resolved(config, dataset)
-  fingerprint = run_dir.catalog_fingerprint(catalog)
   if run_dir.latest_step(workdir):  # a resume: only of the same run
-    run_dir.check_same_run(workdir, config, catalog.dim, catalog.num_domains, fingerprint)
+    run_dir.check_same_run(workdir, config, catalog)
   model = models.make_model(config.model, catalog.dim, catalog.num_domains)
   if config.init_from:
     logging.info("Initialising from %s", config.init_from)
@@ -244,5 +241,5 @@ def train(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> engi
   loop_args = stage.loop_args(stages_base.Inputs(config, catalog, model, init_params, dataset,
                                                  workdir))
   run_dir.write_run_config(workdir, config, catalog.dim, catalog.num_domains,
-                           stage.facts(config), dataset, fingerprint)
+                           stage.facts(config), dataset, run_dir.catalog_fingerprint(catalog))
   return engine.train_loop(config, workdir, init_params=init_params, **loop_args)

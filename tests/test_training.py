@@ -173,7 +173,7 @@ def test_a_run_resumes_only_with_its_own_config_and_catalog(tiny, pretrained, tm
   state = training.train(config, shutil.copytree(str(tiny), str(tmp_path / "moved")), workdir)
   assert int(state.step) == config.num_steps
   # A workdir without a run config (a fresh one) is no resume.
-  run_dir.check_same_run(str(tmp_path / "fresh"), config, 1, 1, "")
+  run_dir.check_same_run(str(tmp_path / "fresh"), config, catalog_lib.load_catalog(str(tiny)))
 
 
 @pytest.mark.parametrize("workdir, message", [
