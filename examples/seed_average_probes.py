@@ -54,8 +54,8 @@ def _rows(catalog: catalog_lib.Catalog, index: retrieval.Index, logits: np.ndarr
   centroid = evidence.seed_centroids(emb, queries.seeds)
   mean = emb.mean(axis=0)
 
-  def search(q: np.ndarray, k: int = _K) -> np.ndarray:
-    return index.search(evidence.normalize(q), k, exclude=queries.seeds)[0]
+  def search(q: np.ndarray) -> np.ndarray:
+    return index.search(evidence.normalize(q), _K, exclude=queries.seeds)[0]
 
   rows = [("seed average", *_scores(catalog, queries, search(centroid)))]
   for a in (0.25, 0.5, 1.0):
