@@ -81,6 +81,28 @@ def test_world_loads_and_has_the_promised_structure(tiny_dir):
   assert np.all(cat.item_split[seq] == 0)
 
 
+def _nearest_neighbour_in_pattern(world_dir) -> float:
+  """The share of items whose nearest other item is of their own pattern."""
+  cat = catalog_lib.load_catalog(world_dir)
+  emb = np.asarray(cat.embeddings, np.float32)
+  sims = emb @ emb.T
+  np.fill_diagonal(sims, -np.inf)
+  return float(np.mean(cat.patterns[sims.argmax(1)] == cat.patterns))
+
+
+def test_diffuse_variant_makes_sibling_patterns_overlap(tiny_dir, tmp_path):
+  # The default construction separates patterns completely; `diffuse` (the novelty gate's
+  # stress world) must not, or it would test nothing the default world does not.
+  config = synthetic_config.get_config("tiny,diffuse")
+  config.check_properties = False
+  synthetic.write_world(config, tmp_path)
+  assert _nearest_neighbour_in_pattern(tiny_dir) == 1.0
+  assert _nearest_neighbour_in_pattern(tmp_path) < 0.7
+  assert synthetic_config.get_config("diffuse").num_topics == synthetic_config.get_config().num_topics
+  with pytest.raises(ValueError, match="choose one size"):
+    synthetic_config.get_config("tiny,large,diffuse")
+
+
 def test_bad_config_is_refused():
   config = synthetic_config.get_config("tiny")
   config.alpha = (0.5,)
