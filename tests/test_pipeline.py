@@ -352,3 +352,34 @@ def test_results_tables_print_the_results_file(pipeline_out, tmp_path):
   assert proc.returncode == 2 and "not an evaluation's results.json" in proc.stderr
   assert "Traceback" not in proc.stderr
 
+
+def test_results_summary_counts_each_split_as_the_evaluation_tested_it(pipeline_out, tmp_path):
+  results = os.path.join(pipeline_out, "eval", "results.json")
+  run = lambda *args: subprocess.run(
+      [sys.executable, "-m", "modit_jax.cli.results_tables", *args],
+      cwd=_REPO, capture_output=True, text=True, timeout=300)
+  proc = run(f"--summary=first={results},second={results}", "--reference=modit_sft")
+  assert proc.returncode == 0, proc.stderr
+  rows = [line for line in proc.stdout.splitlines() if line.startswith(("| first ", "| second "))]
+  assert len(rows) == 2 and rows[0][len("| first"):] == rows[1][len("| second"):]
+  with open(results) as f:
+    loaded = json.load(f)
+  hppo = [r for r in loaded["records"] if r["method"] == "modit_hppo"]
+  cells = rows[0].split(" | ")
+  for column, split in ((1, "item_holdout"), (2, "pattern_holdout")):
+    tests = [r["vs"]["modit_sft"] for r in hppo if r["split"] == split]
+    gains = sum(t["significant_gain"] for t in tests)
+    losses = sum(t["significant_loss"] for t in tests)
+    mean = sum(t["diff"] for t in tests) / len(tests)
+    assert cells[column] == f"{gains}+ {losses}− / {len(tests)} ({mean:+.3f})"
+  shares = loaded["novelty_gate"]["novel_share"]
+  assert f"{shares['item_holdout']:.0%} / {shares['pattern_holdout']:.0%}" in rows[0]
+  # Bad input: a pair without a name, a method the file lacks, both modes at once.
+  proc = run(f"--summary={results}")
+  assert proc.returncode == 2 and "NAME=RESULTS_JSON" in proc.stderr
+  proc = run(f"--summary=a={results}", "--summary_method=no_such_method")
+  assert proc.returncode == 2 and "no no_such_method records" in proc.stderr
+  proc = run(f"--summary=a={results}", f"--results={results}")
+  assert proc.returncode == 2 and "either --results" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
