@@ -118,19 +118,25 @@ def _purity_gap(mine: Sequence[Record], by_key: Mapping[tuple[str, str, str], Re
   return f"{gap:+.3f} ({cell}), {verdict}"
 
 
+# The simple methods a `catalog_summary_table` row also counts cells against.
+SUMMARY_ALSO = ("seed_centroid", "centroid_global_shift")
+
+
 def catalog_summary_table(named_results: Sequence[tuple[str, Mapping[str, Any]]],
-                          method: str, reference: str) -> str:
+                          method: str, reference: str,
+                          also: Sequence[str] = SUMMARY_ALSO) -> str:
   """Markdown table: one row per evaluation of how `method` fared against `reference`.
 
   Per split: the significant gains and losses over `reference` and the mean Joint@20
-  difference over the split's cells; then the cells against the seed average, the share of
-  seed sets the novelty gate answered per split, and the purity gap to `modit_sft`. Raises
-  `ValueError` naming an evaluation that lacks `method` or never tested it against `reference`.
+  difference over the split's cells; then the cells against each of `also` (all splits), the
+  share of seed sets the novelty gate answered per split, and the purity gap to `modit_sft`.
+  Raises `ValueError` naming an evaluation that lacks `method` or never tested it against
+  `reference`.
   """
   splits = list(dict.fromkeys(r["split"] for _, results in named_results
                               for r in results["records"]))
   header = (["catalog"] + [f"{split} vs `{reference}` (mean ΔJoint@20)" for split in splits]
-            + ["vs `seed_centroid`", "gate took (" + " / ".join(splits) + ")",
+            + [f"vs `{ref}`" for ref in also] + ["gate took (" + " / ".join(splits) + ")",
                f"min ΔPurity@20 vs `{PURITY_REFERENCE}`"])
   lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
   for name, results in named_results:
@@ -143,8 +149,9 @@ def catalog_summary_table(named_results: Sequence[tuple[str, Mapping[str, Any]]]
       tests = [r["vs"][reference] for r in mine if r["split"] == split and reference in r["vs"]]
       row.append(f"{count_text(significance_counts(tests))} "
                  f"({np.mean([t['diff'] for t in tests]):+.3f})" if tests else "—")
-    seed = [r["vs"]["seed_centroid"] for r in mine if "seed_centroid" in r.get("vs", {})]
-    row.append(count_text(significance_counts(seed)) if seed else "—")
+    for ref in also:
+      tests = [r["vs"][ref] for r in mine if ref in r.get("vs", {})]
+      row.append(count_text(significance_counts(tests)) if tests else "—")
     gate = (results.get("novelty_gate") or {})
     shares = gate.get("novel_share", {}) if method in gate.get("methods", ()) else {}
     row.append(" / ".join(f"{shares[s]:.0%}" if s in shares else "—" for s in splits)
