@@ -146,13 +146,14 @@ def catalog_summary_table(named_results: Sequence[tuple[str, Mapping[str, Any]]]
       raise ValueError(f"{name}: no {method} records tested against {reference}")
     row = [name]
     for split in splits:
-      tests = [r["vs"][reference] for r in mine if r["split"] == split and reference in r["vs"]]
+      tests = [r["vs"][reference] for r in mine
+               if r["split"] == split and reference in r.get("vs", {})]
       row.append(f"{count_text(significance_counts(tests))} "
                  f"({np.mean([t['diff'] for t in tests]):+.3f})" if tests else "—")
     for ref in also:
       tests = [r["vs"][ref] for r in mine if ref in r.get("vs", {})]
       row.append(count_text(significance_counts(tests)) if tests else "—")
-    gate = (results.get("novelty_gate") or {})
+    gate = results.get("novelty_gate") or {}
     shares = gate.get("novel_share", {}) if method in gate.get("methods", ()) else {}
     row.append(" / ".join(f"{shares[s]:.0%}" if s in shares else "—" for s in splits)
                if shares else "no gate")

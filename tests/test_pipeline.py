@@ -353,7 +353,7 @@ def test_results_tables_print_the_results_file(pipeline_out, tmp_path):
   assert "Traceback" not in proc.stderr
 
 
-def test_results_summary_counts_each_split_as_the_evaluation_tested_it(pipeline_out, tmp_path):
+def test_results_summary_counts_each_split_as_the_evaluation_tested_it(pipeline_out):
   results = os.path.join(pipeline_out, "eval", "results.json")
   run = lambda *args: subprocess.run(
       [sys.executable, "-m", "modit_jax.cli.results_tables", *args],
@@ -382,4 +382,3 @@ def test_results_summary_counts_each_split_as_the_evaluation_tested_it(pipeline_
   proc = run(f"--summary=a={results}", f"--results={results}")
   assert proc.returncode == 2 and "either --results" in proc.stderr
   assert "Traceback" not in proc.stderr
-

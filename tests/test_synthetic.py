@@ -98,7 +98,8 @@ def test_diffuse_variant_makes_sibling_patterns_overlap(tiny_dir, tmp_path):
   synthetic.write_world(config, tmp_path)
   assert _nearest_neighbour_in_pattern(tiny_dir) == 1.0
   assert _nearest_neighbour_in_pattern(tmp_path) < 0.7
-  assert synthetic_config.get_config("diffuse").num_topics == synthetic_config.get_config().num_topics
+  default = synthetic_config.get_config()
+  assert synthetic_config.get_config("diffuse").num_topics == default.num_topics
   with pytest.raises(ValueError, match="choose one size"):
     synthetic_config.get_config("tiny,large,diffuse")
 
