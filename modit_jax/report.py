@@ -94,28 +94,40 @@ def significance_summary(records: Sequence[Record], references: Sequence[str]) -
     mine = [by_key[(method, *cell)] for cell in cells if (method, *cell) in by_key]
     row = [_label(method, oracle)]
     for ref in references:
-      tests = [r["vs"][ref] for r in mine if ref in r.get("vs", {})]
-      row.append(count_text(significance_counts(tests)) if tests else "—")
+      row.append(_counts_cell([r["vs"][ref] for r in mine if ref in r.get("vs", {})]))
     if with_purity:
-      row.append(_purity_gap(mine, by_key, method))
+      row.append(_purity_gap_text(_worst_purity_gap(mine, by_key, method)))
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines) + "\n"
 
 
-def _purity_gap(mine: Sequence[Record], by_key: Mapping[tuple[str, str, str], Record],
-                method: str) -> str:
-  """The worst-cell Purity@20 gap of `mine` to the purity reference, as a table cell."""
+def _worst_purity_gap(mine: Sequence[Record], by_key: Mapping[tuple[str, str, str], Record],
+                      method: str) -> tuple[float, str] | None:
+  """The worst-cell Purity@20 of `mine` minus the purity reference's, and that cell's name.
+
+  None for the reference itself or when no cell of `mine` was evaluated for the reference.
+  """
   if method == PURITY_REFERENCE:
-    return "—"
+    return None
   gaps = [(r["purity@20"] - by_key[(PURITY_REFERENCE, r["split"], r["domain"])]["purity@20"],
            f"{r['split']} / {r['domain']}")
           for r in mine if (PURITY_REFERENCE, r["split"], r["domain"]) in by_key]
-  if not gaps:
+  return min(gaps) if gaps else None
+
+
+def _purity_gap_text(worst: tuple[float, str] | None) -> str:
+  """`_worst_purity_gap` as a table cell, with the verdict of HPPO's purity constraint."""
+  if worst is None:
     return "—"
-  gap, cell = min(gaps)
+  gap, cell = worst
   # The slack absorbs float error: a gap of exactly the tolerance is allowed.
   verdict = "ok" if gap >= -PURITY_TOLERANCE - 1e-9 else f"more than {PURITY_TOLERANCE} below"
   return f"{gap:+.3f} ({cell}), {verdict}"
+
+
+def _counts_cell(tests: Sequence[Mapping[str, Any]]) -> str:
+  """A comparison's tested cells counted as a table cell; "—" when none was tested."""
+  return count_text(significance_counts(tests)) if tests else "—"
 
 
 # The simple methods a `catalog_summary_table` row also counts cells against.
@@ -151,13 +163,13 @@ def catalog_summary_table(named_results: Sequence[tuple[str, Mapping[str, Any]]]
       row.append(f"{count_text(significance_counts(tests))} "
                  f"({np.mean([t['diff'] for t in tests]):+.3f})" if tests else "—")
     for ref in also:
-      tests = [r["vs"][ref] for r in mine if ref in r.get("vs", {})]
-      row.append(count_text(significance_counts(tests)) if tests else "—")
+      row.append(_counts_cell([r["vs"][ref] for r in mine if ref in r.get("vs", {})]))
     gate = results.get("novelty_gate") or {}
     shares = gate.get("novel_share", {}) if method in gate.get("methods", ()) else {}
     row.append(" / ".join(f"{shares[s]:.0%}" if s in shares else "—" for s in splits)
                if shares else "no gate")
-    row.append(_purity_gap(mine, _by_method_cell(records), method).split(" (")[0])
+    worst = _worst_purity_gap(mine, _by_method_cell(records), method)
+    row.append("—" if worst is None else f"{worst[0]:+.3f}")
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines) + "\n"
 
