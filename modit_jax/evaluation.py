@@ -220,6 +220,9 @@ def _novelty_gate(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
     centroids = evidence.seed_centroids(catalog.embeddings, q.seeds)
     novel[split] = float(gate.novel(index, centroids, q.seeds).mean()) if len(q) else 0.0
   logging.info("novelty gate: share of novel seed sets per split %s", novel)
+  for method in gated:
+    if warning := novelty.miss_warning(novel, method):
+      logging.warning("%s", warning)
   meta[novelty.JSON_KEY] = {"methods": gated, "novel_share": novel, "gate": gate.to_json()}
   return gate
 

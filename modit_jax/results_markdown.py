@@ -38,12 +38,14 @@ def gate_text(results: dict[str, Any]) -> str:
              + ", ".join(f"{t:.3f}" for t in saved["thresholds"]) + ")")
   else:  # an evaluation saved before the threshold was read from the train queries
     under = f"under {saved['share_ratio']:g} x the catalog's train share"
-  return (f"Novelty gate (docs/novelty.md): {', '.join(f'`{m}`' for m in names)} answered "
+  text = (f"Novelty gate (docs/novelty.md): {', '.join(f'`{m}`' for m in names)} answered "
           f"the seed sets whose {saved['neighbours']} nearest catalog items hold {under} "
           f"with the tuned global shift "
           f"({shares} of the seed sets); "
           + ", ".join(f"`{m}{novelty.UNGATED_SUFFIX}`" for m in names)
           + " is the model alone.")
+  warnings = [novelty.miss_warning(gate["novel_share"], m) for m in names]
+  return text + "".join(f" **Warning**: {w}." for w in warnings if w)
 
 
 def _label(record: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ from modit_jax import catalog as catalog_lib
 from modit_jax import errors
 from modit_jax import evidence
 from modit_jax import novelty
+from modit_jax import results_markdown
 from modit_jax import retrieval
 
 
@@ -133,3 +134,20 @@ def test_bad_settings_are_user_errors(cat, index):
                                                "train": cat.queries["train"].take(np.arange(0))})
   with pytest.raises(errors.UserError, match="queries_train.npz is empty"):
     _gate(no_train, index)
+
+
+@pytest.mark.parametrize("pattern_share, warned", [(0.67, True), (0.89, True), (0.9, False),
+                                                   (1.0, False), (None, False)])
+def test_a_gate_that_misses_unseen_patterns_is_reported(pattern_share, warned):
+  shares = {"item_holdout": 0.01}
+  if pattern_share is not None:
+    shares[novelty.UNSEEN_SPLIT] = pattern_share
+  results = {novelty.JSON_KEY: {"methods": ["modit_hppo"], "novel_share": shares,
+                                "gate": {"neighbours": 20, "threshold": 0.5}}}
+  text = results_markdown.gate_text(results)
+  assert text.startswith("Novelty gate")
+  assert ("**Warning**" in text) == warned
+  assert bool(novelty.miss_warning(shares, "modit_hppo")) == warned
+  if warned:
+    assert f"caught only {pattern_share:.0%} of the pattern_holdout seed sets" in text
+    assert "compare `modit_hppo_no_gate` with `centroid_global_shift`" in text
