@@ -217,8 +217,10 @@ def _novelty_gate(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
   novel = {}
   for split in splits:
     q = catalog.queries[split]
+    if not len(q):  # no share to report (and no false warning of a gate that caught 0 %)
+      continue
     centroids = evidence.seed_centroids(catalog.embeddings, q.seeds)
-    novel[split] = float(gate.novel(index, centroids, q.seeds).mean()) if len(q) else 0.0
+    novel[split] = float(gate.novel(index, centroids, q.seeds).mean())
   logging.info("novelty gate: share of novel seed sets per split %s", novel)
   for method in gated:
     if warning := novelty.miss_warning(novel, method):

@@ -18,8 +18,10 @@ from modit_jax import evidence
 from modit_jax import evaluation
 from modit_jax import metric_predictor
 from modit_jax import metrics
+from modit_jax import novelty
 from modit_jax import oracle as oracle_lib
 from modit_jax import results_markdown
+from modit_jax import retrieval
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -293,3 +295,21 @@ def test_methods_without_knobs_need_no_train_queries(tiny):
   assert all("strongest_baseline" not in r["vs"] for r in result.records)
   assert all("seed_centroid" in r["vs"] for r in result.records
              if r["method"] == "global_attribute")
+
+
+def test_the_gate_reports_no_share_and_no_warning_for_a_split_without_queries(tiny, caplog):
+  cat = catalog_lib.load_catalog(tiny)
+  held = cat.queries["pattern_holdout"]
+  empty = dataclasses.replace(
+      cat, queries=dict(cat.queries, pattern_holdout=held.take(np.arange(0))))
+  config = evaluate_config.get_config("tiny")
+  oracle = oracle_lib.OnlineOracle(empty, config.oracle_k, "exact", config.search_share)
+  index = retrieval.build_index(np.asarray(empty.embeddings), "exact")
+  meta = {}
+  with caplog.at_level("WARNING"):
+    evaluation._novelty_gate(empty, oracle, config, {}, index,
+                             ["item_holdout", "pattern_holdout"], ["modit_hppo"], meta)
+  shares = meta[novelty.JSON_KEY]["novel_share"]
+  assert set(shares) == {"item_holdout"} and 0.0 <= shares["item_holdout"] <= 1.0
+  assert "caught only" not in caplog.text
+  assert "Warning" not in results_markdown.gate_text(meta)
