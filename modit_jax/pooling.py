@@ -105,11 +105,14 @@ def pool(worlds: dict[str, tuple[str, str]], references: Sequence[str], num_resa
             "validation": mean_validation, "records": records, "per_world": per_world}
   if gates:
     # The gate's rule (each world's own directions and shifts stay in its results.json) and
-    # the share of seed sets it answered, over the pooled queries (equal queries per world).
+    # the share of seed sets it answered, over the pooled queries (equal queries per world;
+    # a world whose split had no queries records no share for it).
+    shared = list(dict.fromkeys(split for g in gates for split in g["novel_share"]))
     pooled[novelty.JSON_KEY] = {
         "methods": gates[0]["methods"],
-        "novel_share": {split: float(np.mean([g["novel_share"][split] for g in gates]))
-                        for split in gates[0]["novel_share"]},
+        "novel_share": {split: float(np.mean([g["novel_share"][split] for g in gates
+                                              if split in g["novel_share"]]))
+                        for split in shared},
         "gate": _pooled_gate_rule([g["gate"] for g in gates])}
   return pooled
 

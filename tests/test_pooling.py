@@ -80,16 +80,24 @@ def test_two_worlds_pool_their_queries(world):
 
 def test_pooled_results_say_what_the_novelty_gate_did(world, tmp_path):
   worlds = {}
-  for name, share, threshold in (("a", 0.2, 0.55), ("b", 0.6, 0.6)):
+  # World c's pattern-holdout split had no queries: it records no share there.
+  for name, shares, threshold in (("a", {"item_holdout": 0.0, "pattern_holdout": 0.2}, 0.55),
+                                  ("b", {"item_holdout": 0.0, "pattern_holdout": 0.6}, 0.6),
+                                  ("c", {"item_holdout": 0.3}, 0.6)):
     eval_dir = tmp_path / name
     shutil.copytree(world[1], eval_dir)
     results = _results((world[0], eval_dir))
     results["novelty_gate"] = {
-        "methods": ["modit_hppo"], "novel_share": {"item_holdout": 0.0, "pattern_holdout": share},
+        "methods": ["modit_hppo"], "novel_share": shares,
         "gate": {"neighbours": 20, "threshold": threshold, "directions": [], "shifts": []}}
     (eval_dir / "results.json").write_text(json.dumps(results))
     worlds[name] = (world[0], str(eval_dir))
-  pooled = pooling.pool(worlds, results["references"], num_resamples=200, seed=0)
+  without = pooling.pool({n: worlds[n] for n in "bc"}, results["references"],
+                         num_resamples=200, seed=0)
+  assert without["novelty_gate"]["novel_share"] == {"item_holdout": pytest.approx(0.15),
+                                                    "pattern_holdout": pytest.approx(0.6)}
+  pooled = pooling.pool({n: worlds[n] for n in "ab"}, results["references"],
+                        num_resamples=200, seed=0)
   assert pooled["novelty_gate"]["novel_share"] == {"item_holdout": 0.0,
                                                    "pattern_holdout": pytest.approx(0.4)}
   assert pooled["novelty_gate"]["gate"] == {"neighbours": 20, "thresholds": [0.55, 0.6]}
