@@ -145,8 +145,11 @@ def _first_within_se(joint: np.ndarray, means: np.ndarray, tolerance_se: float) 
 
 def _shift_method(name: str, catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
                   grid: Sequence[float],
-                  direction: Callable[[catalog_lib.Queries], np.ndarray]) -> Fitted:
-  """centroid + a_m * direction(query), a_m tuned per domain on validation queries."""
+                  direction: Callable[[catalog_lib.Queries], np.ndarray],
+                  purity_tolerance: float = -1.0) -> Fitted:
+  """centroid + a_m * direction(query), a_m tuned per domain on validation queries (only
+  among shifts whose validation Purity@k is within `purity_tolerance` of the grid's purest,
+  when that is >= 0)."""
   emb = catalog.embeddings
 
   def embed(q: catalog_lib.Queries, alpha: np.ndarray) -> np.ndarray:
@@ -155,7 +158,7 @@ def _shift_method(name: str, catalog: catalog_lib.Catalog, oracle: oracle_lib.On
   best = tune_per_domain(
       catalog, oracle, grid,
       lambda q, a: oracle.search(embed(q, np.full(len(q), a)), q.seeds, oracle.k),
-      f"{name} shift")
+      f"{name} shift", purity_tolerance=purity_tolerance)
   return Fitted(name, lambda q, index, k: _search(index, embed(q, best[q.domain]), q.seeds, k),
                 knob=dict(zip(catalog.domains, best.tolist())))
 
@@ -252,11 +255,19 @@ def _global_attribute(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOra
   return _embedding_method("global_attribute", lambda q: positives[q.domain])
 
 
+def fit_global_shift(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
+                     grid: Sequence[float], purity_tolerance: float = -1.0) -> Fitted:
+  """`centroid_global_shift` with its shifts from `grid`; `purity_tolerance` >= 0 admits only
+  shifts whose validation Purity@k is within it of the grid's purest (the novelty gate's
+  pattern-preserving fallback, docs/novelty.md)."""
+  shift = evidence.global_directions(catalog)
+  return _shift_method("centroid_global_shift", catalog, oracle, grid,
+                       lambda q: shift[q.domain], purity_tolerance)
+
+
 def _centroid_global_shift(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
                            config: ml_collections.ConfigDict) -> Fitted:
-  shift = evidence.global_directions(catalog)
-  return _shift_method("centroid_global_shift", catalog, oracle, config.shift_grid,
-                       lambda q: shift[q.domain])
+  return fit_global_shift(catalog, oracle, config.shift_grid)
 
 
 def _oracle_shift(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,

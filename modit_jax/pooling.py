@@ -113,7 +113,8 @@ def pool(worlds: dict[str, tuple[str, str]], references: Sequence[str], num_resa
         "novel_share": {split: float(np.mean([g["novel_share"][split] for g in gates
                                               if split in g["novel_share"]]))
                         for split in shared},
-        "gate": _pooled_gate_rule([g["gate"] for g in gates])}
+        "gate": _pooled_gate_rule([g["gate"] for g in gates]),
+        "purity_tolerance": gates[0].get("purity_tolerance", -1.0)}
   return pooled
 
 

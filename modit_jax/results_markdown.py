@@ -38,9 +38,13 @@ def gate_text(results: dict[str, Any]) -> str:
              + ", ".join(f"{t:.3f}" for t in saved["thresholds"]) + ")")
   else:  # an evaluation saved before the threshold was read from the train queries
     under = f"under {saved['share_ratio']:g} x the catalog's train share"
+  tolerance = gate.get("purity_tolerance", -1.0)
+  fallback = ("the tuned global shift" if tolerance < 0 else
+              f"the global shift tuned among shifts whose validation purity is within "
+              f"{tolerance:g} of the seed average's")
   text = (f"Novelty gate (docs/novelty.md): {', '.join(f'`{m}`' for m in names)} answered "
           f"the seed sets whose {saved['neighbours']} nearest catalog items hold {under} "
-          f"with the tuned global shift "
+          f"with {fallback} "
           f"({shares} of the seed sets); "
           + ", ".join(f"`{m}{novelty.UNGATED_SUFFIX}`" for m in names)
           + " is the model alone.")

@@ -20,6 +20,7 @@ from modit_jax import metric_predictor
 from modit_jax import metrics
 from modit_jax import novelty
 from modit_jax import oracle as oracle_lib
+from modit_jax import query_split
 from modit_jax import results_markdown
 from modit_jax import retrieval
 
@@ -313,3 +314,41 @@ def test_the_gate_reports_no_share_and_no_warning_for_a_split_without_queries(ti
   assert set(shares) == {"item_holdout"} and 0.0 <= shares["item_holdout"] <= 1.0
   assert "caught only" not in caplog.text
   assert "Warning" not in results_markdown.gate_text(meta)
+
+
+def test_a_purity_tolerant_gate_falls_back_to_a_shift_within_the_tolerance(tiny):
+  cat = catalog_lib.load_catalog(tiny)
+  config = evaluate_config.get_config("tiny")
+  oracle = oracle_lib.OnlineOracle(cat, config.oracle_k, "exact", config.search_share)
+  index = retrieval.build_index(np.asarray(cat.embeddings), "exact")
+  splits, gated = ["item_holdout", "pattern_holdout"], ["modit_hppo"]
+  free, pure, fitted = {}, {}, {}
+  evaluation._novelty_gate(cat, oracle, config, fitted, index, splits, gated, free)
+  config.novelty_gate.purity_tolerance = 0.0
+  evaluation._novelty_gate(cat, oracle, config, {}, index, splits, gated, pure)
+  free_shifts = np.asarray(free[novelty.JSON_KEY]["gate"]["shifts"])
+  pure_shifts = np.asarray(pure[novelty.JSON_KEY]["gate"]["shifts"])
+  # Untouched by default: the global shift's own tuned shifts.
+  np.testing.assert_allclose(
+      free_shifts, [fitted["centroid_global_shift"].knob[d] for d in cat.domains])
+  # The tiny world's best shift loses some purity somewhere, so the constraint must bind.
+  assert not np.allclose(free_shifts, pure_shifts)
+  # Each domain's chosen shift is as pure on validation queries as the purest on the grid.
+  valid = query_split.validation_queries(cat)
+  directions = evidence.global_directions(cat)
+  centroids = evidence.seed_centroids(cat.embeddings, valid.seeds)
+
+  def purity(shift):
+    ids = oracle.search(evidence.normalize(centroids + shift * directions[valid.domain]),
+                        valid.seeds, oracle.k)
+    return oracle.score_ids(ids, valid)[f"purity@{oracle.k}"]
+
+  by_value = {a: purity(a) for a in config.shift_grid}
+  for m, shift in enumerate(pure_shifts):
+    rows = valid.domain == m
+    best = max(by_value[a][rows].mean() for a in config.shift_grid)
+    chosen = min(config.shift_grid, key=lambda a: abs(a - shift))  # the gate stores float32
+    assert by_value[chosen][rows].mean() >= best - 1e-9
+  assert pure[novelty.JSON_KEY]["purity_tolerance"] == 0.0
+  assert "within 0 of the seed average's" in results_markdown.gate_text(pure)
+  assert "the tuned global shift" in results_markdown.gate_text(free)
