@@ -88,8 +88,8 @@ def default_config() -> ml_collections.ConfigDict:
   # seed sets from a region with no train items with the tuned global shift; each is also
   # reported ungated as `<method>_no_gate`. Comma-separated; empty: no gate.
   # purity_tolerance >= 0: the fallback's shift per domain is the best validation Joint@k among
-  # those whose validation Purity@k is within it of the grid's purest (the seed average's),
-  # trading Joint for the paper's purity condition; < 0: the global shift's own (default).
+  # those whose validation Purity@k is within it of the grid's purest (a = 0, the seed average,
+  # on the catalogs measured), trading Joint for purity; < 0: the global shift's own (default).
   c.novelty_gate = ml_collections.ConfigDict({
       "methods": "modit_hppo", "neighbours": novelty.NEIGHBOURS,
       "train_quantile": novelty.TRAIN_QUANTILE, "purity_tolerance": -1.0})

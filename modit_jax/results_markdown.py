@@ -41,7 +41,7 @@ def gate_text(results: dict[str, Any]) -> str:
   tolerance = gate.get("purity_tolerance", -1.0)
   fallback = ("the tuned global shift" if tolerance < 0 else
               f"the global shift tuned among shifts whose validation purity is within "
-              f"{tolerance:g} of the seed average's")
+              f"{tolerance:g} of the purest shift's on the grid")
   text = (f"Novelty gate (docs/novelty.md): {', '.join(f'`{m}`' for m in names)} answered "
           f"the seed sets whose {saved['neighbours']} nearest catalog items hold {under} "
           f"with {fallback} "

@@ -350,5 +350,5 @@ def test_a_purity_tolerant_gate_falls_back_to_a_shift_within_the_tolerance(tiny)
     chosen = min(config.shift_grid, key=lambda a: abs(a - shift))  # the gate stores float32
     assert by_value[chosen][rows].mean() >= best - 1e-9
   assert pure[novelty.JSON_KEY]["purity_tolerance"] == 0.0
-  assert "within 0 of the seed average's" in results_markdown.gate_text(pure)
+  assert "within 0 of the purest shift's on the grid" in results_markdown.gate_text(pure)
   assert "the tuned global shift" in results_markdown.gate_text(free)
