@@ -212,7 +212,7 @@ def _novelty_gate(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
                   meta: dict[str, Any]) -> novelty.Gate:
   """The gate with the global shift's validation-tuned shifts (purity-constrained when
   `novelty_gate.purity_tolerance` >= 0); records it in `meta`."""
-  tolerance = float(config.novelty_gate.get("purity_tolerance", -1.0))
+  tolerance = float(config.novelty_gate.purity_tolerance)
   if tolerance >= 0:
     shifts = baselines.fit_global_shift(catalog, oracle, config.shift_grid, tolerance).knob
   else:
