@@ -97,12 +97,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.evaluate = evaluate_config.get_config(variant or None)
   # seed_centroid: what a generator must beat on real catalogs, where no baseline moves off it
-  # (docs/real_data.md); centroid_global_shift, local_shift: the simple competitors, each
-  # tested on its own beside the per-domain strongest (chosen on validation queries, it can
-  # miss the one that is strongest on a test cell: docs/statistics.md); order_random,
-  # order_reversed: does metric order beat them; modit_hppo: what each policy ablation costs.
+  # (docs/real_data.md); centroid_global_shift, local_shift, neighbourhood_offset: the simple
+  # competitors, each tested on its own beside the per-domain strongest (chosen on validation
+  # queries, it can miss the one that is strongest on a test cell: docs/statistics.md);
+  # order_random, order_reversed: does metric order beat them; modit_hppo: what each policy
+  # ablation costs.
   c.evaluate.references = ",".join([
       "strongest_baseline", "modit_sft", "pretrained_gr", "seed_centroid",
-      "centroid_global_shift", "local_shift", "order_random", "order_reversed", "modit_hppo"])
+      "centroid_global_shift", "local_shift", "neighbourhood_offset", "order_random",
+      "order_reversed", "modit_hppo"])
   c.index_kind = "scann"           # OUT/index, the serving index of the Retriever
   return c

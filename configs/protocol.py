@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pipeline.world.properties_required = False
   # The references every pooled cell is tested against.
   c.references = ",".join(["strongest_baseline", "modit_sft", "pretrained_gr", "seed_centroid",
-                            "centroid_global_shift", "local_shift"])
+                            "centroid_global_shift", "local_shift", "neighbourhood_offset"])
   c.num_resamples = c.pipeline.evaluate.num_resamples
   c.seed = 0  # of the pooled bootstrap
   return c

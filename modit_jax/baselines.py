@@ -17,6 +17,11 @@ online metric oracle over train items (`modit_jax.oracle`), never on evaluation 
                          N_m train items nearest c - mean of the observed items of m there)):
                          relevance feedback from the labels near the seeds (a_m, N_m chosen
                          per domain); what a user would try first
+  neighbourhood_offset   normalise(c + a_m * g_m + b_m * (mean of the k_m catalog items nearest
+                         c - the seeds' mean)): the global shift plus a step from the seeds
+                         toward the rest of their catalog neighbourhood, unlabelled (seeds
+                         without the attribute sit on one side of their pattern, so the rest
+                         of it lies toward the attribute); (k_m, a_m, b_m) chosen per domain
   local_shift_train_oracle  the same with every train item's true label of m, as the online
                          oracle knows them: a BOUND on what the labels HPPO's training may read
                          allow, labelled like an oracle and never a competitor
@@ -79,6 +84,8 @@ def _embedding_method(name: str, embed: Callable[[catalog_lib.Queries], np.ndarr
 # guidance curves of length were flat within noise (0.15-0.17 over the grid) and the argmax
 # moved between 1 and 12 from run to run, which cost item holdout up to 0.35 (docs/hppo.md).
 KNOB_TOLERANCE_SE = 1.0
+# Grid values whose validation scores a tuning log line shows (all of a shorter grid).
+_LOGGED_VALUES = 8
 
 
 def tune_per_domain(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
@@ -118,11 +125,15 @@ def tune_per_domain(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracl
       if purity_tolerance >= 0:
         pure = purity[:, rows].mean(axis=1)
         means = np.where(pure >= pure.max() - purity_tolerance, means, -np.inf)
-      best[m] = grid[_first_within_se(joint[:, rows], means, tolerance_se)]
+      chosen = _first_within_se(joint[:, rows], means, tolerance_se)
+      best[m] = grid[chosen]
+      shown = np.arange(len(grid))
+      if len(grid) > _LOGGED_VALUES:  # a long grid: the chosen value and the top few
+        shown = np.union1d(np.argsort(-joint[:, rows].mean(1))[:_LOGGED_VALUES - 1], [chosen])
       logging.info("%s for domain %s: %s (validation Joint@%d %s, Purity@%d %s)", what,
                    catalog.domains[m], best[m], oracle.k,
-                   np.round(joint[:, rows].mean(1), 3).tolist(), oracle.k,
-                   np.round(purity[:, rows].mean(1), 3).tolist())
+                   {grid[i]: round(float(joint[i, rows].mean()), 3) for i in shown}, oracle.k,
+                   {grid[i]: round(float(purity[i, rows].mean()), 3) for i in shown})
   # [M] for scalar grid values, [M, n] for tuples of n knobs.
   return np.asarray(best, np.float64)
 
@@ -164,7 +175,9 @@ def _shift_method(name: str, catalog: catalog_lib.Catalog, oracle: oracle_lib.On
 
 
 def _rerank(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
-            config: ml_collections.ConfigDict) -> Fitted:
+            config: ml_collections.ConfigDict,
+            index: retrieval.Index | None = None) -> Fitted:
+  del index  # the pool is searched in the index `retrieve` is given
   predictor = metric_predictor.train(
       catalog.embeddings, catalog.attributes, catalog.observed, config.metric_predictor,
       clusters.relative_features(catalog, config.metric_predictor))
@@ -242,15 +255,17 @@ def _local_shift(name: str, catalog: catalog_lib.Catalog, oracle: oracle_lib.Onl
 
 
 def _seed_centroid(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
-                   config: ml_collections.ConfigDict) -> Fitted:
-  del oracle, config
+                   config: ml_collections.ConfigDict,
+                   index: retrieval.Index | None = None) -> Fitted:
+  del oracle, config, index
   return _embedding_method("seed_centroid",
                            lambda q: evidence.seed_centroids(catalog.embeddings, q.seeds))
 
 
 def _global_attribute(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
-                      config: ml_collections.ConfigDict) -> Fitted:
-  del oracle, config
+                      config: ml_collections.ConfigDict,
+                      index: retrieval.Index | None = None) -> Fitted:
+  del oracle, config, index
   positives = normalize(observed_positive_means(catalog)[0])
   return _embedding_method("global_attribute", lambda q: positives[q.domain])
 
@@ -265,13 +280,76 @@ def fit_global_shift(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOrac
                        lambda q: shift[q.domain], purity_tolerance)
 
 
+def fit_neighbourhood_offset(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
+                             index: retrieval.Index, sizes: Sequence[int],
+                             shifts: Sequence[float], steps: Sequence[float],
+                             purity_tolerance: float = -1.0) -> Fitted:
+  """`neighbourhood_offset` with (neighbours, shift, step) from the grids, tuned per domain.
+
+  `index` searches the whole catalog: the neighbourhoods of validation and evaluation queries
+  alike come from it, whatever index the answers are then searched in. `purity_tolerance` as
+  in `fit_global_shift`.
+  """
+  sizes = sorted({int(n) for n in sizes})
+  shifts, steps = [float(a) for a in shifts], [float(b) for b in steps]
+  if not sizes or not shifts or not steps or sizes[0] < 1:
+    raise errors.UserError("neighbourhood_offset needs non-empty offset_neighbourhood_grid "
+                           "(sizes >= 1), offset_shift_grid and offset_step_grid")
+  emb = catalog.embeddings
+  directions = evidence.global_directions(catalog)
+  cache: dict[int, tuple[catalog_lib.Queries, dict[int, np.ndarray]]] = {}
+
+  def embed(q: catalog_lib.Queries, knobs: np.ndarray) -> np.ndarray:
+    """Query embeddings for per-query knobs [Q, 3] = (neighbours, shift, step)."""
+    if id(q) not in cache:  # the tuning asks the same validation queries once per grid value
+      cache.clear()
+      seed_means = np.asarray(emb[q.seeds], np.float32).mean(axis=1)
+      cache[id(q)] = (q, evidence.catalog_offsets(emb, index, seed_means, q.seeds, sizes))
+    by_size = cache[id(q)][1]
+    offset = np.zeros((len(q), catalog.dim), np.float32)
+    for n in sizes:
+      rows = knobs[:, 0] == n
+      offset[rows] = by_size[n][rows]
+    return normalize(evidence.seed_centroids(emb, q.seeds) + knobs[:, 1:2] * directions[q.domain]
+                     + knobs[:, 2:3] * offset)
+
+  # Simplest first (no step, then no shift, then the smallest neighbourhood), so that a tie
+  # within noise goes to the plain global shift or the seed average.
+  grid = [(float(n), a, b) for b in [0.0] + [b for b in steps if b]
+          for a in shifts for n in (sizes if b else sizes[:1])]
+  best = tune_per_domain(
+      catalog, oracle, grid,
+      lambda q, knob: oracle.search(embed(q, np.tile(knob, (len(q), 1))), q.seeds, oracle.k),
+      "neighbourhood_offset (neighbours, shift, step)", purity_tolerance=purity_tolerance)
+
+  def retrieve(q: catalog_lib.Queries, search_index: retrieval.Index, k: int) -> np.ndarray:
+    return _search(search_index, embed(q, best[q.domain]), q.seeds, k)
+
+  knob = {d: {"neighbours": int(n), "shift": a, "step": b}
+          for d, (n, a, b) in zip(catalog.domains, best.tolist())}
+  return Fitted("neighbourhood_offset", retrieve, knob=knob)
+
+
+def _neighbourhood_offset(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
+                          config: ml_collections.ConfigDict,
+                          index: retrieval.Index | None = None) -> Fitted:
+  if index is None:
+    index = retrieval.build_index(np.asarray(catalog.embeddings, np.float32), "exact")
+  return fit_neighbourhood_offset(catalog, oracle, index, config.offset_neighbourhood_grid,
+                                  config.offset_shift_grid, config.offset_step_grid)
+
+
 def _centroid_global_shift(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
-                           config: ml_collections.ConfigDict) -> Fitted:
+                           config: ml_collections.ConfigDict,
+                           index: retrieval.Index | None = None) -> Fitted:
+  del index
   return fit_global_shift(catalog, oracle, config.shift_grid)
 
 
 def _oracle_shift(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
-                  config: ml_collections.ConfigDict) -> Fitted:
+                  config: ml_collections.ConfigDict,
+                  index: retrieval.Index | None = None) -> Fitted:
+  del index
   truth = catalog.attribute_directions
   if truth is None:
     raise errors.UserError(
@@ -286,11 +364,11 @@ class Baseline:
   """A non-generative method: what it reads, and how it is fitted to a catalog."""
   name: str
   reads: frozenset[str]  # of OBSERVED_LABELS, ORACLE_KNOBS, ORACLE_LABELS, HIDDEN_TRUTH
-  # (catalog, the train oracle, the evaluation config) -> the fitted method. The config has
-  # `shift_grid`, `rerank_pool_grid`, `metric_predictor`, `local_neighbourhood_grid` and
-  # `local_shift_grid`.
-  fit: Callable[[catalog_lib.Catalog, oracle_lib.OnlineOracle, ml_collections.ConfigDict],
-                Fitted]
+  # (catalog, the train oracle, the evaluation config, the catalog's index or None) -> the
+  # fitted method. The config has `shift_grid`, `rerank_pool_grid`, `metric_predictor`,
+  # `local_neighbourhood_grid`, `local_shift_grid` and the `offset_*` grids.
+  fit: Callable[[catalog_lib.Catalog, oracle_lib.OnlineOracle, ml_collections.ConfigDict,
+                 retrieval.Index | None], Fitted]
 
   @property
   def yardstick(self) -> bool:
@@ -313,18 +391,24 @@ REGISTRY = {b.name: b for b in (
              _centroid_global_shift),
     Baseline("rerank", frozenset({OBSERVED_LABELS, ORACLE_KNOBS}), _rerank),
     Baseline("local_shift", frozenset({OBSERVED_LABELS, ORACLE_KNOBS}),
-             lambda catalog, oracle, config: _local_shift(
+             lambda catalog, oracle, config, index: _local_shift(
                  "local_shift", catalog, oracle, config, true_labels=False)),
+    Baseline("neighbourhood_offset", frozenset({OBSERVED_LABELS, ORACLE_KNOBS}),
+             _neighbourhood_offset),
     Baseline("local_shift_train_oracle", frozenset({ORACLE_LABELS, ORACLE_KNOBS}),
-             lambda catalog, oracle, config: _local_shift(
+             lambda catalog, oracle, config, index: _local_shift(
                  "local_shift_train_oracle", catalog, oracle, config, true_labels=True)),
     Baseline("oracle_shift", frozenset({HIDDEN_TRUTH, ORACLE_KNOBS}), _oracle_shift),
 )}
 
 
 def fit(name: str, catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
-        config: ml_collections.ConfigDict) -> Fitted:
-  """Builds baseline `name` (see `Baseline.fit` for `config`)."""
+        config: ml_collections.ConfigDict, index: retrieval.Index | None = None) -> Fitted:
+  """Builds baseline `name` (see `Baseline.fit` for `config`).
+
+  `index`: the whole catalog's index, where a method that reads the seeds' catalog
+  neighbourhood searches it; None builds an exact one when such a method needs it.
+  """
   if name not in REGISTRY:
     raise errors.UserError(f"unknown baseline {name!r}; known: {', '.join(REGISTRY)}")
-  return REGISTRY[name].fit(catalog, oracle, config)
+  return REGISTRY[name].fit(catalog, oracle, config, index)

@@ -68,6 +68,12 @@ def default_config() -> ml_collections.ConfigDict:
   # step along it (the direction is a difference of means, not unit length).
   c.local_neighbourhood_grid = (50, 100, 200, 400, 800)
   c.local_shift_grid = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+  # neighbourhood_offset: catalog items around the seed centroid whose mean the seeds step
+  # toward, the global shift beside it, and the step (a difference of means: 0.02-0.1 long on
+  # unit embeddings, hence steps up to 32). No step is always tried: the global shift itself.
+  c.offset_neighbourhood_grid = (50, 100, 200, 400, 800)
+  c.offset_shift_grid = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.5)
+  c.offset_step_grid = (1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
   c.metric_predictor = metric_predictor.default_config()
   # Training workdirs of the generative methods (empty: not trained; the method is refused).
   # These are the pipeline's; any other name given a workdir (the pipeline adds one per run it
@@ -90,9 +96,12 @@ def default_config() -> ml_collections.ConfigDict:
   # purity_tolerance >= 0: the fallback's shift per domain is the best validation Joint@k among
   # those whose validation Purity@k is within it of the grid's purest (a = 0, the seed average,
   # on the catalogs measured), trading Joint for purity; < 0: the global shift's own (default).
+  # fallback: the baseline whose validation-tuned query a novel seed set gets, one of
+  # novelty.FALLBACKS (docs/novelty.md, "The neighbourhood offset as the fallback").
   c.novelty_gate = ml_collections.ConfigDict({
       "methods": "modit_hppo", "neighbours": novelty.NEIGHBOURS,
-      "train_quantile": novelty.TRAIN_QUANTILE, "purity_tolerance": -1.0})
+      "train_quantile": novelty.TRAIN_QUANTILE, "purity_tolerance": -1.0,
+      "fallback": "neighbourhood_offset"})
   # > 0: every query (validation ones too) is asked with only its first `seed_limit` seeds;
   # the others become ordinary items (docs/robustness.md). 0: all seeds.
   c.seed_limit = 0
@@ -183,7 +192,7 @@ def retrieve_all(catalog: catalog_lib.Catalog, methods: Sequence[str], splits: S
     start = time.perf_counter()
     if name in baselines.REGISTRY:
       if name not in fitted_baselines:  # the gate may have fitted its fallback already
-        fitted_baselines[name] = baselines.fit(name, catalog, oracle, config)
+        fitted_baselines[name] = baselines.fit(name, catalog, oracle, config, index)
       answers = {name: fitted_baselines[name]}
     else:
       if name in gated and gate is None:
@@ -210,19 +219,33 @@ def _novelty_gate(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
                   config: ml_collections.ConfigDict, fitted: dict[str, baselines.Fitted],
                   index: retrieval.Index, splits: Sequence[str], gated: list[str],
                   meta: dict[str, Any]) -> novelty.Gate:
-  """The gate with the global shift's validation-tuned shifts (purity-constrained when
-  `novelty_gate.purity_tolerance` >= 0); records it in `meta`."""
+  """The gate whose fallback is the `novelty_gate.fallback` baseline as tuned on validation
+  queries (purity-constrained when `novelty_gate.purity_tolerance` >= 0); records it in
+  `meta`."""
   tolerance = float(config.novelty_gate.purity_tolerance)
-  if tolerance >= 0:
-    shifts = baselines.fit_global_shift(catalog, oracle, config.shift_grid, tolerance).knob
+  name = config.novelty_gate.fallback
+  if name not in novelty.FALLBACKS:
+    raise errors.UserError(f"novelty_gate.fallback must be one of {', '.join(novelty.FALLBACKS)}"
+                           f", got {name!r}")
+  if tolerance >= 0 or name not in fitted:  # the report's own row is tuned without tolerance
+    if name == "centroid_global_shift":
+      chosen = baselines.fit_global_shift(catalog, oracle, config.shift_grid, tolerance)
+    else:
+      chosen = baselines.fit_neighbourhood_offset(
+          catalog, oracle, index, config.offset_neighbourhood_grid, config.offset_shift_grid,
+          config.offset_step_grid, tolerance)
+    if tolerance < 0:
+      fitted[name] = chosen
   else:
-    if "centroid_global_shift" not in fitted:
-      fitted["centroid_global_shift"] = baselines.fit("centroid_global_shift", catalog, oracle,
-                                                      config)
-    shifts = fitted["centroid_global_shift"].knob
+    chosen = fitted[name]
+  if name == "centroid_global_shift":
+    shifts, offsets = chosen.knob, None
+  else:
+    shifts = {d: v["shift"] for d, v in chosen.knob.items()}
+    offsets = {d: (v["neighbours"], v["step"]) for d, v in chosen.knob.items()}
   gate = novelty.Gate.for_catalog(catalog, shifts, index,
                                   config.novelty_gate.neighbours,
-                                  config.novelty_gate.train_quantile)
+                                  config.novelty_gate.train_quantile, offsets)
   novel = {}
   for split in splits:
     q = catalog.queries[split]
@@ -232,10 +255,10 @@ def _novelty_gate(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
     novel[split] = float(gate.novel(index, centroids, q.seeds).mean())
   logging.info("novelty gate: share of novel seed sets per split %s", novel)
   for method in gated:
-    if warning := novelty.miss_warning(novel, method):
+    if warning := novelty.miss_warning(novel, method, name):
       logging.warning("%s", warning)
   meta[novelty.JSON_KEY] = {"methods": gated, "novel_share": novel, "gate": gate.to_json(),
-                            "purity_tolerance": tolerance}
+                            "fallback": name, "purity_tolerance": tolerance}
   return gate
 
 

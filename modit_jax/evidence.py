@@ -21,6 +21,9 @@ neighbours, and held-out items are never neighbours (only train rows are searche
 
 Neighbours are found by exact search over the train embeddings (one code path for training,
 evaluation and serving, with no index approximation between them).
+
+`catalog_offsets` is the unlabelled counterpart over the whole catalog's index, which the
+`neighbourhood_offset` baseline and the novelty gate's fallback read at query time.
 """
 
 from typing import Sequence
@@ -29,6 +32,7 @@ import numpy as np
 
 from modit_jax import catalog as catalog_lib
 from modit_jax import errors
+from modit_jax import retrieval
 
 # Rows per block of the exact search: a [rows, train items] float32 block of at most ~64 MiB.
 _SEARCH_CELLS = 1 << 24
@@ -65,6 +69,30 @@ def global_directions(catalog: catalog_lib.Catalog) -> np.ndarray:
   """float32 [M, d]: g_m = normalise(mean observed positives - mean observed items) per domain."""
   positives, labelled = observed_positive_means(catalog)
   return normalize(positives - labelled)
+
+
+def catalog_offsets(embeddings: np.ndarray, index: retrieval.Index, seed_means: np.ndarray,
+                    exclude: np.ndarray, sizes: Sequence[int]) -> dict[int, np.ndarray]:
+  """Per size n: float32 [Q, d], the mean of the n catalog items nearest each seed mean minus it.
+
+  The neighbourhood offset over the whole catalog, unlabelled: `index` searches every catalog
+  item (held-out ones too: their embeddings, never their labels), `exclude` int [Q, E] (-1:
+  none) keeps the seeds out, and `seed_means` float [Q, d] are the seeds' mean embeddings,
+  unnormalised (a search ranks the same for any positive scale of its query). Seeds that sit on
+  one side of their pattern, as seeds without the attribute do, get an offset toward the rest
+  of it (the `neighbourhood_offset` baseline and the novelty gate's fallback, docs/novelty.md).
+  """
+  sizes = sorted({int(n) for n in sizes})
+  seed_means = np.asarray(seed_means, np.float32)
+  near, _ = index.search(seed_means, sizes[-1], exclude=exclude)
+  out = {n: np.empty(seed_means.shape, np.float32) for n in sizes}
+  pick = np.asarray(sizes) - 1
+  for start in range(0, len(near), 256):  # [256, n_max, d] at a time: bounded memory
+    rows = slice(start, start + 256)
+    running = np.cumsum(np.asarray(embeddings[near[rows]], np.float32), axis=1)[:, pick]
+    for i, n in enumerate(sizes):
+      out[n][rows] = running[:, i] / n - seed_means[rows]
+  return out
 
 
 def label_contrast(embeddings: np.ndarray, near: np.ndarray, known: np.ndarray,

@@ -114,6 +114,7 @@ def pool(worlds: dict[str, tuple[str, str]], references: Sequence[str], num_resa
                                               if split in g["novel_share"]]))
                         for split in shared},
         "gate": _pooled_gate_rule([g["gate"] for g in gates]),
+        "fallback": gates[0].get("fallback", "centroid_global_shift"),
         "purity_tolerance": gates[0].get("purity_tolerance", -1.0)}
   return pooled
 

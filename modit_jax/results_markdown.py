@@ -39,16 +39,21 @@ def gate_text(results: dict[str, Any]) -> str:
   else:  # an evaluation saved before the threshold was read from the train queries
     under = f"under {saved['share_ratio']:g} x the catalog's train share"
   tolerance = gate.get("purity_tolerance", -1.0)
-  fallback = ("the tuned global shift" if tolerance < 0 else
-              f"the global shift tuned among shifts whose validation purity is within "
-              f"{tolerance:g} of the purest shift's on the grid")
+  # An evaluation saved before the fallback could be chosen fell back on the global shift.
+  offset = gate.get("fallback", "centroid_global_shift") == "neighbourhood_offset"
+  fallback = ("the `neighbourhood_offset` query (the global shift plus a step toward the "
+              "seeds' catalog neighbourhood)" if offset else "the global shift")
+  fallback = (f"{fallback} as tuned on validation queries" if tolerance < 0 else
+              f"{fallback} tuned among settings whose validation purity is within "
+              f"{tolerance:g} of the purest on the grid")
   text = (f"Novelty gate (docs/novelty.md): {', '.join(f'`{m}`' for m in names)} answered "
           f"the seed sets whose {saved['neighbours']} nearest catalog items hold {under} "
           f"with {fallback} "
           f"({shares} of the seed sets); "
           + ", ".join(f"`{m}{novelty.UNGATED_SUFFIX}`" for m in names)
           + " is the model alone.")
-  warnings = [novelty.miss_warning(gate["novel_share"], m) for m in names]
+  warnings = [novelty.miss_warning(gate["novel_share"], m,
+                                   gate.get("fallback", "centroid_global_shift")) for m in names]
   return text + "".join(f" **Warning**: {w}." for w in warnings if w)
 
 

@@ -279,9 +279,8 @@ class Retriever:
                                     self.num_samples, self.guidance_scale[domain],
                                     exclude_items=exclude)
     if self.gate is not None:
-      centroids = evidence.normalize(
-          (context * mask[:, :, None]).sum(1) / mask.sum(1, keepdims=True))
-      samples, _ = self.gate.apply(self.index, centroids, domain, exclude, samples)
+      seed_means = (context * mask[:, :, None]).sum(1) / mask.sum(1, keepdims=True)
+      samples, _ = self.gate.apply(self.index, seed_means, domain, exclude, samples)
     ids, scores = generator_lib.search_samples(self.index, samples, exclude, k,
                                                return_scores=True)
     return ids.astype(np.int64), scores.astype(np.float32)

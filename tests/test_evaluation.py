@@ -319,6 +319,7 @@ def test_the_gate_reports_no_share_and_no_warning_for_a_split_without_queries(ti
 def test_a_purity_tolerant_gate_falls_back_to_a_shift_within_the_tolerance(tiny):
   cat = catalog_lib.load_catalog(tiny)
   config = evaluate_config.get_config("tiny")
+  config.novelty_gate.fallback = "centroid_global_shift"
   oracle = oracle_lib.OnlineOracle(cat, config.oracle_k, "exact", config.search_share)
   index = retrieval.build_index(np.asarray(cat.embeddings), "exact")
   splits, gated = ["item_holdout", "pattern_holdout"], ["modit_hppo"]
@@ -350,5 +351,26 @@ def test_a_purity_tolerant_gate_falls_back_to_a_shift_within_the_tolerance(tiny)
     chosen = min(config.shift_grid, key=lambda a: abs(a - shift))  # the gate stores float32
     assert by_value[chosen][rows].mean() >= best - 1e-9
   assert pure[novelty.JSON_KEY]["purity_tolerance"] == 0.0
-  assert "within 0 of the purest shift's on the grid" in results_markdown.gate_text(pure)
-  assert "the tuned global shift" in results_markdown.gate_text(free)
+  assert "within 0 of the purest on the grid" in results_markdown.gate_text(pure)
+  assert "the global shift as tuned on validation queries" in results_markdown.gate_text(free)
+
+
+def test_the_default_gate_falls_back_on_the_neighbourhood_offset_as_reported(tiny):
+  cat = catalog_lib.load_catalog(tiny)
+  config = evaluate_config.get_config("tiny")
+  oracle = oracle_lib.OnlineOracle(cat, config.oracle_k, "exact", config.search_share)
+  index = retrieval.build_index(np.asarray(cat.embeddings), "exact")
+  meta, fitted = {}, {}
+  gate = evaluation._novelty_gate(cat, oracle, config, fitted, index, ["pattern_holdout"],
+                                  ["modit_hppo"], meta)
+  # The gate's settings are the reported baseline's own, fitted once and shared.
+  knob = fitted["neighbourhood_offset"].knob
+  np.testing.assert_allclose(gate.shifts, [knob[d]["shift"] for d in cat.domains])
+  np.testing.assert_array_equal(gate.offset_sizes, [knob[d]["neighbours"] for d in cat.domains])
+  np.testing.assert_allclose(gate.offset_steps, [knob[d]["step"] for d in cat.domains])
+  assert meta[novelty.JSON_KEY]["fallback"] == "neighbourhood_offset"
+  assert "`neighbourhood_offset` query" in results_markdown.gate_text(meta)
+  config.novelty_gate.fallback = "seed_centroid"
+  with pytest.raises(errors.UserError, match="novelty_gate.fallback must be one of"):
+    evaluation._novelty_gate(cat, oracle, config, {}, index, ["pattern_holdout"],
+                             ["modit_hppo"], {})

@@ -12,6 +12,7 @@ from modit_jax import dit
 from modit_jax import errors
 from modit_jax import evidence
 from modit_jax import oracle as oracle_lib
+from modit_jax import retrieval
 from modit_jax import training
 from modit_jax import trajectories
 
@@ -230,3 +231,21 @@ def test_too_few_train_items_left_is_a_clear_error(cat):
   assert source.neighbours(centroids).shape == (2, count - 1)  # nothing excluded: all fit
   with pytest.raises(errors.UserError, match="smaller neighbourhood sizes"):
     source.neighbours(centroids, exclude_items=q.seeds)
+
+
+def test_catalog_offsets_are_the_neighbourhood_mean_minus_the_seed_mean(cat):
+  q = _queries(cat, "pattern_holdout")
+  emb = np.asarray(cat.embeddings, np.float32)
+  index = retrieval.build_index(emb, "exact")
+  seed_means = emb[q.seeds].mean(axis=1)
+  offsets = evidence.catalog_offsets(emb, index, seed_means, q.seeds, (3, 30))
+  # By hand: every catalog item (held-out ones too) but the seeds, nearest the seed mean.
+  scores = seed_means @ emb.T
+  np.put_along_axis(scores, q.seeds, -np.inf, axis=1)
+  order = np.argsort(-scores, axis=1)
+  for n in (3, 30):
+    np.testing.assert_allclose(offsets[n], emb[order[:, :n]].mean(1) - seed_means, atol=1e-5)
+  # An unseen pattern's neighbourhood is its own held-out items, which no train-side search
+  # reaches: that is what the offset adds to the seeds.
+  split = np.asarray(cat.item_split)[order[:, :30]]
+  assert (split == catalog_lib.SPLIT_CODES["pattern_holdout"]).mean() > 0.5

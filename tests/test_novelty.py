@@ -5,10 +5,14 @@ import dataclasses
 import numpy as np
 import pytest
 
+from configs import evaluate as evaluate_config
+
+from modit_jax import baselines
 from modit_jax import catalog as catalog_lib
 from modit_jax import errors
 from modit_jax import evidence
 from modit_jax import novelty
+from modit_jax import oracle as oracle_lib
 from modit_jax import results_markdown
 from modit_jax import retrieval
 
@@ -128,7 +132,7 @@ def test_bad_settings_are_user_errors(cat, index):
     _gate(cat, index, neighbours=0)
   with pytest.raises(errors.UserError, match="train_quantile must be in"):
     _gate(cat, index, train_quantile=1.5)
-  with pytest.raises(errors.UserError, match="no shift for domain"):
+  with pytest.raises(errors.UserError, match="no fallback setting for domain"):
     novelty.Gate.for_catalog(cat, {cat.domains[0]: 1.0}, index)
   no_train = dataclasses.replace(cat, queries={**cat.queries,
                                                "train": cat.queries["train"].take(np.arange(0))})
@@ -151,3 +155,34 @@ def test_a_gate_that_misses_unseen_patterns_is_reported(pattern_share, warned):
   if warned:
     assert f"caught only {pattern_share:.0%} of the pattern_holdout seed sets" in text
     assert "compare `modit_hppo_no_gate` with `centroid_global_shift`" in text
+
+
+def test_an_offset_fallback_answers_as_the_neighbourhood_offset_baseline(cat, index):
+  config = evaluate_config.get_config("tiny")
+  oracle = oracle_lib.OnlineOracle(cat, k=20, index_kind="exact")
+  baseline = baselines.fit("neighbourhood_offset", cat, oracle, config, index)
+  knob = baseline.knob
+  gate = novelty.Gate.for_catalog(
+      cat, {d: v["shift"] for d, v in knob.items()}, index,
+      offsets={d: (v["neighbours"], v["step"]) for d, v in knob.items()})
+  q = cat.queries["pattern_holdout"]
+  seed_means = np.asarray(cat.embeddings[q.seeds], np.float32).mean(axis=1)
+  want = baseline.retrieve(q, index, 20)
+  got, _ = index.search(gate.fallback(index, seed_means, q.domain, q.seeds), 20,
+                        exclude=q.seeds)
+  np.testing.assert_array_equal(got, want)
+  # The saved gate keeps its offsets; one saved without them is the global shift alone.
+  back = novelty.Gate.from_json(gate.to_json(), cat, "guidance.json")
+  np.testing.assert_array_equal(back.offset_sizes, gate.offset_sizes)
+  np.testing.assert_allclose(back.offset_steps, gate.offset_steps)
+  np.testing.assert_allclose(back.fallback(index, seed_means, q.domain, q.seeds),
+                             gate.fallback(index, seed_means, q.domain, q.seeds), atol=1e-6)
+  plain = {k: v for k, v in gate.to_json().items() if not k.startswith("offset_")}
+  shifted = evidence.normalize(evidence.normalize(seed_means)
+                               + gate.shifts[q.domain, None] * gate.directions[q.domain])
+  np.testing.assert_allclose(novelty.Gate.from_json(plain, cat, "guidance.json").fallback(
+      index, seed_means, q.domain, q.seeds), shifted, atol=1e-6)
+  # Not vacuous: on the tiny world the validation tuning takes a step in some domain.
+  assert np.any(gate.offset_steps != 0)
+  with pytest.raises(errors.UserError, match="sizes must be >= 1"):
+    dataclasses.replace(gate, offset_sizes=np.zeros_like(gate.offset_sizes))

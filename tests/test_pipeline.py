@@ -81,12 +81,14 @@ def test_the_final_method_is_evaluated_and_served_behind_the_novelty_gate(pipeli
   ungated = "modit_hppo" + novelty.UNGATED_SUFFIX
   gated_rows = (ids("modit_hppo", "item_holdout") != ids(ungated, "item_holdout")).any(axis=1)
   assert gated_rows.mean() <= shares["item_holdout"]
+  # Novel seed sets get the default fallback's answers: the reported baseline's own.
+  fallback = results[novelty.JSON_KEY]["fallback"]
+  assert fallback == "neighbourhood_offset"
   np.testing.assert_array_equal(ids("modit_hppo", "item_holdout")[gated_rows],
-                                ids("centroid_global_shift", "item_holdout")[gated_rows])
+                                ids(fallback, "item_holdout")[gated_rows])
   np.testing.assert_array_equal(ids("modit_hppo", "pattern_holdout"),
-                                ids("centroid_global_shift", "pattern_holdout"))
-  assert not np.array_equal(ids(ungated, "pattern_holdout"),
-                            ids("centroid_global_shift", "pattern_holdout"))
+                                ids(fallback, "pattern_holdout"))
+  assert not np.array_equal(ids(ungated, "pattern_holdout"), ids(fallback, "pattern_holdout"))
   assert ungated in {r["method"] for r in results["records"]}
   # Both reports say what the gate did.
   for report_file in ("report.md", os.path.join("eval", "report.md")):
@@ -97,13 +99,17 @@ def test_the_final_method_is_evaluated_and_served_behind_the_novelty_gate(pipeli
             and "hold a share of train items under" in text)
   # Serving reads the same gate back from the final run's guidance.json.
   served = retriever.Retriever.from_workdir(pipeline_out)
+  knob = results["knobs"][fallback]
   np.testing.assert_allclose(served.gate.shifts,
-                             [results["knobs"]["centroid_global_shift"][d]
-                              for d in served.catalog.domains])
+                             [knob[d]["shift"] for d in served.catalog.domains])
+  np.testing.assert_allclose(served.gate.offset_steps,
+                             [knob[d]["step"] for d in served.catalog.domains])
+  np.testing.assert_array_equal(served.gate.offset_sizes,
+                                [knob[d]["neighbours"] for d in served.catalog.domains])
   model_alone = retriever.Retriever.from_workdir(pipeline_out, gate=False)
   assert model_alone.gate is None
-  # The binary serves the same: a pattern-holdout seed set gets the global shift's answer with
-  # the gate and the model's with --nogate.
+  # The binary serves the same: a pattern-holdout seed set gets the fallback's answer with the
+  # gate and the model's with --nogate.
   queries = served.catalog.queries["pattern_holdout"]
   seeds, domain = queries.seeds[0], served.catalog.domains[queries.domain[0]]
   def binary(*flags):

@@ -74,7 +74,7 @@ def _config() -> ml_collections.ConfigDict:
 
 
 @pytest.mark.parametrize("name", ["centroid_global_shift", "rerank", "local_shift",
-                                  "local_shift_train_oracle"])
+                                  "neighbourhood_offset", "local_shift_train_oracle"])
 def test_poisoned_evaluation_queries_change_no_knob(cat, name):
   """Knobs read validation queries only: scrambled held-out query files change none."""
   rng = np.random.default_rng(0)

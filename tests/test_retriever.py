@@ -14,7 +14,6 @@ from configs import sft as sft_config
 from modit_jax import catalog as catalog_lib
 from modit_jax import engine
 from modit_jax import errors
-from modit_jax import evidence
 from modit_jax import generator as generator_lib
 from modit_jax import novelty
 from modit_jax import retrieval
@@ -206,9 +205,10 @@ def test_the_novelty_gate_answers_unseen_patterns_with_the_global_shift(retrieve
   # One of a pattern no train item belongs to: the global shift's, for ids and raw embeddings.
   queries = cat.queries["pattern_holdout"]
   seeds, m = queries.seeds[0], int(queries.domain[0])
-  centroid = evidence.seed_centroids(cat.embeddings, seeds[None])
-  want, _ = retriever.index.search(gate.fallback(centroid, np.array([m])), 20,
-                                   exclude=seeds[None])
+  seed_mean = np.asarray(cat.embeddings[seeds], np.float32).mean(0)[None]
+  want, _ = retriever.index.search(
+      gate.fallback(retriever.index, seed_mean, np.array([m]), seeds[None]), 20,
+      exclude=seeds[None])
   np.testing.assert_array_equal(gated.retrieve(seeds, cat.domains[m])[0], want[0])
   assert not np.array_equal(ungated.retrieve(seeds, cat.domains[m])[0], want[0])
   by_embedding, _ = gated.retrieve(cat.embeddings[seeds], cat.domains[m], k=20 + len(seeds))
