@@ -131,7 +131,7 @@ def _counts_cell(tests: Sequence[Mapping[str, Any]]) -> str:
 
 
 # The simple methods a `catalog_summary_table` row also counts cells against.
-SUMMARY_ALSO = ("seed_centroid", "centroid_global_shift")
+SUMMARY_ALSO = ("seed_centroid", "centroid_global_shift", "neighbourhood_offset")
 
 
 def catalog_summary_table(named_results: Sequence[tuple[str, Mapping[str, Any]]],

@@ -186,3 +186,10 @@ def test_an_offset_fallback_answers_as_the_neighbourhood_offset_baseline(cat, in
   assert np.any(gate.offset_steps != 0)
   with pytest.raises(errors.UserError, match="sizes must be >= 1"):
     dataclasses.replace(gate, offset_sizes=np.zeros_like(gate.offset_sizes))
+
+
+def test_neighbourhood_offset_refuses_empty_or_bad_grids(cat, index):
+  oracle = oracle_lib.OnlineOracle(cat, k=20, index_kind="exact")
+  for sizes, steps in (((), (1.0,)), ((0, 20), (1.0,)), ((20,), ())):
+    with pytest.raises(errors.UserError, match="offset_neighbourhood_grid"):
+      baselines.fit_neighbourhood_offset(cat, oracle, index, sizes, (0.0,), steps)
