@@ -24,7 +24,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.local_neighbourhood_grid = (50, 100)
     c.local_shift_grid = (0.0, 1.0, 4.0)
     c.offset_neighbourhood_grid = (25, 50)
-    c.offset_shift_grid = (0.0, 0.4)
     c.offset_step_grid = (2.0, 8.0)
     c.metric_predictor.num_steps = 500
     c.metric_predictor.hidden = (64,)

@@ -294,7 +294,7 @@ def fit_neighbourhood_offset(catalog: catalog_lib.Catalog, oracle: oracle_lib.On
   shifts, steps = [float(a) for a in shifts], [float(b) for b in steps]
   if not sizes or not shifts or not steps or sizes[0] < 1:
     raise errors.UserError("neighbourhood_offset needs non-empty offset_neighbourhood_grid "
-                           "(sizes >= 1), offset_shift_grid and offset_step_grid")
+                           "(sizes >= 1), shift_grid and offset_step_grid")
   emb = catalog.embeddings
   directions = evidence.global_directions(catalog)
   cache: dict[int, tuple[catalog_lib.Queries, dict[int, np.ndarray]]] = {}
@@ -336,7 +336,7 @@ def _neighbourhood_offset(catalog: catalog_lib.Catalog, oracle: oracle_lib.Onlin
   if index is None:
     index = retrieval.build_index(np.asarray(catalog.embeddings, np.float32), "exact")
   return fit_neighbourhood_offset(catalog, oracle, index, config.offset_neighbourhood_grid,
-                                  config.offset_shift_grid, config.offset_step_grid)
+                                  config.shift_grid, config.offset_step_grid)
 
 
 def _centroid_global_shift(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,

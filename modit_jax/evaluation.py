@@ -69,10 +69,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.local_neighbourhood_grid = (50, 100, 200, 400, 800)
   c.local_shift_grid = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
   # neighbourhood_offset: catalog items around the seed centroid whose mean the seeds step
-  # toward, the global shift beside it, and the step (a difference of means: 0.02-0.1 long on
-  # unit embeddings, hence steps up to 32). No step is always tried: the global shift itself.
+  # toward, and the step (a difference of means: 0.02-0.1 long on unit embeddings, hence steps
+  # up to 32); the global shift beside it takes `shift_grid`. No step is always tried, so
+  # where no step pays the method is the global shift itself, shift for shift.
   c.offset_neighbourhood_grid = (50, 100, 200, 400, 800)
-  c.offset_shift_grid = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.5)
   c.offset_step_grid = (1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
   c.metric_predictor = metric_predictor.default_config()
   # Training workdirs of the generative methods (empty: not trained; the method is refused).
@@ -232,7 +232,7 @@ def _novelty_gate(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
       chosen = baselines.fit_global_shift(catalog, oracle, config.shift_grid, tolerance)
     else:
       chosen = baselines.fit_neighbourhood_offset(
-          catalog, oracle, index, config.offset_neighbourhood_grid, config.offset_shift_grid,
+          catalog, oracle, index, config.offset_neighbourhood_grid, config.shift_grid,
           config.offset_step_grid, tolerance)
     if tolerance < 0:
       fitted[name] = chosen
