@@ -97,7 +97,8 @@ def default_config() -> ml_collections.ConfigDict:
   # those whose validation Purity@k is within it of the grid's purest (a = 0, the seed average,
   # on the catalogs measured), trading Joint for purity; < 0: the global shift's own (default).
   # fallback: the baseline whose validation-tuned query a novel seed set gets, one of
-  # novelty.FALLBACKS (docs/novelty.md, "The neighbourhood offset as the fallback").
+  # novelty.FALLBACKS (docs/novelty.md, "The neighbourhood offset: a competitor, and the
+  # fallback").
   c.novelty_gate = ml_collections.ConfigDict({
       "methods": "modit_hppo", "neighbours": novelty.NEIGHBOURS,
       "train_quantile": novelty.TRAIN_QUANTILE, "purity_tolerance": -1.0,
