@@ -58,7 +58,7 @@ class Retriever:
       num_samples: query embeddings sampled per query; their results merge by best score.
       seed: the random seed of every query's samples.
       gate: the novelty gate (modit_jax/novelty.py): seed sets from a region without train
-        items are answered with the global shift; None: the model answers every seed set.
+        items are answered with its fallback query; None: the model answers every seed set.
 
     Raises:
       errors.UserError: the parts do not fit together, or a bad scale or sample count.
