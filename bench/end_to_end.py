@@ -30,8 +30,9 @@ real calls, and it times in the same run:
   to a power of two of the seed-set size), to show what that padding costs;
 - search alone: `search_samples` on the sampled queries, ScaNN, default parameters;
 - end to end without the novelty gate (docs/novelty.md): the served path runs it, one more
-  k = 20 search per seed set; on the synthetic catalogs it is a gate with a random split
-  (`_bench_gate`), with `--pipeline` the one the pipeline saved.
+  k = 20 search per seed set and a k = 200 one per seed set it calls novel (its fallback's
+  neighbourhood); on the synthetic catalogs it is a gate with a random split (`_bench_gate`),
+  with `--pipeline` the one the pipeline saved.
 The remainder of the end-to-end time is the Python around them (parsing, padding, merging).
 
 Guidance: the scale is a traced per-query array in `Generator.sample`, so serving always runs
@@ -78,7 +79,6 @@ from modit_jax import catalog as catalog_lib
 from modit_jax import diffusion
 from modit_jax import dit
 from modit_jax import engine
-from modit_jax import evidence
 from modit_jax import evaluation
 from modit_jax import generator as generator_lib
 from modit_jax import models
@@ -186,22 +186,27 @@ def _synthetic_catalogs(args: argparse.Namespace, generator: generator_lib.Gener
     catalog = synthetic_catalog(items, generator.num_domains, args.seed_size)
     retriever = retriever_lib.Retriever(generator, catalog, index, args.guidance_scale,
                                         num_samples=1, seed=args.seed,
-                                        gate=_bench_gate(n, generator, args.seed))
+                                        gate=_bench_gate(items, generator, args.seed))
     entries.append({"n": n, "items": items, "build_s": build_s, "retriever": retriever,
                     "ids": seed_sets(items, num, args.seed_size, args.seed),
                     "domains": domains, "scales": scales})
   return entries
 
 
-def _bench_gate(n: int, generator: generator_lib.Generator, seed: int) -> novelty.Gate:
+def _bench_gate(items: np.ndarray, generator: generator_lib.Generator,
+                seed: int) -> novelty.Gate:
   """A novelty gate as a pipeline's final run is served with: 68 % train items (the default
-  world's share), random unit directions, shift 0.5. Its cost is one k = 20 search per seed
-  set whatever it decides; the decision itself means nothing on this catalog."""
+  world's share), random unit directions, shift 0.5, and the neighbourhood offset's step 8 over
+  200 items (the development world's choices). Its cost is one k = 20 search per seed set, and
+  a k = 200 search per seed set it calls novel; the decision itself means nothing on this
+  catalog."""
   rng = np.random.default_rng(seed + 5)
-  directions = rng.normal(size=(generator.num_domains, generator.dim)).astype(np.float32)
-  return novelty.Gate(rng.random(n) < 0.68,
+  m = generator.num_domains
+  directions = rng.normal(size=(m, generator.dim)).astype(np.float32)
+  return novelty.Gate(rng.random(len(items)) < 0.68,
                       directions / np.linalg.norm(directions, axis=1, keepdims=True),
-                      np.full(generator.num_domains, 0.5, np.float32))
+                      np.full(m, 0.5, np.float32), 0.5, novelty.NEIGHBOURS,
+                      np.full(m, 200, np.int64), np.full(m, 8.0, np.float32), items)
 
 
 def _ungated(retriever: retriever_lib.Retriever) -> retriever_lib.Retriever:
@@ -302,7 +307,7 @@ def main(argv: list[str]) -> None:
       # The gate's queries where it answers: the search alone and the recall are of what is
       # served.
       samples, _ = retriever.gate.apply(
-          retriever.index, evidence.seed_centroids(items, ids), domains, exclude, samples)
+          retriever.index, items[ids].mean(axis=1), domains, exclude, samples)
     exact = retrieval.ExactIndex(items)
     near = common.near_queries(items, min(num, n), args.seed)
     index = retriever.index

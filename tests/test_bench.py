@@ -81,6 +81,19 @@ def test_bench_runs_on_the_tiny_config():
                    result.stdout)
 
 
+def test_serving_bench_runs_on_a_synthetic_catalog_behind_a_gate():
+  """`make bench`'s serving bench on its own synthetic catalog, served behind a novelty gate
+  with the neighbourhood offset's fallback (it once built a gate without a threshold)."""
+  result = subprocess.run(
+      [sys.executable, os.path.join(_ROOT, "bench", "end_to_end.py"), "--sizes=3000",
+       "--seed_sets=16", "--batch_sizes=8", "--rounds=1", "--clusters=30"],
+      cwd=_ROOT, env=dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1"),
+      capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+  assert re.search(r"^seed_sets_per_s@N=3000,batch=8=\d", result.stdout, re.MULTILINE)
+  assert re.search(r"^scann_recall@20@N=3000=\d", result.stdout, re.MULTILINE)
+
+
 def test_bench_rejects_a_missing_config():
   result = subprocess.run([sys.executable, _BENCH, "--config=configs/nope.py"], cwd=_ROOT,
                           capture_output=True, text=True, timeout=120, check=False)
