@@ -69,6 +69,21 @@ class Fitted:
   knob: dict[str, float] | None = None
 
 
+def last_queries_memo(compute: Callable[[catalog_lib.Queries], Any]
+                      ) -> Callable[[catalog_lib.Queries], Any]:
+  """`compute(queries)`, kept for the last queries object it was asked about: a knob's tuning
+  asks the same validation queries once per grid value, and a gated and an ungated method
+  answer a split from one draw."""
+  last: list[tuple[catalog_lib.Queries, Any]] = []
+
+  def get(queries: catalog_lib.Queries) -> Any:
+    if not last or last[0][0] is not queries:
+      last[:] = [(queries, compute(queries))]
+    return last[0][1]
+
+  return get
+
+
 def _search(index: retrieval.Index, query_embeddings: np.ndarray, seeds: np.ndarray,
             k: int) -> np.ndarray:
   ids, _ = index.search(query_embeddings, k, exclude=seeds)
@@ -223,21 +238,12 @@ def _local_shift(name: str, catalog: catalog_lib.Catalog, oracle: oracle_lib.Onl
     raise errors.UserError("local_shift needs non-empty local_neighbourhood_grid (sizes >= 1) "
                            "and local_shift_grid")
 
-  def directions(q: catalog_lib.Queries) -> dict[int, np.ndarray]:
-    return oracle_lib.local_directions(catalog, oracle, q, sizes, oracle_labels=true_labels)
-
-  cache: dict[int, tuple[catalog_lib.Queries, dict[int, np.ndarray]]] = {}
+  directions = last_queries_memo(lambda q: oracle_lib.local_directions(
+      catalog, oracle, q, sizes, oracle_labels=true_labels))
 
   def embed(q: catalog_lib.Queries, knobs: np.ndarray) -> np.ndarray:
     """Query embeddings for per-query knobs [Q, 2] = (neighbourhood size, step)."""
-    if id(q) not in cache:  # the tuning asks the same validation queries once per grid value
-      cache.clear()
-      cache[id(q)] = (q, directions(q))
-    by_size = cache[id(q)][1]
-    shift = np.zeros((len(q), catalog.dim), np.float32)
-    for n in sizes:
-      rows = knobs[:, 0] == n
-      shift[rows] = by_size[n][rows]
+    shift = evidence.rows_by_size(directions(q), knobs[:, 0])
     return normalize(evidence.seed_centroids(emb, q.seeds) + knobs[:, 1:2] * shift)
 
   grid = [(float(n), a) for n in sizes for a in steps]
@@ -297,19 +303,12 @@ def fit_neighbourhood_offset(catalog: catalog_lib.Catalog, oracle: oracle_lib.On
                            "(sizes >= 1), shift_grid and offset_step_grid")
   emb = catalog.embeddings
   directions = evidence.global_directions(catalog)
-  cache: dict[int, tuple[catalog_lib.Queries, dict[int, np.ndarray]]] = {}
+  offsets = last_queries_memo(lambda q: evidence.catalog_offsets(
+      emb, index, np.asarray(emb[q.seeds], np.float32).mean(axis=1), q.seeds, sizes))
 
   def embed(q: catalog_lib.Queries, knobs: np.ndarray) -> np.ndarray:
     """Query embeddings for per-query knobs [Q, 3] = (neighbours, shift, step)."""
-    if id(q) not in cache:  # the tuning asks the same validation queries once per grid value
-      cache.clear()
-      seed_means = np.asarray(emb[q.seeds], np.float32).mean(axis=1)
-      cache[id(q)] = (q, evidence.catalog_offsets(emb, index, seed_means, q.seeds, sizes))
-    by_size = cache[id(q)][1]
-    offset = np.zeros((len(q), catalog.dim), np.float32)
-    for n in sizes:
-      rows = knobs[:, 0] == n
-      offset[rows] = by_size[n][rows]
+    offset = evidence.rows_by_size(offsets(q), knobs[:, 0])
     return normalize(evidence.seed_centroids(emb, q.seeds) + knobs[:, 1:2] * directions[q.domain]
                      + knobs[:, 2:3] * offset)
 

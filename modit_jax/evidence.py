@@ -95,6 +95,21 @@ def catalog_offsets(embeddings: np.ndarray, index: retrieval.Index, seed_means: 
   return out
 
 
+def rows_by_size(by_size: dict[int, np.ndarray], row_sizes: np.ndarray) -> np.ndarray:
+  """float32 [Q, d]: row q of `by_size[row_sizes[q]]`, zeros where that size is not a key.
+
+  `by_size` maps a neighbourhood size to per-query vectors [Q, d] (`catalog_offsets`,
+  `label_contrast`); each query then takes the size its own knob chose.
+  """
+  row_sizes = np.asarray(row_sizes)
+  first = next(iter(by_size.values()))
+  out = np.zeros(first.shape, np.float32)
+  for n, vectors in by_size.items():
+    rows = row_sizes == n
+    out[rows] = vectors[rows]
+  return out
+
+
 def label_contrast(embeddings: np.ndarray, near: np.ndarray, known: np.ndarray,
                    positive: np.ndarray, sizes: Sequence[int]) -> dict[int, np.ndarray]:
   """Per size n: float32 [Q, d], labelled-positive mean minus labelled mean over near[:, :n].

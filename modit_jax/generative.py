@@ -75,12 +75,8 @@ def fit(name: str, workdir: str, catalog: catalog_lib.Catalog,
     knob = dict(zip(catalog.domains, scales.tolist()))
 
   # The last queries' samples: the gated and the ungated method answer a split from one draw.
-  last: list[tuple[catalog_lib.Queries, np.ndarray]] = []
-
-  def sampled(queries: catalog_lib.Queries) -> np.ndarray:
-    if not last or last[0][0] is not queries:
-      last[:] = [(queries, samples(queries, scales[queries.domain], config.num_samples))]
-    return last[0][1]
+  sampled = baselines.last_queries_memo(
+      lambda queries: samples(queries, scales[queries.domain], config.num_samples))
 
   def retrieve(queries: catalog_lib.Queries, index: retrieval.Index, k: int) -> np.ndarray:
     return generator_lib.search_samples(index, sampled(queries), queries.seeds, k)

@@ -159,11 +159,11 @@ class Gate:
     query = evidence.normalize(seed_means) + self.shifts[domains, None] * self.directions[domains]
     if self.offset_steps is not None:
       steps, sizes = self.offset_steps[domains], self.offset_sizes[domains]
-      for size in np.unique(sizes[steps != 0]):
-        rows = (sizes == size) & (steps != 0)
-        offset = evidence.catalog_offsets(self.embeddings, index, seed_means[rows],
-                                          np.asarray(exclude)[rows], [int(size)])[int(size)]
-        query[rows] += steps[rows, None] * offset
+      rows = steps != 0
+      if rows.any():  # one search, as deep as the largest neighbourhood asked for
+        by_size = evidence.catalog_offsets(self.embeddings, index, seed_means[rows],
+                                           np.asarray(exclude)[rows], np.unique(sizes[rows]))
+        query[rows] += steps[rows, None] * evidence.rows_by_size(by_size, sizes[rows])
     return evidence.normalize(query)
 
   def apply(self, index: retrieval.Index, seed_means: np.ndarray, domains: np.ndarray,
