@@ -62,18 +62,31 @@ class TargetSpace(NamedTuple):
   """
   scale: float
   anchored: bool = False
+  # With `offset_step` > 0 the anchor also steps that far along evidence token `offset_token`
+  # (a catalog offset, `model.catalog_offsets`, stored times `scale`): a fresh model answers
+  # with the seeds' mean moved toward the rest of their catalog neighbourhood.
+  offset_token: int = -1
+  offset_step: float = 0.0
+
+  def anchor(self, cond: Condition) -> jnp.ndarray:
+    """float32 [B, d]: the point a model's zero output decodes to (before normalising)."""
+    out = context_mean(cond.context, cond.context_mask).astype(jnp.float32)
+    if self.offset_step:
+      out = out + (self.offset_step / self.scale) * cond.evidence[:, self.offset_token].astype(
+          jnp.float32)
+    return out
 
   def encode(self, embedding: jnp.ndarray, cond: Condition) -> jnp.ndarray:
     """x0 [B, d] of unit embeddings [B, d] under their condition."""
     if self.anchored:
-      embedding = embedding - context_mean(cond.context, cond.context_mask)
+      embedding = embedding - self.anchor(cond)
     return embedding * self.scale
 
   def decode(self, x0: jnp.ndarray, cond: Condition) -> jnp.ndarray:
     """Unit query embeddings [B, d] of (predicted) x0 [B, d]."""
     x = x0.astype(jnp.float32) / self.scale
     if self.anchored:
-      x = x + context_mean(cond.context, cond.context_mask).astype(jnp.float32)
+      x = x + self.anchor(cond)
     return l2_normalize(x)
 
 

@@ -19,8 +19,17 @@ examples, the latent cluster the seeds come from (`exclude_group`); latent clust
 over train items, so no hidden truth enters. Seeds given as catalog ids are never their own
 neighbours, and held-out items are never neighbours (only train rows are searched).
 
-Neighbours are found by exact search over the train embeddings (one code path for training,
-evaluation and serving, with no index approximation between them).
+With `catalog_sizes` (`model.catalog_offsets`) the model also reads, per size n, the
+unlabelled neighbourhood offset over the whole catalog: the mean of the n catalog items
+nearest the seeds (held-out items included: their embeddings, never their labels, as DESIGN
+section 2 lets training read all embeddings) minus the seeds' mean, the vector the
+`neighbourhood_offset` baseline steps along. An unseen pattern's own items are in the catalog,
+so this offset points at the rest of the seeds' pattern whether or not it had train items;
+hiding a cluster (`exclude_group`) hides it from the labelled neighbourhood only.
+
+Neighbours are found by exact search over the train embeddings (the catalog's, for the
+catalog offsets): one code path for training, evaluation and serving, with no index
+approximation between them.
 
 `catalog_offsets` is the unlabelled counterpart over the whole catalog's index, which the
 `neighbourhood_offset` baseline and the novelty gate's fallback read at query time.
@@ -132,10 +141,13 @@ def label_contrast(embeddings: np.ndarray, near: np.ndarray, known: np.ndarray,
   return out
 
 
-def num_tokens(sizes: Sequence[int]) -> int:
-  """Evidence vectors per query for neighbourhood `sizes`: g_m, then a contrast and an offset
-  per size (0 when `sizes` is empty: the model reads no evidence)."""
-  return 1 + 2 * len(sizes) if len(sizes) else 0
+def num_tokens(sizes: Sequence[int], catalog_sizes: Sequence[int] = ()) -> int:
+  """Evidence vectors per query: g_m, then a contrast and an offset per labelled size in
+  `sizes`, then a catalog offset per size in `catalog_sizes` (0 when both are empty: the model
+  reads no evidence)."""
+  if not len(sizes) and not len(catalog_sizes):
+    return 0
+  return 1 + 2 * len(sizes) + len(catalog_sizes)
 
 
 def check_sizes(sizes: Sequence[int], field: str = "model.neighbour_evidence") -> tuple[int, ...]:
@@ -154,20 +166,26 @@ class NeighbourEvidence:
   """Computes the evidence vectors of seed sets from a catalog's train items."""
 
   def __init__(self, catalog: catalog_lib.Catalog, sizes: Sequence[int], scale: float,
-               groups: np.ndarray | None = None):
-    """Reads the train rows of `catalog`: embeddings and observed labels.
+               groups: np.ndarray | None = None, catalog_sizes: Sequence[int] = ()):
+    """Reads the train rows of `catalog` (embeddings and observed labels) and, with
+    `catalog_sizes`, every row's embedding.
 
     Args:
-      catalog: the catalog (only train items and their observed labels are read).
-      sizes: neighbourhood sizes n (at least one).
+      catalog: the catalog (only train items' observed labels are read).
+      sizes: labelled neighbourhood sizes n (`model.neighbour_evidence`).
       scale: the model's target scale; every vector is multiplied by it.
       groups: int [train items] a group id per train item in `catalog.train_items()` order
         (the latent clusters), for `exclude_group`; None: no group can be excluded.
+      catalog_sizes: unlabelled neighbourhood sizes over the whole catalog
+        (`model.catalog_offsets`); at least one of the two size lists is non-empty.
     """
     self.sizes = check_sizes(sizes)
-    if not self.sizes:
+    self.catalog_sizes = check_sizes(catalog_sizes, "model.catalog_offsets")
+    if not self.sizes and not self.catalog_sizes:
       raise errors.UserError("neighbour evidence needs at least one neighbourhood size")
     self.scale = float(scale)
+    self._catalog_embeddings = (np.ascontiguousarray(catalog.embeddings, dtype=np.float32)
+                                if self.catalog_sizes else None)
     self.num_domains = catalog.num_domains
     train = catalog.train_items()
     if len(train) < 2:
@@ -188,7 +206,7 @@ class NeighbourEvidence:
 
   @property
   def num_tokens(self) -> int:
-    return num_tokens(self.sizes)
+    return num_tokens(self.sizes, self.catalog_sizes)
 
   def neighbours(self, centroids: np.ndarray, exclude_items: np.ndarray | None = None,
                  exclude_group: np.ndarray | None = None) -> np.ndarray:
@@ -198,36 +216,24 @@ class NeighbourEvidence:
     int [Q] or [Q, g] (groups per query, -1: none) are never returned. Ties go to the lower
     row, so the result does not depend on blocking.
     """
-    num, count = len(centroids), len(self._train)
-    want = min(self.sizes[-1], count - 1)
-    out = np.empty((num, want), np.int64)
-    block = max(1, _SEARCH_CELLS // count)
-    for start in range(0, num, block):
-      stop = min(num, start + block)
-      sims = np.asarray(centroids[start:stop], np.float32) @ self._embeddings.T
-      if exclude_items is not None:
-        rows = self._row_of[np.maximum(exclude_items[start:stop], 0)]
-        rows = np.where(np.asarray(exclude_items[start:stop]) >= 0, rows, -1)
-        q, col = np.nonzero(rows >= 0)
-        sims[q, rows[q, col]] = -np.inf
-      if exclude_group is not None:
-        if self._groups is None:
-          raise ValueError("exclude_group needs the groups given at construction")
-        groups = np.asarray(exclude_group).reshape(len(centroids), -1)[start:stop]
-        for column in groups.T:  # one group per query at a time: [rows, train items] masks
-          hide = column[:, None] == self._groups[None, :]
-          sims[hide & (column[:, None] >= 0)] = -np.inf
-      top = np.argpartition(-sims, want - 1, axis=1)[:, :want]
-      top_sims = np.take_along_axis(sims, top, 1)
-      if np.isneginf(top_sims).any():
-        # Fewer items than `want` are left after the exclusions: never hand back an excluded one.
-        raise errors.UserError(
-            f"neighbour evidence of size {want} needs more of the {count} train items than are "
-            "left after excluding the seeds and the hidden cluster: use smaller neighbourhood "
-            "sizes")
-      order = np.lexsort((top, -top_sims), axis=1)
-      out[start:stop] = np.take_along_axis(top, order, 1)
-    return out
+    if exclude_group is not None and self._groups is None:
+      raise ValueError("exclude_group needs the groups given at construction")
+    rows = None
+    if exclude_items is not None:
+      items = np.asarray(exclude_items)
+      rows = np.where(items >= 0, self._row_of[np.maximum(items, 0)], -1)
+    groups = (None if exclude_group is None
+              else np.asarray(exclude_group).reshape(len(centroids), -1))
+    return _nearest(self._embeddings, centroids, self.sizes[-1], rows, groups, self._groups,
+                    "train items")
+
+  def catalog_neighbours(self, centroids: np.ndarray,
+                         exclude_items: np.ndarray | None = None) -> np.ndarray:
+    """Catalog ids int64 [Q, max catalog size] nearest each unit centroid, nearest first;
+    `exclude_items` int [Q, s] (-1: none) are never returned."""
+    return _nearest(self._catalog_embeddings, centroids, self.catalog_sizes[-1],
+                    None if exclude_items is None else np.asarray(exclude_items), None, None,
+                    "catalog items")
 
   def __call__(self, context: np.ndarray, context_mask: np.ndarray, domain: np.ndarray,
                exclude_items: np.ndarray | None = None,
@@ -252,13 +258,59 @@ class NeighbourEvidence:
     real = (domain >= 0) & (domain < self.num_domains)
     m = np.where(real, domain, 0)
     anchor = (context * mask[..., None]).sum(1) / np.maximum(mask.sum(1), 1)[:, None]
-    near = self.neighbours(normalize(anchor), exclude_items, exclude_group)
-    known = self._known[near, m[:, None]]
-    positive = self._positive[near, m[:, None]]
-    contrast = label_contrast(self._embeddings, near, known, positive, self.sizes)
     tokens = [self._global[m]]
-    for n in self.sizes:
-      tokens.append(contrast[n])
-      tokens.append(self._embeddings[near[:, :n]].mean(axis=1) - anchor)
+    if self.sizes:
+      near = self.neighbours(normalize(anchor), exclude_items, exclude_group)
+      known = self._known[near, m[:, None]]
+      positive = self._positive[near, m[:, None]]
+      contrast = label_contrast(self._embeddings, near, known, positive, self.sizes)
+      for n in self.sizes:
+        tokens.append(contrast[n])
+        tokens.append(self._embeddings[near[:, :n]].mean(axis=1) - anchor)
+    if self.catalog_sizes:
+      # The hidden cluster stays: an unseen pattern's items are in the catalog, unlabelled.
+      near = self.catalog_neighbours(normalize(anchor), exclude_items)
+      running = np.cumsum(self._catalog_embeddings[near], axis=1)
+      for n in self.catalog_sizes:
+        n = min(n, near.shape[1])  # a catalog of n items or fewer: all but the seed
+        tokens.append(running[:, n - 1] / n - anchor)
     out = np.stack(tokens, axis=1) * self.scale
     return np.where(real[:, None, None], out, 0.0).astype(np.float32)
+
+
+def _nearest(embeddings: np.ndarray, centroids: np.ndarray, size: int,
+             exclude_rows: np.ndarray | None, exclude_groups: np.ndarray | None,
+             groups: np.ndarray | None, what: str) -> np.ndarray:
+  """Rows int64 [Q, min(size, N - 1)] of `embeddings` [N, d] nearest each centroid, nearest
+  first, by exact inner product.
+
+  `exclude_rows` int [Q, s] (-1: none) are never returned, nor rows whose `groups` [N] entry
+  is one of the query's `exclude_groups` int [Q, g] (-1: none). Ties go to the lower row, so
+  the result does not depend on blocking.
+  """
+  num, count = len(centroids), len(embeddings)
+  want = min(size, count - 1)
+  out = np.empty((num, want), np.int64)
+  block = max(1, _SEARCH_CELLS // count)
+  for start in range(0, num, block):
+    stop = min(num, start + block)
+    sims = np.asarray(centroids[start:stop], np.float32) @ embeddings.T
+    if exclude_rows is not None:
+      rows = exclude_rows[start:stop]
+      q, col = np.nonzero(rows >= 0)
+      sims[q, rows[q, col]] = -np.inf
+    if exclude_groups is not None:
+      for column in exclude_groups[start:stop].T:  # one group per query: [rows, N] masks
+        hide = column[:, None] == groups[None, :]
+        sims[hide & (column[:, None] >= 0)] = -np.inf
+    top = np.argpartition(-sims, want - 1, axis=1)[:, :want]
+    top_sims = np.take_along_axis(sims, top, 1)
+    if np.isneginf(top_sims).any():
+      # Fewer items than `want` are left after the exclusions: never hand back an excluded one.
+      raise errors.UserError(
+          f"neighbour evidence of size {want} needs more of the {count} {what} than are "
+          "left after excluding the seeds and the hidden cluster: use smaller neighbourhood "
+          "sizes")
+    order = np.lexsort((top, -top_sims), axis=1)
+    out[start:stop] = np.take_along_axis(top, order, 1)
+  return out

@@ -37,23 +37,25 @@ from modit_jax import errors
 from modit_jax import evidence as evidence_lib
 from modit_jax import oracle as oracle_lib
 from modit_jax import query_split
+from modit_jax import retrieval
 from modit_jax import trajectories
 from modit_jax import variants
 
 POLICIES = ("policy", "reference", "seed_centroid", "global_shift", "tail_centroid",
-            "interpolation", "feedback", "neighbourhood")
+            "interpolation", "feedback", "neighbourhood", "catalog_offset")
 # The default pool, and the policies the candidate-policy ablation removes one at a time.
 # `global_shift` is opt-in: on the development world it changed nothing measured (mean
 # Joint@20 0.658 with and without it; docs/hppo.md, "Unseen patterns in the targets, and a
-# longer regression").
-DEFAULT_POLICIES = tuple(p for p in POLICIES if p != "global_shift")
+# longer regression"). `catalog_offset` is opt-in too: it moved
+# nothing served (docs/evidence.md, "The catalog around the seeds as evidence").
+DEFAULT_POLICIES = tuple(p for p in POLICIES if p not in ("global_shift", "catalog_offset"))
 SFT_TARGETS = ("best", "winner")
 # The policies whose candidates need the model: they enter the pools only, never the targets of
 # the regression phase.
 MODEL_POLICIES = ("policy", "reference", "interpolation")
 # The policies whose candidates a query with hidden clusters may take as its target: those
 # built without the clusters' train items (`hppo.hide_cluster_prob`).
-UNSEEN_PATTERN_POLICIES = ("seed_centroid", "global_shift", "neighbourhood")
+UNSEEN_PATTERN_POLICIES = ("seed_centroid", "global_shift", "neighbourhood", "catalog_offset")
 # The metrics key prefix of the share of a pool's queries whose best candidate is a policy's.
 BEST_SHARE_KEY = "pool/best_share/"
 _POOL_STREAM = 4
@@ -90,6 +92,13 @@ def default_config() -> ml_collections.ConfigDict:
   # the development world; docs/hppo.md, "Winners the policy can follow").
   c.neighbourhood_size = 200
   c.neighbourhood_steps = (2.0, 4.0, 8.0)
+  # The `catalog_offset` policy, the `neighbourhood_offset` baseline's query without labels:
+  # seed centroid + a * g_m + b * (mean of the `offset_size` catalog items nearest the seeds'
+  # mean - that mean), a in `offset_shifts`, b in `offset_steps` (the baseline's validation
+  # knobs on the development world: 200 items, a 0.05-0.8, b 1-12).
+  c.offset_size = 200
+  c.offset_shifts = (0.0, 0.4, 0.8)
+  c.offset_steps = (2.0, 6.0, 12.0)
   c.pool_queries = 256                # training queries per pool
   c.pool_every = 100                  # steps between pool rebuilds
   c.oracle_k = 20
@@ -335,7 +344,12 @@ class CandidatePools:
     self._group_of[source.train_items] = source.assign
     self._hide_prob = float(self._hppo.get("hide_cluster_prob", 0.0))  # in [0, 1]: stage check
     self._global = (evidence_lib.global_directions(catalog)
-                    if "global_shift" in self._policies else None)
+                    if {"global_shift", "catalog_offset"} & set(self._policies) else None)
+    # The whole catalog's embeddings, unlabelled (DESIGN section 2: training reads all
+    # embeddings), searched exactly for the `catalog_offset` policy.
+    self._catalog_index = (retrieval.build_index(np.asarray(catalog.embeddings, np.float32),
+                                                 "exact")
+                           if "catalog_offset" in self._policies else None)
     self._pool_size = min(int(self._hppo.pool_queries), len(self._queries))
     self._sample = jax.jit(functools.partial(
         diffusion.sample_rows, apply=apply_fn, dim=catalog.dim,
@@ -486,6 +500,15 @@ class CandidatePools:
                                              hidden=(self._group_of, hidden))[size]
       steps = [float(a) for a in hppo.neighbourhood_steps]
       add("neighbourhood", [centroid + a * contrast for a in steps], [f"a{a:g}" for a in steps])
+    if self._catalog_index is not None:
+      size = int(hppo.offset_size)
+      means = np.asarray(self.embeddings[queries.seeds], np.float32).mean(axis=1)
+      offset = evidence_lib.catalog_offsets(self.embeddings, self._catalog_index, means,
+                                            queries.seeds, [size])[size]
+      direction = self._global[queries.domain]
+      grid = [(float(a), float(b)) for a in hppo.offset_shifts for b in hppo.offset_steps]
+      add("catalog_offset", [centroid + a * direction + b * offset for a, b in grid],
+          [f"a{a:g}b{b:g}" for a, b in grid])
     if len(candidates) < 2:
       raise errors.UserError(f"hppo.policies={hppo.policies!r} gives {len(candidates)} "
                              "candidate per query; pairs need at least 2")

@@ -46,12 +46,12 @@ def make_model(model_config: ml_collections.ConfigDict, dim: int, num_domains: i
   if model_config.width % model_config.num_heads:
     raise errors.UserError(f"model.width {model_config.width} must be divisible by "
                            f"model.num_heads {model_config.num_heads}")
-  sizes = evidence_lib.check_sizes(tuple(model_config.get("neighbour_evidence", ())))
+  sizes, catalog_sizes = evidence_sizes(model_config)
   return dit.DiT(dim=dim, num_domains=num_domains, width=model_config.width,
                  depth=model_config.depth, num_heads=model_config.num_heads,
                  mlp_ratio=model_config.mlp_ratio, max_context=model_config.max_context,
                  learned_positions=model_config.learned_positions,
-                 num_evidence=evidence_lib.num_tokens(sizes),
+                 num_evidence=evidence_lib.num_tokens(sizes, catalog_sizes),
                  dtype=compute_dtype(model_config.get("dtype", "float32")))
 
 
@@ -79,8 +79,18 @@ def target_space(config: ml_collections.ConfigDict, dim: int) -> diffusion.Targe
   scale = float(config.diffusion.target_scale)
   if scale < 0:
     raise errors.UserError(f"diffusion.target_scale must be >= 0 (0: sqrt(d)); got {scale}")
-  return diffusion.TargetSpace(scale or math.sqrt(dim),
-                               bool(config.diffusion.get("anchored", False)))
+  anchored = bool(config.diffusion.get("anchored", False))
+  step = float(config.diffusion.get("anchor_offset_step", 0.0))
+  token = -1
+  if step:
+    sizes, catalog_sizes = evidence_sizes(config.model)
+    if not anchored or not catalog_sizes or step < 0:
+      raise errors.UserError(
+          "diffusion.anchor_offset_step > 0 needs diffusion.anchored and model.catalog_offsets "
+          f"(its anchor steps along the first catalog offset); got step {step}, anchored "
+          f"{anchored}, catalog_offsets {catalog_sizes}")
+    token = evidence_lib.num_tokens(sizes, catalog_sizes) - len(catalog_sizes)
+  return diffusion.TargetSpace(scale or math.sqrt(dim), anchored, token, step)
 
 
 def neighbour_evidence(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog,
@@ -90,11 +100,20 @@ def neighbour_evidence(config: ml_collections.ConfigDict, catalog: catalog_lib.C
 
   `groups` (the latent cluster of each train item) lets training hide a seed set's own cluster.
   """
-  sizes = evidence_lib.check_sizes(tuple(config.model.get("neighbour_evidence", ())))
-  if not sizes:
+  sizes, catalog_sizes = evidence_sizes(config.model)
+  if not sizes and not catalog_sizes:
     return None
   scale = target_space(config, catalog.dim).scale
-  return evidence_lib.NeighbourEvidence(catalog, sizes, scale, groups)
+  return evidence_lib.NeighbourEvidence(catalog, sizes, scale, groups, catalog_sizes)
+
+
+def evidence_sizes(model_config: ml_collections.ConfigDict
+                   ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(labelled sizes, catalog sizes) of a model's evidence; a run config saved before
+  `model.catalog_offsets` existed reads none of the latter."""
+  return (evidence_lib.check_sizes(tuple(model_config.get("neighbour_evidence", ()))),
+          evidence_lib.check_sizes(tuple(model_config.get("catalog_offsets", ())),
+                                   "model.catalog_offsets"))
 
 
 def denoising_loss_fn(model: dit.DiT, config: ml_collections.ConfigDict):

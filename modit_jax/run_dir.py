@@ -63,6 +63,10 @@ _BOOKKEEPING_FIELDS = frozenset(
     {"checkpoint_every", "keep_checkpoints", "log_every", "init_from", "data_cache",
      "model.dtype", "fsdp"})
 _ABSENT = "(absent)"
+# Fields added after runs were saved, with the value that means what their absence meant: a
+# run saved before such a field stays reusable while the field keeps that value.
+_SAME_AS_ABSENT = {"model.catalog_offsets": [], "diffusion.anchor_offset_step": 0.0, "hppo.offset_size": 200,
+                   "hppo.offset_shifts": [0.0, 0.4, 0.8], "hppo.offset_steps": [2.0, 6.0, 12.0]}
 
 
 def catalog_fingerprint(catalog: catalog_lib.Catalog) -> str:
@@ -108,6 +112,8 @@ def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> 
     if field in _BOOKKEEPING_FIELDS or field.split(".")[0] in _BOOKKEEPING_FIELDS:
       continue
     before, after = old.get(field, _ABSENT), new.get(field, _ABSENT)
+    if field in _SAME_AS_ABSENT:
+      before, after = (_ABSENT if v == _SAME_AS_ABSENT[field] else v for v in (before, after))
     if before != after:
       changes.append(f"{field}: {before} -> {after}")
   return changes

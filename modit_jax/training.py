@@ -60,6 +60,10 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # (modit_jax/evidence.py: the global direction, and per size the observed-label contrast
   # and the offset of the train items nearest the seeds). (): none, the model reads seeds only.
   c.model.neighbour_evidence = ()
+  # Neighbourhood sizes of the unlabelled offsets over the whole catalog a conditioned model
+  # reads (evidence tokens: the mean of the n catalog items nearest the seeds minus the seeds'
+  # mean, what the neighbourhood_offset baseline steps along). (): none.
+  c.model.catalog_offsets = ()
   # Compute dtype of the DiT's Dense matmuls: float32 or bfloat16 (mixed precision: params,
   # optimiser state, norms, softmax and loss stay float32). Worth it where the hardware has
   # bf16 units (TPU, GPU tensor cores, CPUs with AMX): on this 2-core AMX CPU the matmuls ran
@@ -72,6 +76,10 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # Generate the query's displacement from the context's mean instead of the query itself
   # (diffusion.TargetSpace; docs/diffusion.md, "Anchored targets").
   c.diffusion.anchored = True
+  # > 0 (with model.catalog_offsets): the anchor also steps this far along the first catalog
+  # offset, so the model generates its displacement from the neighbourhood_offset query's
+  # unshifted part (diffusion.TargetSpace). 0: the seeds' mean alone.
+  c.diffusion.anchor_offset_step = 0.0
   c.diffusion.cond_drop_prob = 0.1
   c.diffusion.sample_steps = 8
   # The sampler's start x_1 ~ N(0, temperature^2 I). 0: the deterministic path from x_1 = 0,
@@ -223,10 +231,11 @@ def train(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> engi
   # Before anything is read or written: a refused run leaves no run config in `workdir`.
   engine.validate_config(config)
   stage.check(config)
-  if config.model.get("neighbour_evidence", ()) and not stage.reads_evidence:
+  if any(models.evidence_sizes(config.model)) and not stage.reads_evidence:
     readers = [name for name in stages.names() if stages.get(name).reads_evidence]
     raise errors.UserError(
-        f"model.neighbour_evidence is read by the {' and '.join(readers)} stages only; "
+        f"model.neighbour_evidence and model.catalog_offsets are read by the "
+        f"{' and '.join(readers)} stages only; "
         f"the {config.stage} stage's batches have none")
   config, catalog = _resolved(config, dataset)
   if run_dir.latest_step(workdir):  # a resume: only of the same run

@@ -12,6 +12,9 @@ from conftest import perturb
 
 from modit_jax import diffusion
 from modit_jax import dit
+from modit_jax import errors
+from modit_jax import models
+from modit_jax import training
 
 DIM = 8
 NUM_DOMAINS = 3
@@ -256,6 +259,38 @@ def test_anchored_space_round_trips_and_starts_at_the_seed_centroid():
   for key in (0, 1):
     np.testing.assert_allclose(np.asarray(sample(params, cond, jax.random.PRNGKey(key))),
                                centroid, atol=1e-5)
+
+
+def test_an_offset_anchor_steps_along_its_evidence_token():
+  """anchor_offset_step: x0 = scale (e - mean - step * evidence[token] / scale)."""
+  cond = _cond()
+  evidence = jax.random.normal(jax.random.PRNGKey(5), (4, 3, DIM))
+  cond = cond._replace(evidence=evidence)
+  target = diffusion.l2_normalize(jax.random.normal(jax.random.PRNGKey(3), (4, DIM)))
+  space = diffusion.TargetSpace(5.0, anchored=True, offset_token=2, offset_step=4.0)
+  mask = np.asarray(cond.context_mask)[..., None]
+  mean = (np.asarray(cond.context) * mask).sum(1) / mask.sum(1)
+  anchor = mean + 4.0 / 5.0 * np.asarray(evidence)[:, 2]
+  x0 = space.encode(target, cond)
+  np.testing.assert_allclose(np.asarray(x0), 5.0 * (np.asarray(target) - anchor), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(space.decode(x0, cond)), np.asarray(target), atol=1e-5)
+  zero = np.asarray(space.decode(jnp.zeros_like(x0), cond))
+  np.testing.assert_allclose(zero, anchor / np.linalg.norm(anchor, axis=1, keepdims=True),
+                             atol=1e-5)
+
+
+def test_an_offset_anchor_needs_catalog_offsets():
+  config = training.default_config("tiny")
+  config.diffusion.target_scale, config.diffusion.anchor_offset_step = 3.0, 6.0
+  with pytest.raises(errors.UserError, match="anchor_offset_step"):
+    models.target_space(config, DIM)
+  config.model.neighbour_evidence, config.model.catalog_offsets = (5, 9), (20, 40)
+  space = models.target_space(config, DIM)
+  # g_m, two tokens per labelled size, then the catalog offsets: the first is token 5.
+  assert (space.offset_token, space.offset_step, space.anchored) == (5, 6.0, True)
+  config.diffusion.anchored = False
+  with pytest.raises(errors.UserError, match="anchor_offset_step"):
+    models.target_space(config, DIM)
 
 
 def test_temperature_zero_is_deterministic_and_central():

@@ -115,6 +115,49 @@ def test_neighbours_are_train_items_never_seeds_nor_a_hidden_group(cat):
       hidden, source.neighbours(centroids, q.seeds, several[:, [1, 0]]))
 
 
+def test_catalog_offsets_search_the_whole_catalog_and_keep_hidden_groups(cat):
+  """`catalog_sizes` tokens: the mean of the n nearest catalog items (held-out ones included,
+  seeds never) minus the seeds' mean, the baseline's offset; a hidden group hides nothing."""
+  q = _queries(cat, "pattern_holdout")
+  train = cat.train_items()
+  groups = np.arange(len(train)) % 9
+  both = evidence.NeighbourEvidence(cat, _SIZES, _SCALE, groups, catalog_sizes=(4, 30))
+  only = evidence.NeighbourEvidence(cat, (), _SCALE, catalog_sizes=(4, 30))
+  assert (both.num_tokens, only.num_tokens) == (9, 3) == (
+      evidence.num_tokens(_SIZES, (4, 30)), evidence.num_tokens((), (4, 30)))
+  got = _evidence(cat, q, source=both)
+  np.testing.assert_array_equal(got[:, :7], _evidence(cat, q))  # labelled tokens unchanged
+  np.testing.assert_array_equal(_evidence(cat, q, source=only),
+                                np.concatenate([got[:, :1], got[:, 7:]], axis=1))
+  emb = np.asarray(cat.embeddings, np.float64)
+  for i in (0, 5, len(q) - 1):
+    anchor = emb[q.seeds[i]].mean(0)
+    sims = emb @ (anchor / np.linalg.norm(anchor))
+    sims[q.seeds[i]] = -np.inf
+    near = np.argsort(-sims, kind="stable")
+    for j, n in enumerate((4, 30)):
+      np.testing.assert_allclose(got[i, 7 + j], _SCALE * (emb[near[:n]].mean(0) - anchor),
+                                 atol=1e-5)
+  # A pattern-holdout seed set's neighbourhood holds held-out items: its own pattern's rest.
+  near = only.catalog_neighbours(evidence.seed_centroids(cat.embeddings, q.seeds), q.seeds)
+  assert (np.asarray(cat.item_split)[near] == 2).mean() > 0.5
+  assert not (near[:, :, None] == q.seeds[:, None, :]).any()
+  # Hiding a seed set's cluster hides it from the labelled neighbourhood only.
+  hidden = _evidence(cat, q, exclude_group=np.arange(len(q)) % 9, source=both)
+  np.testing.assert_array_equal(hidden[:, 7:], got[:, 7:])
+  assert not np.allclose(hidden[:, :7], got[:, :7])
+  # Labels never reach it: hidden or observed labels flipped, the same offsets.
+  flipped = dataclasses.replace(cat, attributes=~np.asarray(cat.attributes))
+  np.testing.assert_array_equal(
+      _evidence(flipped, q, source=evidence.NeighbourEvidence(flipped, (), _SCALE,
+                                                              catalog_sizes=(4, 30)))[:, 1:],
+      _evidence(cat, q, source=only)[:, 1:])
+  with pytest.raises(errors.UserError, match="catalog_offsets"):
+    evidence.NeighbourEvidence(cat, (), _SCALE, catalog_sizes=(0,))
+  with pytest.raises(errors.UserError, match="at least one neighbourhood size"):
+    evidence.NeighbourEvidence(cat, (), _SCALE)
+
+
 def test_local_directions_can_hide_groups(cat):
   """`local_directions(hidden=...)` drops the hidden groups' train items, and only those."""
   q = _queries(cat, "train")
@@ -217,10 +260,13 @@ def test_model_masks_evidence_for_the_null_domain(fast_compile):
 def test_only_the_stages_whose_batches_carry_evidence_accept_it(tiny_world, tmp_path):
   for stage in ("pretrain", "cpt"):
     config = training.default_config("tiny")
-    config.stage, config.model.neighbour_evidence = stage, (5,)
-    with pytest.raises(errors.UserError, match="sft and hppo stages only"):
-      training.train(config, str(tiny_world), str(tmp_path / stage))
-    assert not (tmp_path / stage).exists()
+    for field in ("neighbour_evidence", "catalog_offsets"):
+      config.stage = stage
+      config.model[field] = (5,)
+      with pytest.raises(errors.UserError, match="sft and hppo stages only"):
+        training.train(config, str(tiny_world), str(tmp_path / stage))
+      assert not (tmp_path / stage).exists()
+      config.model[field] = ()
 
 
 def test_too_few_train_items_left_is_a_clear_error(cat):

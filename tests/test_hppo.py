@@ -162,8 +162,8 @@ def test_swapping_winner_and_loser_flips_delta(model_and_params):
 
 def test_policy_ablation_configs():
   full = hppo.parse_policies(hppo_config.get_config("tiny").hppo.policies)
-  assert full == list(hppo.DEFAULT_POLICIES) == [p for p in hppo.POLICIES
-                                                  if p != "global_shift"]
+  assert full == list(hppo.DEFAULT_POLICIES) == [
+      p for p in hppo.POLICIES if p not in ("global_shift", "catalog_offset")]
   for policy in hppo.DEFAULT_POLICIES:
     c = hppo_config.get_config(f"tiny,no_{policy}")
     assert hppo.parse_policies(c.hppo.policies) == [p for p in hppo.DEFAULT_POLICIES
@@ -366,6 +366,41 @@ def test_global_shift_candidates_step_along_the_observed_direction(tiny_world, s
                                evidence_lib.normalize(centroid + step * direction), atol=1e-6)
 
 
+def test_catalog_offset_candidates_are_the_offset_baselines_queries(tiny_world, sft_workdir):
+  """c + a g_m + b (mean of the n nearest catalog items, held-out ones included, seeds never,
+  minus the seeds' mean), read without labels: held-out items moved, the candidates move."""
+  config = _hppo_config(sft_workdir)
+  config.hppo.policies = "seed_centroid,catalog_offset"
+  config.hppo.offset_size, config.hppo.offset_shifts, config.hppo.offset_steps = 7, (0.5,), (
+      2.0, 6.0)
+  cat = catalog_lib.load_catalog(tiny_world)
+  params = engine.restore_params(sft_workdir)
+  targets = _pool_builder(cat, config, params).build_policy_free()
+  assert targets.names == ["seed_centroid:mean", "catalog_offset:a0.5b2",
+                           "catalog_offset:a0.5b6"]
+  emb = np.asarray(cat.embeddings, np.float64)
+  centroid = evidence_lib.seed_centroids(cat.embeddings, targets.queries.seeds)
+  direction = evidence_lib.global_directions(cat)[targets.queries.domain]
+  for q in (0, 3, len(targets.queries) - 1):
+    seeds = targets.queries.seeds[q]
+    mean = emb[seeds].mean(0)
+    sims = emb @ mean
+    sims[seeds] = -np.inf
+    offset = emb[np.argsort(-sims, kind="stable")[:7]].mean(0) - mean
+    for column, step in ((1, 2.0), (2, 6.0)):
+      want = centroid[q] + 0.5 * direction[q] + step * offset
+      np.testing.assert_allclose(targets.candidates[q, column], want / np.linalg.norm(want),
+                                 atol=1e-5)
+  # Held-out items are read (their embeddings): moving them moves some candidates.
+  heldout = np.asarray(cat.item_split) != 0
+  moved = np.array(cat.embeddings)
+  noise = np.random.default_rng(0).normal(size=(heldout.sum(), cat.dim)).astype(np.float32)
+  moved[heldout] = noise / np.linalg.norm(noise, axis=1, keepdims=True)
+  other = _pool_builder(dataclasses.replace(cat, embeddings=moved), config,
+                        params).build_policy_free()
+  assert not np.allclose(other.candidates[:, 1:], targets.candidates[:, 1:])
+
+
 def test_hidden_clusters_leave_the_targets_what_an_unseen_pattern_offers(tiny_world,
                                                                          sft_workdir):
   """hide_cluster_prob: a hidden query's neighbourhood skips its seeds' clusters, and its
@@ -545,17 +580,21 @@ def test_pool_best_is_each_querys_highest_joint_then_purity(tiny_world, sft_work
 
 def test_a_model_that_reads_neighbour_evidence_trains_and_samples(tiny_world, tmp_path,
                                                                   fast_compile):
-  """SFT and HPPO with neighbour evidence (modit_jax/evidence.py), then sampling from it."""
+  """SFT and HPPO with neighbour evidence (modit_jax/evidence.py), a catalog offset and an
+  anchor stepped along it, then sampling from it."""
   del fast_compile
   sizes = (5, 20)
   sft = sft_config.get_config("tiny")
   sft.init_from, sft.num_steps, sft.model.neighbour_evidence = "", 30, sizes
+  sft.model.catalog_offsets, sft.diffusion.anchor_offset_step = (12,), 2.0
   training.train(sft, str(tiny_world), str(tmp_path / "sft"))
-  assert engine.restore_params(str(tmp_path / "sft"))["evidence_slot"].shape == (5, 32)
+  assert engine.restore_params(str(tmp_path / "sft"))["evidence_slot"].shape == (6, 32)
   # HPPO's pools compute their queries' evidence and its pairs carry it: the model refuses a
   # batch without it, so a finished run shows both.
   config = _hppo_config(str(tmp_path / "sft"), num_steps=20)
   config.model.neighbour_evidence = sizes
+  config.model.catalog_offsets, config.diffusion.anchor_offset_step = (12,), 2.0
+  config.hppo.policies += ",catalog_offset"
   training.train(config, str(tiny_world), str(tmp_path / "hppo"))
   records = [json.loads(line) for line in open(tmp_path / "hppo" / engine.METRICS_FILE)]
   assert any("dpo_loss" in r for r in records)

@@ -1,5 +1,6 @@
 """Stage 1 end to end on the tiny world: batches, training, and the pretrained_gr method."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -174,6 +175,21 @@ def test_a_run_resumes_only_with_its_own_config_and_catalog(tiny, pretrained, tm
   assert int(state.step) == config.num_steps
   # A workdir without a run config (a fresh one) is no resume.
   run_dir.check_same_run(str(tmp_path / "fresh"), config, catalog_lib.load_catalog(str(tiny)))
+
+
+def test_a_field_added_later_matches_its_absence_only_at_its_default():
+  """A run saved before `model.catalog_offsets` existed is the same run at its default ()."""
+  config = pretrain_config.get_config("tiny")
+  saved = json.loads(config.to_json_best_effort())
+  del saved["model"]["catalog_offsets"]
+  assert run_dir.config_changes(saved, config) == []
+  config.model.catalog_offsets = (50,)
+  assert run_dir.config_changes(saved, config) == [
+      "model.catalog_offsets: (absent) -> [50]"]
+  # Every such field's "same as absent" value is its default.
+  flat = run_dir._flatten(json.loads(pretrain_config.get_config("tiny").to_json_best_effort()))
+  for field, value in run_dir._SAME_AS_ABSENT.items():
+    assert flat[field] == value, field
 
 
 @pytest.mark.parametrize("workdir, message", [
