@@ -72,6 +72,8 @@ class TargetSpace(NamedTuple):
     """float32 [B, d]: the point a model's zero output decodes to (before normalising)."""
     out = context_mean(cond.context, cond.context_mask).astype(jnp.float32)
     if self.offset_step:
+      if cond.evidence is None:
+        raise ValueError("an anchor stepped along a catalog offset needs the evidence tokens")
       out = out + (self.offset_step / self.scale) * cond.evidence[:, self.offset_token].astype(
           jnp.float32)
     return out

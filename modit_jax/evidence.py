@@ -229,9 +229,13 @@ class NeighbourEvidence:
 
   def catalog_neighbours(self, centroids: np.ndarray,
                          exclude_items: np.ndarray | None = None) -> np.ndarray:
-    """Catalog ids int64 [Q, max catalog size] nearest each unit centroid, nearest first;
-    `exclude_items` int [Q, s] (-1: none) are never returned."""
-    return _nearest(self._catalog_embeddings, centroids, self.catalog_sizes[-1],
+    """Catalog ids int64 [Q, max catalog size] nearest each unit centroid, nearest first
+    (fewer in a catalog without that many items besides the seeds); `exclude_items` int
+    [Q, s] (-1: none) are never returned."""
+    excluded = 0 if exclude_items is None else np.asarray(exclude_items).shape[1]
+    # A catalog smaller than a size: its mean is over every item but the seeds.
+    size = min(self.catalog_sizes[-1], len(self._catalog_embeddings) - excluded)
+    return _nearest(self._catalog_embeddings, centroids, size,
                     None if exclude_items is None else np.asarray(exclude_items), None, None,
                     "catalog items")
 
@@ -272,7 +276,7 @@ class NeighbourEvidence:
       near = self.catalog_neighbours(normalize(anchor), exclude_items)
       running = np.cumsum(self._catalog_embeddings[near], axis=1)
       for n in self.catalog_sizes:
-        n = min(n, near.shape[1])  # a catalog of n items or fewer: all but the seed
+        n = min(n, near.shape[1])  # a catalog of n items or fewer: all but the seeds
         tokens.append(running[:, n - 1] / n - anchor)
     out = np.stack(tokens, axis=1) * self.scale
     return np.where(real[:, None, None], out, 0.0).astype(np.float32)

@@ -81,7 +81,7 @@ def test_item_id_seeds_exclude_seeds_and_match_the_generator(retriever, cat):
   domain_id = cat.domain_id(domain)
   samples = retriever.generator.sample(
       cat.embeddings[seeds][None], np.ones((1, len(seeds)), bool), np.array([domain_id]),
-      seed=0, guidance_scale=retriever.guidance_scale[domain_id])
+      seed=0, guidance_scale=retriever.guidance_scale[domain_id], exclude_items=seeds[None])
   want_ids, want_scores = generator_lib.search_samples(retriever.index, samples, seeds[None], 20,
                                                     return_scores=True)
   np.testing.assert_array_equal(ids, want_ids[0])
@@ -96,10 +96,12 @@ def test_new_item_embeddings_answer_and_exclude_nothing(retriever, cat):
   assert np.all((ids >= 0) & (ids < cat.num_items))
   # Scale does not matter (rows are normalised).
   np.testing.assert_array_equal(retriever.retrieve(raw / 3.0, domain, k=20)[0], ids)
-  # The seeds' own embeddings as raw seeds: the id answer plus (possibly) the seeds themselves.
+  # The seeds' own embeddings as raw seeds: nearly the id answer plus (possibly) the seeds
+  # themselves. Not exactly: the model reads the catalog around its seeds, and raw embeddings
+  # are not known to be catalog items, so the seeds stay in their own neighbourhood there.
   by_embedding, _ = retriever.retrieve(cat.embeddings[seeds], domain, k=20 + len(seeds))
   by_id, _ = retriever.retrieve(seeds, domain, k=20)
-  np.testing.assert_array_equal(by_embedding[~np.isin(by_embedding, seeds)][:20], by_id)
+  assert len(set(by_embedding[~np.isin(by_embedding, seeds)][:20]) & set(by_id)) >= 16
 
 
 @pytest.mark.parametrize("seed", [3, np.arange(16)], ids=["batch_seed", "per_query_seeds"])
@@ -172,6 +174,8 @@ def test_generators_of_one_architecture_share_compiled_samplers(sft_workdir, cat
   """A second model of the same architecture (another stage, an ablation) does not recompile,
   and answers with its own parameters."""
   first, second = (generator_lib.Generator(sft_workdir) for _ in range(2))
+  for generator in (first, second):  # the default SFT model reads the catalog's offsets
+    generator.bind_catalog(cat)
   assert second._sample_seeded is first._sample_seeded  # pylint: disable=protected-access
   second.params = perturb(first.params, seed=3)
   queries = cat.queries["item_holdout"]
