@@ -42,7 +42,7 @@ bench uses `--guidance_scale=2` to make that plain.
 Model: `--workdir` loads a trained one (its dim and domain count then set the catalog's). By
 default the bench makes a randomly initialised model of the default stage config
 (`training.default_config()`, stage "sft", so queries are domain-conditioned as served after
-SFT), saved as a step-0 checkpoint of a temporary training workdir and loaded by
+SFT, reading the catalog offsets as the default SFT and HPPO models do), saved as a step-0 checkpoint of a temporary training workdir and loaded by
 `Generator`. The throughput does not depend on the weights: the same matmuls run whatever their
 values. DiT's adaLN-Zero init zeroes the output layer, which would make every sample the zero
 vector (and a degenerate query for search), so every parameter gets N(0, 0.02^2) noise added.
@@ -127,6 +127,9 @@ def random_workdir(root: str, dim: int, num_domains: int, guidance_scale: float,
   """Writes a training workdir holding a random-init default model; returns its path."""
   config = training.default_config()
   config.stage = "sft"  # domain-conditioned, as served after SFT or HPPO
+  # It reads the catalog around its seeds and is anchored along it, as the default SFT and
+  # HPPO models are (configs/sft.py): serving computes those offsets per seed set.
+  training.read_catalog_offsets(config)
   config.diffusion.guidance_scale = guidance_scale
   model = models.make_model(config.model, dim, num_domains)
   init_rng, noise_rng = jax.random.split(jax.random.PRNGKey(seed))
@@ -149,15 +152,21 @@ def random_workdir(root: str, dim: int, num_domains: int, guidance_scale: float,
 def synthetic_catalog(items: np.ndarray, num_domains: int, seed_size: int) -> catalog_lib.Catalog:
   """An in-memory catalog of `items`: only what `Retriever` reads is real.
 
-  Patterns, attributes, splits, sequences and query files only matter to training and
-  evaluation; they are empty or zero here.
+  Patterns, splits, sequences and query files only matter to training and evaluation; they
+  are empty or zero here. Attributes are random, a tenth of them observed: the model's global
+  direction per domain (an evidence token) needs observed positives, and timing does not
+  depend on which they are.
   """
   n, d = items.shape
+  rng = np.random.default_rng(0)
+  attributes = rng.random((n, num_domains)) < 0.3
+  observed = rng.random((n, num_domains)) < 0.1
+  observed[0] = attributes[0] = True  # every domain has an observed positive
   manifest = {"format": catalog_lib.FORMAT, "num_items": n, "dim": d,
               "domains": [f"domain{m}" for m in range(num_domains)], "seed_size": seed_size}
   return catalog_lib.Catalog(
       manifest=manifest, embeddings=items, patterns=np.zeros(n, np.int32),
-      attributes=np.zeros((n, num_domains), bool), observed=np.zeros((n, num_domains), bool),
+      attributes=attributes, observed=observed,
       item_split=np.zeros(n, np.int8), sequences=np.zeros((0, 2), np.int32), queries={})
 
 
