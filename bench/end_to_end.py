@@ -310,7 +310,7 @@ def main(argv: list[str]) -> None:
     # not depend on the batch), for the search alone and for the recall.
     samples = np.concatenate([  # in served batches: no compilation for a bucket of `num`
         generator.sample(context[c, :served], mask[c, :served], dom[c], query_seeds[c], 1,
-                         scales[c])
+                         scales[c], exclude_items=exclude[c])
         for c in chunks[batch_sizes[-1]]])
     if retriever.gate is not None:
       # The gate's queries where it answers: the search alone and the recall are of what is
@@ -341,7 +341,8 @@ def main(argv: list[str]) -> None:
       for b in batch_sizes:
         fns[f"sample B={b}"] = (
             lambda b=b, ctx=context[:, :served], m=mask[:, :served], d=dom, sc=scales: [
-                generator.sample(ctx[c], m[c], d[c], query_seeds[c], 1, sc[c])
+                generator.sample(ctx[c], m[c], d[c], query_seeds[c], 1, sc[c],
+                                 exclude_items=exclude[c])
                 for c in chunks[b]])
         if not generator.reads_evidence:
           # The plain sampler has no neighbour-evidence input; a model that reads evidence is
@@ -353,7 +354,8 @@ def main(argv: list[str]) -> None:
                   for c in chunks[b]])
         fns[f"sample L={max_context} B={b}"] = (
             lambda b=b, ctx=context, m=mask, d=dom, sc=scales: [
-                generator.sample(ctx[c], m[c], d[c], query_seeds[c], 1, sc[c])
+                generator.sample(ctx[c], m[c], d[c], query_seeds[c], 1, sc[c],
+                                 exclude_items=exclude[c])
                 for c in chunks[b]])
   for s in setups:
     for b in batch_sizes:
