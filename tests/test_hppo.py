@@ -177,26 +177,27 @@ def test_policy_ablation_configs():
 # ----------------------------------------------------------------------------- stage end to end
 
 
+def _tiny_sft(tiny_world, workdir: str, catalog_offsets: bool) -> str:
+  """Trains a 60-update tiny SFT model from scratch into `workdir`; without `catalog_offsets`
+  it reads none (the default before 2026-12-03)."""
+  config = sft_config.get_config("tiny")
+  config.init_from, config.num_steps = "", 60
+  if not catalog_offsets:
+    config.model.catalog_offsets, config.diffusion.anchor_offset_step = (), 0.0
+  training.train(config, str(tiny_world), workdir)
+  return workdir
+
+
 @pytest.fixture(scope="module")
 def sft_workdir(tiny_world, tmp_path_factory, fast_compile):
   del fast_compile
-  workdir = str(tmp_path_factory.mktemp("sft"))
-  config = sft_config.get_config("tiny")
-  config.init_from, config.num_steps = "", 60
-  training.train(config, str(tiny_world), workdir)
-  return workdir
+  return _tiny_sft(tiny_world, str(tmp_path_factory.mktemp("sft")), catalog_offsets=True)
 
 
 @pytest.fixture(scope="module")
 def plain_sft_workdir(tiny_world, tmp_path_factory, fast_compile):
-  """An SFT model that reads no catalog offsets (the default before 2026-12-03)."""
   del fast_compile
-  workdir = str(tmp_path_factory.mktemp("plain_sft"))
-  config = sft_config.get_config("tiny")
-  config.init_from, config.num_steps = "", 60
-  config.model.catalog_offsets, config.diffusion.anchor_offset_step = (), 0.0
-  training.train(config, str(tiny_world), workdir)
-  return workdir
+  return _tiny_sft(tiny_world, str(tmp_path_factory.mktemp("plain_sft")), catalog_offsets=False)
 
 
 def _hppo_config(sft_workdir: str, **overrides):
