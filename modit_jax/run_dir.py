@@ -65,8 +65,10 @@ _BOOKKEEPING_FIELDS = frozenset(
 _ABSENT = "(absent)"
 # Fields added after runs were saved, with the value that means what their absence meant: a
 # run saved before such a field stays reusable while the field keeps that value.
-_SAME_AS_ABSENT = {"model.catalog_offsets": [], "diffusion.anchor_offset_step": 0.0, "hppo.offset_size": 200,
-                   "hppo.offset_shifts": [0.0, 0.4, 0.8], "hppo.offset_steps": [2.0, 6.0, 12.0]}
+# (The values are those of `training.default_config()`; a test keeps them equal.)
+_SAME_AS_ABSENT = {"model.catalog_offsets": [], "diffusion.anchor_offset_step": 0.0,
+                   "hppo.offset_size": 200, "hppo.offset_shifts": [0.0, 0.4, 0.8],
+                   "hppo.offset_steps": [2.0, 6.0, 12.0]}
 
 
 def catalog_fingerprint(catalog: catalog_lib.Catalog) -> str:
