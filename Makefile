@@ -33,3 +33,4 @@ bench: $(VENV)/.installed
 	$(PY) bench/scale.py
 	$(PY) bench/faiss_compare.py
 	$(PY) bench/end_to_end.py
+	$(PY) bench/catalog_offsets.py

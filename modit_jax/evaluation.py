@@ -200,7 +200,7 @@ def retrieve_all(catalog: catalog_lib.Catalog, methods: Sequence[str], splits: S
         gate = _novelty_gate(catalog, oracle, config, fitted_baselines, index, splits, gated,
                              meta)
       answers = generative.fit(name, config.workdirs[name], catalog, oracle, config,
-                               gate=gate if name in gated else None)
+                               gate=gate if name in gated else None, index=index)
     if validation is not None and name in baselines.REGISTRY:
       joint = oracle.score_ids(answers[name].retrieve(validation, TrainIndex(oracle), oracle.k),
                                validation)[f"joint@{oracle.k}"]

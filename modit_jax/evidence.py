@@ -27,12 +27,13 @@ section 2 lets training read all embeddings) minus the seeds' mean, the vector t
 so this offset points at the rest of the seeds' pattern whether or not it had train items;
 hiding a cluster (`exclude_group`) hides it from the labelled neighbourhood only.
 
-Neighbours are found by exact search over the train embeddings (the catalog's, for the
-catalog offsets): one code path for training, evaluation and serving, with no index
-approximation between them.
-
-`catalog_offsets` is the unlabelled counterpart over the whole catalog's index, which the
-`neighbourhood_offset` baseline and the novelty gate's fallback read at query time.
+Labelled neighbours are found by exact search over the train embeddings. The catalog offsets
+are one function, `catalog_offsets`, over one index, `offset_index`: the catalog's default
+index (`retrieval.build_index`, ScaNN above 2,000 items), which training, evaluation and
+serving build alike (its build is seeded) or share, so the model reads in serving the
+neighbourhoods it was trained on, and the `neighbourhood_offset` baseline and the novelty
+gate's fallback read the same ones. An exact search of the whole catalog per seed set cost
+6x more (docs/evidence.md, "Approximate catalog neighbourhoods").
 """
 
 from typing import Sequence
@@ -80,27 +81,49 @@ def global_directions(catalog: catalog_lib.Catalog) -> np.ndarray:
   return normalize(positives - labelled)
 
 
+def offset_index(embeddings: np.ndarray,
+                 reuse: retrieval.Index | None = None) -> retrieval.Index:
+  """The index `catalog_offsets` searches for a model's evidence: the catalog's default index.
+
+  `reuse`: an index the caller already holds over the same `embeddings`; it is taken when it
+  is the default index (same kind and parameters, hence the same neighbourhoods, as the
+  build is seeded), and a default one is built otherwise.
+  """
+  embeddings = np.asarray(embeddings, np.float32)
+  if (reuse is not None and reuse.kind == "scann" and reuse.num_items == len(embeddings)
+      and reuse.params == retrieval.scann_params(len(embeddings))):
+    return reuse
+  return retrieval.build_index(embeddings)
+
+
 def catalog_offsets(embeddings: np.ndarray, index: retrieval.Index, seed_means: np.ndarray,
-                    exclude: np.ndarray, sizes: Sequence[int]) -> dict[int, np.ndarray]:
+                    exclude: np.ndarray | None, sizes: Sequence[int]) -> dict[int, np.ndarray]:
   """Per size n: float32 [Q, d], the mean of the n catalog items nearest each seed mean minus it.
 
   The neighbourhood offset over the whole catalog, unlabelled: `index` searches every catalog
   item (held-out ones too: their embeddings, never their labels), `exclude` int [Q, E] (-1:
-  none) keeps the seeds out, and `seed_means` float [Q, d] are the seeds' mean embeddings,
-  unnormalised (a search ranks the same for any positive scale of its query). Seeds that sit on
-  one side of their pattern, as seeds without the attribute do, get an offset toward the rest
-  of it (the `neighbourhood_offset` baseline and the novelty gate's fallback, docs/novelty.md).
+  none; None: nothing) keeps the seeds out, and `seed_means` float [Q, d] are the seeds' mean
+  embeddings, unnormalised (a search ranks the same for any positive scale of its query). A
+  catalog with fewer than n items besides the seeds gives the mean over all of them. Seeds
+  that sit on one side of their pattern, as seeds without the attribute do, get an offset
+  toward the rest of it (the `neighbourhood_offset` baseline, the novelty gate's fallback and
+  the model's catalog-offset evidence, docs/novelty.md and above).
   """
   sizes = sorted({int(n) for n in sizes})
   seed_means = np.asarray(seed_means, np.float32)
-  near, _ = index.search(seed_means, sizes[-1], exclude=exclude)
+  excluded = 0 if exclude is None else np.asarray(exclude).shape[1]
+  near, _ = index.search(seed_means, min(sizes[-1], index.num_items - excluded),
+                         exclude=exclude)
   out = {n: np.empty(seed_means.shape, np.float32) for n in sizes}
-  pick = np.asarray(sizes) - 1
-  for start in range(0, len(near), 256):  # [256, n_max, d] at a time: bounded memory
+  for start in range(0, len(near), 256):  # [256, n_max, d] gathers at a time: bounded memory
     rows = slice(start, start + 256)
-    running = np.cumsum(np.asarray(embeddings[near[rows]], np.float32), axis=1)[:, pick]
-    for i, n in enumerate(sizes):
-      out[n][rows] = running[:, i] / n - seed_means[rows]
+    # Sums over consecutive slices of the ranking: each neighbour is gathered once.
+    total, done = np.zeros(seed_means[rows].shape, np.float32), 0
+    for n in sizes:
+      upto = min(n, near.shape[1])
+      total += np.asarray(embeddings[near[rows, done:upto]], np.float32).sum(axis=1)
+      done = upto
+      out[n][rows] = total / upto - seed_means[rows]
   return out
 
 
@@ -166,7 +189,8 @@ class NeighbourEvidence:
   """Computes the evidence vectors of seed sets from a catalog's train items."""
 
   def __init__(self, catalog: catalog_lib.Catalog, sizes: Sequence[int], scale: float,
-               groups: np.ndarray | None = None, catalog_sizes: Sequence[int] = ()):
+               groups: np.ndarray | None = None, catalog_sizes: Sequence[int] = (),
+               catalog_index: retrieval.Index | None = None):
     """Reads the train rows of `catalog` (embeddings and observed labels) and, with
     `catalog_sizes`, every row's embedding.
 
@@ -178,14 +202,19 @@ class NeighbourEvidence:
         (the latent clusters), for `exclude_group`; None: no group can be excluded.
       catalog_sizes: unlabelled neighbourhood sizes over the whole catalog
         (`model.catalog_offsets`); at least one of the two size lists is non-empty.
+      catalog_index: an index over `catalog.embeddings` the caller holds, reused for the
+        catalog offsets when it is the default one (`offset_index`).
     """
     self.sizes = check_sizes(sizes)
     self.catalog_sizes = check_sizes(catalog_sizes, "model.catalog_offsets")
     if not self.sizes and not self.catalog_sizes:
       raise errors.UserError("neighbour evidence needs at least one neighbourhood size")
     self.scale = float(scale)
-    self._catalog_embeddings = (np.ascontiguousarray(catalog.embeddings, dtype=np.float32)
-                                if self.catalog_sizes else None)
+    self._catalog_embeddings = None
+    self.catalog_index = None  # what the catalog offsets search (`offset_index`)
+    if self.catalog_sizes:
+      self._catalog_embeddings = np.asarray(catalog.embeddings, np.float32)
+      self.catalog_index = offset_index(self._catalog_embeddings, catalog_index)
     self.num_domains = catalog.num_domains
     train = catalog.train_items()
     if len(train) < 2:
@@ -224,20 +253,7 @@ class NeighbourEvidence:
       rows = np.where(items >= 0, self._row_of[np.maximum(items, 0)], -1)
     groups = (None if exclude_group is None
               else np.asarray(exclude_group).reshape(len(centroids), -1))
-    return _nearest(self._embeddings, centroids, self.sizes[-1], rows, groups, self._groups,
-                    "train items")
-
-  def catalog_neighbours(self, centroids: np.ndarray,
-                         exclude_items: np.ndarray | None = None) -> np.ndarray:
-    """Catalog ids int64 [Q, max catalog size] nearest each unit centroid, nearest first
-    (fewer in a catalog without that many items besides the seeds); `exclude_items` int
-    [Q, s] (-1: none) are never returned."""
-    excluded = 0 if exclude_items is None else np.asarray(exclude_items).shape[1]
-    # A catalog smaller than a size: its mean is over every item but the seeds.
-    size = min(self.catalog_sizes[-1], len(self._catalog_embeddings) - excluded)
-    return _nearest(self._catalog_embeddings, centroids, size,
-                    None if exclude_items is None else np.asarray(exclude_items), None, None,
-                    "catalog items")
+    return _nearest(self._embeddings, centroids, self.sizes[-1], rows, groups, self._groups)
 
   def __call__(self, context: np.ndarray, context_mask: np.ndarray, domain: np.ndarray,
                exclude_items: np.ndarray | None = None,
@@ -273,18 +289,16 @@ class NeighbourEvidence:
         tokens.append(self._embeddings[near[:, :n]].mean(axis=1) - anchor)
     if self.catalog_sizes:
       # The hidden cluster stays: an unseen pattern's items are in the catalog, unlabelled.
-      near = self.catalog_neighbours(normalize(anchor), exclude_items)
-      running = np.cumsum(self._catalog_embeddings[near], axis=1)
-      for n in self.catalog_sizes:
-        n = min(n, near.shape[1])  # a catalog of n items or fewer: all but the seeds
-        tokens.append(running[:, n - 1] / n - anchor)
+      offsets = catalog_offsets(self._catalog_embeddings, self.catalog_index, anchor,
+                                exclude_items, self.catalog_sizes)
+      tokens.extend(offsets[n] for n in self.catalog_sizes)
     out = np.stack(tokens, axis=1) * self.scale
     return np.where(real[:, None, None], out, 0.0).astype(np.float32)
 
 
 def _nearest(embeddings: np.ndarray, centroids: np.ndarray, size: int,
              exclude_rows: np.ndarray | None, exclude_groups: np.ndarray | None,
-             groups: np.ndarray | None, what: str) -> np.ndarray:
+             groups: np.ndarray | None) -> np.ndarray:
   """Rows int64 [Q, min(size, N - 1)] of `embeddings` [N, d] nearest each centroid, nearest
   first, by exact inner product.
 
@@ -312,7 +326,7 @@ def _nearest(embeddings: np.ndarray, centroids: np.ndarray, size: int,
     if np.isneginf(top_sims).any():
       # Fewer items than `want` are left after the exclusions: never hand back an excluded one.
       raise errors.UserError(
-          f"neighbour evidence of size {want} needs more of the {count} {what} than are "
+          f"neighbour evidence of size {want} needs more of the {count} train items than are "
           "left after excluding the seeds and the hidden cluster: use smaller neighbourhood "
           "sizes")
     order = np.lexsort((top, -top_sims), axis=1)

@@ -38,7 +38,8 @@ def check_workdir(name: str, workdir: str) -> None:
 
 def fit(name: str, workdir: str, catalog: catalog_lib.Catalog,
         oracle: oracle_lib.OnlineOracle | None, config: ml_collections.ConfigDict,
-        gate: novelty.Gate | None = None) -> dict[str, baselines.Fitted]:
+        gate: novelty.Gate | None = None,
+        index: retrieval.Index | None = None) -> dict[str, baselines.Fitted]:
   """The generative method `name` as a `baselines.Fitted`, reading the model in `workdir`.
 
   A domain-conditioned model's guidance scale is a knob like the baselines' ones: chosen per
@@ -46,11 +47,13 @@ def fit(name: str, workdir: str, catalog: catalog_lib.Catalog,
   keeps the training config's scale).
 
   Returns {name: method}; with a `gate`, {name + UNGATED_SUFFIX: the model alone, name: the
-  model behind the novelty gate}, both answering from the same samples.
+  model behind the novelty gate}, both answering from the same samples. `index`: the
+  evaluation's index over `catalog.embeddings`, reused for a model's catalog offsets when it
+  is the default one (`Generator.bind_catalog`).
   """
   check_workdir(name, workdir)
   generator = generator_lib.Generator(workdir)
-  generator.bind_catalog(catalog)
+  generator.bind_catalog(catalog, index)
   # A model that never saw a domain token (stage 1) is asked with the null domain (guidance
   # is moot).
   conditioned = generator.facts.conditioned

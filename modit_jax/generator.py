@@ -75,19 +75,22 @@ class Generator:
       return sample_rows(params, c[None], m[None], d[None], g[None], rng, e)[0]
     return jax.vmap(one)(context, context_mask, domain, guidance_scale, seeds, evidence)
 
-  def bind_catalog(self, catalog: catalog_lib.Catalog) -> None:
+  def bind_catalog(self, catalog: catalog_lib.Catalog,
+                   index: retrieval.Index | None = None) -> None:
     """Checks that `catalog` fits the model, and reads its neighbour evidence from it.
 
     Refuses a catalog of another dimension or number of domains than the model's. A model
     that reads neighbour evidence computes it from this catalog's train items and observed
-    labels (`models.neighbour_evidence`), as its training did.
+    labels (`models.neighbour_evidence`), as its training did; `index`, an index the caller
+    holds over `catalog.embeddings`, spares building the catalog offsets' own when it is the
+    default one.
     """
     if (self.dim, self.num_domains) != (catalog.dim, catalog.num_domains):
       raise errors.UserError(
           f"the model was trained on d={self.dim} with {self.num_domains} domains; the "
           f"catalog has d={catalog.dim} and {catalog.num_domains}")
     if self.reads_evidence:
-      self._evidence = models.neighbour_evidence(self.config, catalog)
+      self._evidence = models.neighbour_evidence(self.config, catalog, catalog_index=index)
 
   def params_on(self, sharding: jax.sharding.Sharding) -> Any:
     """The EMA parameters placed with `sharding`, sent to the devices once per sharding."""

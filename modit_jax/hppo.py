@@ -37,7 +37,6 @@ from modit_jax import errors
 from modit_jax import evidence as evidence_lib
 from modit_jax import oracle as oracle_lib
 from modit_jax import query_split
-from modit_jax import retrieval
 from modit_jax import trajectories
 from modit_jax import variants
 
@@ -318,9 +317,9 @@ class CandidatePools:
                oracle: oracle_lib.OnlineOracle, apply_fn: Callable[..., jnp.ndarray],
                reference_params: Any, config: ml_collections.ConfigDict, null_domain: int,
                space: diffusion.TargetSpace, temperature: float = 1.0,
-               evidence: Any = None):
+               evidence: evidence_lib.NeighbourEvidence | None = None):
     self._config = config
-    self._evidence = evidence  # an evidence.NeighbourEvidence for a model that reads it
+    self._evidence = evidence  # for a model that reads evidence
     self._hppo = config.hppo
     self._policies = parse_policies(self._hppo.policies)
     if len(catalog.queries["train"]) == 0:
@@ -347,10 +346,13 @@ class CandidatePools:
     self._global = (evidence_lib.global_directions(catalog)
                     if {"global_shift", "catalog_offset"} & set(self._policies) else None)
     # The whole catalog's embeddings, unlabelled (DESIGN section 2: training reads all
-    # embeddings), searched exactly for the `catalog_offset` policy.
-    self._catalog_index = (retrieval.build_index(np.asarray(catalog.embeddings, np.float32),
-                                                 "exact")
-                           if "catalog_offset" in self._policies else None)
+    # embeddings), searched for the `catalog_offset` policy in the index the model's own
+    # catalog offsets search, so both read the same neighbourhoods.
+    self._catalog_index = None
+    if "catalog_offset" in self._policies:
+      held = None if evidence is None else evidence.catalog_index
+      self._catalog_index = held if held is not None else evidence_lib.offset_index(
+          catalog.embeddings)
     self._pool_size = min(int(self._hppo.pool_queries), len(self._queries))
     self._sample = jax.jit(functools.partial(
         diffusion.sample_rows, apply=apply_fn, dim=catalog.dim,

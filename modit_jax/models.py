@@ -18,6 +18,7 @@ from modit_jax import diffusion
 from modit_jax import dit
 from modit_jax import errors
 from modit_jax import evidence as evidence_lib
+from modit_jax import retrieval
 
 # `model.dtype` names; a config saved before the field existed means float32.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -94,17 +95,21 @@ def target_space(config: ml_collections.ConfigDict, dim: int) -> diffusion.Targe
 
 
 def neighbour_evidence(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog,
-                       groups: np.ndarray | None = None
+                       groups: np.ndarray | None = None,
+                       catalog_index: retrieval.Index | None = None
                        ) -> evidence_lib.NeighbourEvidence | None:
   """The evidence a model of `config` reads on `catalog` (None: it reads none).
 
-  `groups` (the latent cluster of each train item) lets training hide a seed set's own cluster.
+  `groups` (the latent cluster of each train item) lets training hide a seed set's own
+  cluster; `catalog_index`, an index the caller holds over `catalog.embeddings`, is reused for
+  the catalog offsets when it is the default one (`evidence.offset_index`).
   """
   sizes, catalog_sizes = evidence_sizes(config.model)
   if not sizes and not catalog_sizes:
     return None
   scale = target_space(config, catalog.dim).scale
-  return evidence_lib.NeighbourEvidence(catalog, sizes, scale, groups, catalog_sizes)
+  return evidence_lib.NeighbourEvidence(catalog, sizes, scale, groups, catalog_sizes,
+                                         catalog_index)
 
 
 def evidence_sizes(model_config: ml_collections.ConfigDict

@@ -63,11 +63,11 @@ class Retriever:
     Raises:
       errors.UserError: the parts do not fit together, or a bad scale or sample count.
     """
-    generator.bind_catalog(catalog)
     if (index.num_items, index.dim) != (catalog.num_items, catalog.dim):
       raise errors.UserError(
           f"the index holds {index.num_items} items of d={index.dim}; the catalog has "
           f"{catalog.num_items} of d={catalog.dim}: rebuild it from this catalog")
+    generator.bind_catalog(catalog, index)
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or (
         num_samples < 1):
       raise errors.UserError(f"num_samples must be a positive integer, got {num_samples!r}")

@@ -139,7 +139,8 @@ def test_catalog_offsets_search_the_whole_catalog_and_keep_hidden_groups(cat):
       np.testing.assert_allclose(got[i, 7 + j], _SCALE * (emb[near[:n]].mean(0) - anchor),
                                  atol=1e-5)
   # A pattern-holdout seed set's neighbourhood holds held-out items: its own pattern's rest.
-  near = only.catalog_neighbours(evidence.seed_centroids(cat.embeddings, q.seeds), q.seeds)
+  near, _ = only.catalog_index.search(evidence.seed_centroids(cat.embeddings, q.seeds), 30,
+                                      exclude=q.seeds)
   assert (np.asarray(cat.item_split)[near] == 2).mean() > 0.5
   assert not (near[:, :, None] == q.seeds[:, None, :]).any()
   # Hiding a seed set's cluster hides it from the labelled neighbourhood only.
@@ -295,3 +296,32 @@ def test_catalog_offsets_are_the_neighbourhood_mean_minus_the_seed_mean(cat):
   # reaches: that is what the offset adds to the seeds.
   split = np.asarray(cat.item_split)[order[:, :30]]
   assert (split == catalog_lib.SPLIT_CODES["pattern_holdout"]).mean() > 0.5
+
+
+def test_catalog_offsets_of_a_small_catalog_average_all_but_the_seeds(cat):
+  """A size above what is left after the seeds gives the mean over every other item."""
+  q = _queries(cat, "pattern_holdout").take(np.arange(3))
+  emb = np.asarray(cat.embeddings[:40], np.float32)
+  seeds = np.arange(3 * q.seeds.shape[1]).reshape(3, -1) % 40
+  means = emb[seeds].mean(axis=1)
+  offsets = evidence.catalog_offsets(emb, retrieval.build_index(emb, "exact"), means, seeds,
+                                     (5, 1000))
+  for i in range(3):
+    others = np.setdiff1d(np.arange(40), seeds[i])
+    np.testing.assert_allclose(offsets[1000][i], emb[others].mean(0) - means[i], atol=1e-5)
+  assert not np.allclose(offsets[5], offsets[1000])
+
+
+def test_offset_index_reuses_only_the_default_index():
+  """The catalog offsets search the catalog's default index: one the caller holds is reused
+  when it is that index, and a default one is built otherwise, with the same answers."""
+  rng = np.random.default_rng(0)
+  emb = evidence.normalize(rng.normal(size=(3000, 16)))  # above ScaNN's brute-force size
+  default = retrieval.build_index(emb)
+  assert evidence.offset_index(emb, default) is default
+  for other in (retrieval.build_index(emb, "exact"), default.with_search(leaves_to_search=1),
+                None):
+    built = evidence.offset_index(emb, other)
+    assert built is not other and built.params == default.params
+    queries = emb[:50] + 0.1
+    np.testing.assert_array_equal(built.search(queries, 30)[0], default.search(queries, 30)[0])
