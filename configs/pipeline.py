@@ -91,6 +91,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     tiny_stage = training.default_config("tiny")
     c.num_clusters = tiny_stage.num_clusters
     c.model_width = tiny_stage.model.width
+  # Whether SFT and HPPO read the catalog offsets (their evidence tokens, the anchor's step and
+  # HPPO's `catalog_offset` candidates, docs/evidence.md): "auto" when a step along the offset
+  # beats the seeds' mean on validation queries in at least half the domains
+  # (workflow.catalog_offsets_rule, docs/sizing.md); "on" / "off" as the runs are configured /
+  # none of them.
+  c.catalog_offsets = "auto"
   # Every run's `model.dtype` ("": the stage configs' float32); bfloat16 is mixed precision,
   # faster on accelerators and CPUs with bfloat16 units (docs/engine.md).
   c.model_dtype = ""

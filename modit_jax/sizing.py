@@ -41,6 +41,9 @@ class Sizes:
   max_context: int
   target_scale: float
   rules: dict[str, str]
+  # Whether SFT and HPPO read the catalog offsets (the pipeline's validation rule, not a size:
+  # `workflow.catalog_offsets_rule`, docs/sizing.md); True until the pipeline decides.
+  catalog_offsets: bool = True
 
   def as_dict(self) -> dict[str, object]:
     """The sizes and their rules, for `OUT/sizes.json`."""

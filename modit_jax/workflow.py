@@ -15,6 +15,7 @@
 pools them (modit_jax/pooling.py) into OUT/results.json and OUT/report.md.
 """
 
+import dataclasses
 import json
 import os
 import time
@@ -29,9 +30,11 @@ from modit_jax import baselines
 from modit_jax import catalog as catalog_lib
 from modit_jax import errors
 from modit_jax import evaluation
+from modit_jax import evidence
 from modit_jax import hppo
 from modit_jax import models
 from modit_jax import novelty
+from modit_jax import oracle as oracle_lib
 from modit_jax import pooling
 from modit_jax import properties
 from modit_jax import report
@@ -196,9 +199,13 @@ def _dataset(config: ml_collections.ConfigDict, out: str,
 
 def _sizes(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog, out: str,
            notes: list[str]) -> sizing.Sizes:
-  """The catalog-dependent sizes (sizing.choose), printed and written to OUT/sizes.json."""
+  """The catalog-dependent sizes (sizing.choose) and whether the conditioned runs read the
+  catalog offsets (`catalog_offsets_rule`), printed and written to OUT/sizes.json."""
   sizes = sizing.choose(catalog, seed_size=int(config.seed_size),
                         num_clusters=int(config.num_clusters), width=int(config.model_width))
+  read, rule = catalog_offsets_rule(config, catalog)
+  sizes = dataclasses.replace(sizes, catalog_offsets=read,
+                              rules={**sizes.rules, "catalog_offsets": rule})
   for line in sizes.lines():
     logging.info("Size from the catalog: %s", line)
     print(f"size: {line}", flush=True)
@@ -206,6 +213,64 @@ def _sizes(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog, out:
   with open(os.path.join(out, SIZES_FILE), "w") as f:
     json.dump(sizes.as_dict(), f, indent=1)
   return sizes
+
+
+CATALOG_OFFSET_CHOICES = ("auto", "on", "off")
+
+
+def catalog_offsets_rule(config: ml_collections.ConfigDict,
+                         catalog: catalog_lib.Catalog) -> tuple[bool, str]:
+  """Whether the conditioned runs read the catalog offsets, and the rule that said so.
+
+  `config.catalog_offsets` "on" / "off" decides; "auto" asks the validation queries (train
+  queries, the train oracle's labels: what the baselines' knobs read) the question the
+  anchor's step answers: per domain, does stepping `training.ANCHOR_OFFSET_STEP` from the
+  seeds' mean along the offset of their `training.CATALOG_OFFSETS[0]` nearest catalog items
+  beat the seeds' mean by more than the knobs' noise tolerance (`neighbourhood_offset` tuned
+  on that two-point grid)? The runs read the offsets when it does in more than half the
+  domains (a strict majority: with random labels a step passed the tolerance in up to 2 of 4
+  domains). On catalogs where it does not (the music catalog: in no domain), the anchor moved
+  the model off the seeds' pattern (docs/sizing.md, "Catalog offsets by validation").
+  """
+  choice = config.catalog_offsets
+  if choice not in CATALOG_OFFSET_CHOICES:
+    raise errors.UserError(f"catalog_offsets must be one of {', '.join(CATALOG_OFFSET_CHOICES)}"
+                           f"; got {choice!r}")
+  if choice != "auto":
+    return choice == "on", "set in the config"
+  if len(catalog.queries["train"]) < 2:
+    return False, "no validation queries to decide on: not read"
+  size, step = training.CATALOG_OFFSETS[0], training.ANCHOR_OFFSET_STEP
+  evaluate = config.evaluate
+  oracle = oracle_lib.OnlineOracle(catalog, evaluate.oracle_k, evaluate.oracle_index_kind,
+                                   evaluate.search_share)
+  fitted = baselines.fit_neighbourhood_offset(
+      catalog, oracle, evidence.offset_index(catalog.embeddings), [size], [0.0], [step])
+  stepped = [d for d, knob in fitted.knob.items() if knob["step"] > 0]
+  read = 2 * len(stepped) > catalog.num_domains
+  return read, (f"validation Joint@{oracle.k}: a step of {step:g} along the {size}-item "
+                f"catalog offset beats the seeds' mean in {len(stepped)} of "
+                f"{catalog.num_domains} domains ({', '.join(stepped) or 'none'}); read in more "
+                f"than half")
+
+
+def without_catalog_offsets(config: ml_collections.ConfigDict) -> list[str]:
+  """Sets every run of `config` to read no catalog offsets; returns the runs it changed.
+
+  The offset tokens, the anchor's step along them and HPPO's `catalog_offset` candidates go
+  together: each was measured only with the others (docs/evidence.md).
+  """
+  changed = []
+  for name, run in config.runs.items():
+    stage, before = run.stage, run.stage.to_dict()
+    stage.model.catalog_offsets = ()
+    stage.diffusion.anchor_offset_step = 0.0
+    if stage.stage == "hppo":
+      stage.hppo.policies = ",".join(p for p in variants.split(stage.hppo.policies)
+                                     if p != "catalog_offset")
+    if stage.to_dict() != before:
+      changed.append(name)
+  return changed
 
 
 def _sequence_note(catalog: catalog_lib.Catalog, notes: list[str]) -> None:
@@ -389,6 +454,12 @@ def run_pipeline(config: ml_collections.ConfigDict, out: str) -> str:
   notes: list[str] = []
   dataset, catalog = _dataset(config, out, notes)
   sizes = _sizes(config, catalog, out, notes)
+  if not sizes.catalog_offsets:
+    config = ml_collections.ConfigDict(config.to_dict())  # the caller's config stays as given
+    changed = without_catalog_offsets(config)
+    if changed:
+      notes.append(f"catalog offsets not read by {', '.join(changed)} "
+                   f"({sizes.rules['catalog_offsets']})")
   _sequence_note(catalog, notes)
   workdirs = _train_runs(config, sizes, dataset, out, notes)
   index_start = time.perf_counter()

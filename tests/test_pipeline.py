@@ -1,5 +1,6 @@
 """The one-command pipeline on the tiny world: every run, evaluation, report, serving, re-run."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,12 +10,14 @@ import numpy as np
 import pytest
 
 from configs import pipeline as pipeline_config
+from modit_jax import catalog as catalog_lib
 from modit_jax import errors
 from modit_jax import hppo as hppo_lib
 from modit_jax import novelty
 from modit_jax import retriever
 from modit_jax import run_dir
 from modit_jax import sizing
+from modit_jax import training
 from modit_jax import workflow
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +41,9 @@ def _fast_tiny_config(ablations: bool = True):
   config.runs.hppo.stage.hppo.beta = 150.0
   config.evaluate.num_resamples = 200
   config.evaluate.guidance_grid = (1.0,)
+  # The runs as configured, offsets read: the tiny world's rule says no to the default sizes
+  # (test_the_catalog_offsets_rule_asks_the_validation_queries), and the path should run here.
+  config.catalog_offsets = "on"
   return config
 
 
@@ -201,6 +207,46 @@ def test_the_pipeline_fills_the_sizes_and_seed_a_run_leaves_to_it():
   hppo_run = workflow.run_stage_config(config, "hppo", sizes, "/o")
   assert (hppo_run.model.width, hppo_run.seed, hppo_run.num_clusters) == (48, 7, 40)
   assert config.runs.sft.stage.model.width == 0  # the pipeline's config stays as given
+
+
+def test_runs_without_catalog_offsets_read_none_and_their_ablation_is_a_twin():
+  """`catalog_offsets` off: no run reads the offset tokens, steps its anchor along them or
+  has the `catalog_offset` candidates, so the ablation that leaves them out is HPPO's twin."""
+  config = pipeline_config.get_config()
+  assert "hppo_no_catalog_offset" not in workflow.twin_runs(config)
+  changed = workflow.without_catalog_offsets(config)
+  assert {"sft", "hppo", "sft_only", "hppo_no_catalog_offset"} <= set(changed)
+  assert not {"pretrain", "cpt"} & set(changed)
+  for run in config.runs.values():
+    assert tuple(run.stage.model.catalog_offsets) == ()
+    assert run.stage.diffusion.anchor_offset_step == 0.0
+    if run.stage.stage == "hppo":
+      assert "catalog_offset" not in run.stage.hppo.policies.split(",")
+  assert workflow.twin_runs(config)["hppo_no_catalog_offset"] == "hppo"
+
+
+def test_the_catalog_offsets_rule_asks_the_validation_queries(tiny_world, monkeypatch):
+  """"auto" reads the offsets where a step along them beats the seeds' mean on validation
+  queries in most domains: on the tiny world with its own labels, not with random ones."""
+  config = pipeline_config.get_config("tiny")
+  cat = catalog_lib.load_catalog(tiny_world)
+  for choice, read in (("on", True), ("off", False)):
+    config.catalog_offsets = choice
+    assert workflow.catalog_offsets_rule(config, cat) == (read, "set in the config")
+  config.catalog_offsets = "auto"
+  # The tiny world's patterns hold tens of items: the default 200-item offset crosses several
+  # (its rule says no); a 50-item one is the scale the default's 200 is on the default world.
+  monkeypatch.setattr(training, "CATALOG_OFFSETS", (50, 800))
+  read, rule = workflow.catalog_offsets_rule(config, cat)
+  assert read and "in 4 of 4 domains" in rule, rule
+  rng = np.random.default_rng(0)
+  random_labels = dataclasses.replace(
+      cat, attributes=rng.random(cat.attributes.shape) < np.mean(cat.attributes, axis=0))
+  read, rule = workflow.catalog_offsets_rule(config, random_labels)
+  assert not read, rule
+  config.catalog_offsets = "sometimes"
+  with pytest.raises(errors.UserError, match="catalog_offsets must be one of"):
+    workflow.catalog_offsets_rule(config, cat)
 
 
 def test_ablations_run_on_the_generated_world_only_by_default():

@@ -108,4 +108,10 @@ def test_pipeline_applies_the_sizes(text_shaped_catalog, tmp_path, fast_compile)
     assert run.num_clusters == recorded["num_clusters"]
     assert run.sft.context_size == 5 and run.cpt.trajectory_length == 5
     assert run.diffusion.target_scale == pytest.approx(recorded["target_scale"])
-  assert "width = 128" in open(os.path.join(out, "report.md")).read()
+  # The catalog-offsets rule's answer is recorded with its reason, and the runs follow it.
+  assert "beats the seeds' mean in" in recorded["rules"]["catalog_offsets"]
+  sft, _, _ = run_dir.read_run_config(os.path.join(out, "sft"))
+  assert bool(len(sft.model.catalog_offsets)) == recorded["catalog_offsets"]
+  assert (sft.diffusion.anchor_offset_step > 0) == recorded["catalog_offsets"]
+  report_text = open(os.path.join(out, "report.md")).read()
+  assert "width = 128" in report_text and "catalog_offsets = " in report_text
