@@ -93,7 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model_width = tiny_stage.model.width
   # Whether SFT and HPPO read the catalog offsets (their evidence tokens, the anchor's step and
   # HPPO's `catalog_offset` candidates, docs/evidence.md): "auto" when a step along the offset
-  # beats the seeds' mean on validation queries in at least half the domains
+  # beats the seeds' mean on validation queries in more than half the domains
   # (workflow.catalog_offsets_rule, docs/sizing.md); "on" / "off" as the runs are configured /
   # none of them.
   c.catalog_offsets = "auto"

@@ -33,7 +33,7 @@ index (`retrieval.build_index`, ScaNN above 2,000 items), which training, evalua
 serving build alike (its build is seeded) or share, so the model reads in serving the
 neighbourhoods it was trained on, and the `neighbourhood_offset` baseline and the novelty
 gate's fallback read the same ones. An exact search of the whole catalog per seed set cost
-6x more (docs/evidence.md, "Approximate catalog neighbourhoods").
+5x more (docs/evidence.md, "Approximate catalog neighbourhoods").
 """
 
 from typing import Sequence
