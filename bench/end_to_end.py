@@ -129,7 +129,7 @@ def random_workdir(root: str, dim: int, num_domains: int, guidance_scale: float,
   config.stage = "sft"  # domain-conditioned, as served after SFT or HPPO
   # It reads the catalog around its seeds and is anchored along it, as the default SFT and
   # HPPO models are (configs/sft.py): serving computes those offsets per seed set.
-  training.read_catalog_offsets(config)
+  training.set_catalog_offsets(config, True)
   config.diffusion.guidance_scale = guidance_scale
   model = models.make_model(config.model, dim, num_domains)
   init_rng, noise_rng = jax.random.split(jax.random.PRNGKey(seed))

@@ -26,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = training.default_config(variants.join(*(t for t in tokens if not t.startswith("no_"))))
   c.stage = "hppo"
   c.init_from = "out/default/sft"
-  training.read_catalog_offsets(c)  # as its SFT start does
+  training.set_catalog_offsets(c, True)  # as its SFT start does
   # A short warm-up, and an EMA that follows the policy within a few hundred steps. With the
   # SFT term on each query's best candidate (hppo.default_config) the policy was under-fitted
   # at 1e-3 (on the development world, Joint@20 rose with the rate up to 8e-3 and was flat

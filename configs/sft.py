@@ -19,5 +19,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = training.default_config(arg)
   c.stage = "sft"
   c.init_from = "out/default/cpt"
-  training.read_catalog_offsets(c)
+  training.set_catalog_offsets(c, True)
   return c

@@ -146,9 +146,13 @@ class TrainIndex:
 
 
 def retrieve_all(catalog: catalog_lib.Catalog, methods: Sequence[str], splits: Sequence[str],
-                 config: ml_collections.ConfigDict
+                 config: ml_collections.ConfigDict, index: retrieval.Index | None = None
                  ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any], dict[str, Any]]:
   """Fits every method (knobs on validation queries) and retrieves max(ks) ids for every split.
+
+  `index`: an index over `catalog.embeddings` the caller holds (the pipeline's serving
+  index), searched instead of building one when it is of `config.index_kind` (else one is
+  built), and read for the models' catalog offsets when it is the default one.
 
   `meta["validation"][method][domain]` is a baseline's mean oracle Joint@k on the validation
   queries, what the strongest competitor is chosen by.
@@ -171,10 +175,16 @@ def retrieve_all(catalog: catalog_lib.Catalog, methods: Sequence[str], splits: S
       generative.check_workdir(name, config.workdirs[name])
   k = max(config.ks)
   start = time.perf_counter()
-  index = retrieval.searching_leaf_share(
-      retrieval.build_index(np.asarray(catalog.embeddings), config.index_kind),
-      config.search_share)
-  meta = {"index": {"kind": index.kind, "params": index.params,
+  held = index if index is not None and index.num_items == catalog.num_items else None
+  reused = held is not None and held.kind == config.index_kind
+  if not reused:
+    index = retrieval.build_index(np.asarray(catalog.embeddings), config.index_kind)
+  # The models' catalog offsets read an index as built (the neighbourhoods they were trained
+  # on when it is the default one, `evidence.offset_index`): the caller's, else this one. The
+  # methods' answers are searched with more leaves.
+  offsets_index = held if held is not None else index
+  index = retrieval.searching_leaf_share(index, config.search_share)
+  meta = {"index": {"kind": index.kind, "params": index.params, "reused": reused,
                     "build_seconds": round(time.perf_counter() - start, 2)},
           "validation": {}}
   oracle = oracle_lib.OnlineOracle(catalog, config.oracle_k, config.oracle_index_kind,
@@ -200,7 +210,7 @@ def retrieve_all(catalog: catalog_lib.Catalog, methods: Sequence[str], splits: S
         gate = _novelty_gate(catalog, oracle, config, fitted_baselines, index, splits, gated,
                              meta)
       answers = generative.fit(name, config.workdirs[name], catalog, oracle, config,
-                               gate=gate if name in gated else None, index=index)
+                               gate=gate if name in gated else None, index=offsets_index)
     if validation is not None and name in baselines.REGISTRY:
       joint = oracle.score_ids(answers[name].retrieve(validation, TrainIndex(oracle), oracle.k),
                                validation)[f"joint@{oracle.k}"]
@@ -376,8 +386,13 @@ def data_diagnostics(catalog: catalog_lib.Catalog, methods: Sequence[str],
   return out
 
 
-def evaluate(catalog: catalog_lib.Catalog, config: ml_collections.ConfigDict) -> Evaluation:
-  """Runs the configured methods on the configured splits and summarises them."""
+def evaluate(catalog: catalog_lib.Catalog, config: ml_collections.ConfigDict,
+             index: retrieval.Index | None = None) -> Evaluation:
+  """Runs the configured methods on the configured splits and summarises them.
+
+  `index`: the caller's index over `catalog.embeddings`, searched when it is of
+  `config.index_kind` (`retrieve_all`); None: built.
+  """
   methods = split_names(config.methods, "methods")
   splits = split_names(config.splits, "splits")
   references = split_names(config.references, "references")
@@ -385,7 +400,7 @@ def evaluate(catalog: catalog_lib.Catalog, config: ml_collections.ConfigDict) ->
     raise errors.UserError(f"config.ks must include 20 (the headline K), got {config.ks}")
   seed_limit = int(config.get("seed_limit", 0))
   catalog = catalog_lib.with_first_seeds(catalog, seed_limit)
-  retrieved, knobs, meta = retrieve_all(catalog, methods, splits, config)
+  retrieved, knobs, meta = retrieve_all(catalog, methods, splits, config, index)
   scores = score_all(catalog, retrieved, config.ks)
   strongest = strongest_per_domain(meta["validation"])
   records = summarize(catalog.domains, {s: catalog.queries[s].domain for s in splits}, scores,

@@ -21,6 +21,7 @@ from modit_jax import errors
 from modit_jax import hppo
 from modit_jax import metric_predictor
 from modit_jax import models
+from modit_jax import retrieval
 from modit_jax import run_dir
 from modit_jax import sizing
 from modit_jax import stages
@@ -39,11 +40,20 @@ CATALOG_OFFSETS = (200, 800)
 ANCHOR_OFFSET_STEP = 2.0
 
 
-def read_catalog_offsets(c: ml_collections.ConfigDict) -> None:
-  """Sets a conditioned stage's config to read the catalog offsets (`CATALOG_OFFSETS`) and
-  anchor its targets along them; SFT and HPPO share it, as HPPO's model is SFT's."""
-  c.model.catalog_offsets = CATALOG_OFFSETS
-  c.diffusion.anchor_offset_step = ANCHOR_OFFSET_STEP
+def set_catalog_offsets(c: ml_collections.ConfigDict, read: bool) -> None:
+  """Sets a conditioned stage's config to read the catalog offsets or not.
+
+  Reading: the offset tokens of `CATALOG_OFFSETS`, the targets anchored `ANCHOR_OFFSET_STEP`
+  along the first (SFT and HPPO share them, as HPPO's model is SFT's). Not reading: no tokens,
+  no step, and an HPPO config's pool loses its `catalog_offset` candidates; the three were
+  measured only together (docs/evidence.md). Reading adds no candidate: a pool without them
+  (the `hppo_no_catalog_offset` ablation) stays so.
+  """
+  c.model.catalog_offsets = CATALOG_OFFSETS if read else ()
+  c.diffusion.anchor_offset_step = ANCHOR_OFFSET_STEP if read else 0.0
+  if not read and c.stage == "hppo":
+    c.hppo.policies = ",".join(p for p in variants.split(c.hppo.policies)
+                               if p != "catalog_offset")
 
 
 def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -239,8 +249,14 @@ def check_finished_run(config: ml_collections.ConfigDict, dataset: str, workdir:
   run_dir.check_same_run(workdir, *_resolved(config, dataset))
 
 
-def train(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> engine.TrainState:
-  """Trains the stage `config.stage` on the catalog at `dataset` into `workdir` (resumable)."""
+def train(config: ml_collections.ConfigDict, dataset: str, workdir: str,
+          catalog_index: retrieval.Index | None = None) -> engine.TrainState:
+  """Trains the stage `config.stage` on the catalog at `dataset` into `workdir` (resumable).
+
+  `catalog_index`: an index over the catalog's embeddings the caller holds (the pipeline's
+  serving index), reused for the catalog offsets when it is the default one
+  (`evidence.offset_index`), so a pipeline builds that index once instead of once per run.
+  """
   stage = stages.get(config.stage)
   # Before anything is read or written: a refused run leaves no run config in `workdir`.
   engine.validate_config(config)
@@ -262,7 +278,7 @@ def train(config: ml_collections.ConfigDict, dataset: str, workdir: str) -> engi
   else:
     init_params = jax.device_get(dit.init_params(model, jax.random.PRNGKey(config.seed)))
   loop_args = stage.loop_args(stages_base.Inputs(config, catalog, model, init_params, dataset,
-                                                 workdir))
+                                                 workdir, catalog_index))
   run_dir.write_run_config(workdir, config, catalog.dim, catalog.num_domains,
                            stage.facts(config), dataset, run_dir.catalog_fingerprint(catalog))
   return engine.train_loop(config, workdir, init_params=init_params, **loop_args)

@@ -198,12 +198,12 @@ def _dataset(config: ml_collections.ConfigDict, out: str,
 
 
 def _sizes(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog, out: str,
-           notes: list[str]) -> sizing.Sizes:
+           notes: list[str], index: retrieval.Index | None = None) -> sizing.Sizes:
   """The catalog-dependent sizes (sizing.choose) and whether the conditioned runs read the
   catalog offsets (`catalog_offsets_rule`), printed and written to OUT/sizes.json."""
   sizes = sizing.choose(catalog, seed_size=int(config.seed_size),
                         num_clusters=int(config.num_clusters), width=int(config.model_width))
-  read, rule = catalog_offsets_rule(config, catalog)
+  read, rule = catalog_offsets_rule(config, catalog, index)
   sizes = dataclasses.replace(sizes, catalog_offsets=read,
                               rules={**sizes.rules, "catalog_offsets": rule})
   for line in sizes.lines():
@@ -218,8 +218,8 @@ def _sizes(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog, out:
 CATALOG_OFFSET_CHOICES = ("auto", "on", "off")
 
 
-def catalog_offsets_rule(config: ml_collections.ConfigDict,
-                         catalog: catalog_lib.Catalog) -> tuple[bool, str]:
+def catalog_offsets_rule(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog,
+                         index: retrieval.Index | None = None) -> tuple[bool, str]:
   """Whether the conditioned runs read the catalog offsets, and the rule that said so.
 
   `config.catalog_offsets` "on" / "off" decides; "auto" asks the validation queries (train
@@ -231,6 +231,8 @@ def catalog_offsets_rule(config: ml_collections.ConfigDict,
   domains (a strict majority: with random labels a step passed the tolerance in up to 2 of 4
   domains). On catalogs where it does not (the music catalog: in no domain), the anchor moved
   the model off the seeds' pattern (docs/sizing.md, "Catalog offsets by validation").
+  `index`: the pipeline's index over the catalog, searched when it is the default one
+  (`evidence.offset_index`).
   """
   choice = config.catalog_offsets
   if choice not in CATALOG_OFFSET_CHOICES:
@@ -245,7 +247,7 @@ def catalog_offsets_rule(config: ml_collections.ConfigDict,
   oracle = oracle_lib.OnlineOracle(catalog, evaluate.oracle_k, evaluate.oracle_index_kind,
                                    evaluate.search_share)
   fitted = baselines.fit_neighbourhood_offset(
-      catalog, oracle, evidence.offset_index(catalog.embeddings), [size], [0.0], [step])
+      catalog, oracle, evidence.offset_index(catalog.embeddings, index), [size], [0.0], [step])
   stepped = [d for d, knob in fitted.knob.items() if knob["step"] > 0]
   read = 2 * len(stepped) > catalog.num_domains
   return read, (f"validation Joint@{oracle.k}: a step of {step:g} along the {size}-item "
@@ -255,20 +257,14 @@ def catalog_offsets_rule(config: ml_collections.ConfigDict,
 
 
 def without_catalog_offsets(config: ml_collections.ConfigDict) -> list[str]:
-  """Sets every run of `config` to read no catalog offsets; returns the runs it changed.
-
-  The offset tokens, the anchor's step along them and HPPO's `catalog_offset` candidates go
-  together: each was measured only with the others (docs/evidence.md).
-  """
+  """Sets every run of `config` to read no catalog offsets (`training.set_catalog_offsets`:
+  no offset tokens, no anchor step along them, no `catalog_offset` candidates in HPPO's
+  pools); returns the runs it changed."""
   changed = []
   for name, run in config.runs.items():
-    stage, before = run.stage, run.stage.to_dict()
-    stage.model.catalog_offsets = ()
-    stage.diffusion.anchor_offset_step = 0.0
-    if stage.stage == "hppo":
-      stage.hppo.policies = ",".join(p for p in variants.split(stage.hppo.policies)
-                                     if p != "catalog_offset")
-    if stage.to_dict() != before:
+    before = run.stage.to_dict()
+    training.set_catalog_offsets(run.stage, False)
+    if run.stage.to_dict() != before:
       changed.append(name)
   return changed
 
@@ -333,7 +329,7 @@ def run_stage_config(config: ml_collections.ConfigDict, name: str, sizes: sizing
 
 
 def _train_runs(config: ml_collections.ConfigDict, sizes: sizing.Sizes, dataset: str, out: str,
-                notes: list[str]) -> dict[str, str]:
+                notes: list[str], index: retrieval.Index | None = None) -> dict[str, str]:
   workdirs = {}
   if with_ablations(config):
     for name, twin in twin_runs(config).items():
@@ -362,14 +358,15 @@ def _train_runs(config: ml_collections.ConfigDict, sizes: sizing.Sizes, dataset:
       continue
     logging.info("Run %s: %s from %s", name, run.source, stage.init_from or "scratch")
     start = time.perf_counter()
-    training.train(stage, dataset, workdir)
+    training.train(stage, dataset, workdir, catalog_index=index)
     notes.append(f"run `{name}` ({run.source}, {stage.num_steps} steps): "
                  f"{time.perf_counter() - start:.0f} s")
   return workdirs
 
 
 def _evaluate(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog, dataset: str,
-              out: str, workdirs: dict[str, str], notes: list[str]) -> dict[str, Any]:
+              out: str, workdirs: dict[str, str], notes: list[str],
+              index: retrieval.Index | None = None) -> dict[str, Any]:
   eval_config = ml_collections.ConfigDict(config.evaluate.to_dict())
   eval_config.seed = int(config.seed)
   methods = evaluation.split_names(eval_config.methods, "methods")
@@ -401,7 +398,7 @@ def _evaluate(config: ml_collections.ConfigDict, catalog: catalog_lib.Catalog, d
         with open(results_path) as g:
           return json.load(g)
   start = time.perf_counter()
-  result = evaluation.evaluate(catalog, eval_config)
+  result = evaluation.evaluate(catalog, eval_config, index)
   results = evaluation.write(result, eval_dir, dataset)
   results_markdown.write_evaluation_report(eval_dir, results)
   with open(inputs_path, "w") as f:
@@ -453,7 +450,13 @@ def run_pipeline(config: ml_collections.ConfigDict, out: str) -> str:
   os.makedirs(out, exist_ok=True)
   notes: list[str] = []
   dataset, catalog = _dataset(config, out, notes)
-  sizes = _sizes(config, catalog, out, notes)
+  # The serving index first: the offsets rule, the runs that read the catalog offsets and the
+  # evaluation search it (when it is the default index) instead of each building its own.
+  index_start = time.perf_counter()
+  index = retrieval.load_or_build_index(os.path.join(out, INDEX_DIR), catalog.embeddings,
+                                        config.index_kind)
+  notes.append(f"serving index ({config.index_kind}): {time.perf_counter() - index_start:.0f} s")
+  sizes = _sizes(config, catalog, out, notes, index)
   if not sizes.catalog_offsets:
     config = ml_collections.ConfigDict(config.to_dict())  # the caller's config stays as given
     changed = without_catalog_offsets(config)
@@ -461,12 +464,8 @@ def run_pipeline(config: ml_collections.ConfigDict, out: str) -> str:
       notes.append(f"catalog offsets not read by {', '.join(changed)} "
                    f"({sizes.rules['catalog_offsets']})")
   _sequence_note(catalog, notes)
-  workdirs = _train_runs(config, sizes, dataset, out, notes)
-  index_start = time.perf_counter()
-  retrieval.load_or_build_index(os.path.join(out, INDEX_DIR), catalog.embeddings,
-                                config.index_kind)
-  notes.append(f"serving index ({config.index_kind}): {time.perf_counter() - index_start:.0f} s")
-  results = _evaluate(config, catalog, dataset, out, workdirs, notes)
+  workdirs = _train_runs(config, sizes, dataset, out, notes, index)
+  results = _evaluate(config, catalog, dataset, out, workdirs, notes, index)
   _write_serving_files(config, out, dataset, results)
   notes.append(f"total: {time.perf_counter() - start:.0f} s")
   return report.write_pipeline_report(out, results, workdirs, title="MO-DiT+HPPO pipeline report",

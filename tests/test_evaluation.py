@@ -374,3 +374,23 @@ def test_the_default_gate_falls_back_on_the_neighbourhood_offset_as_reported(tin
   with pytest.raises(errors.UserError, match="novelty_gate.fallback must be one of"):
     evaluation._novelty_gate(cat, oracle, config, {}, index, ["pattern_holdout"],
                              ["modit_hppo"], {})
+
+
+def test_an_evaluation_searches_the_index_it_is_given(tiny_world):
+  """A held index of the configured kind is searched instead of a new build (the pipeline's
+  serving index), with the answers a fresh build gives; one of another kind is not."""
+  cat = catalog_lib.load_catalog(tiny_world)
+  config = evaluate_config.get_config("tiny")
+  config.methods = "seed_centroid,centroid_global_shift"
+  config.splits = "item_holdout"
+  embeddings = np.asarray(cat.embeddings, np.float32)
+  built = evaluation.evaluate(cat, config)
+  given = evaluation.evaluate(cat, config, retrieval.build_index(embeddings, config.index_kind))
+  assert given.meta["index"]["reused"] and not built.meta["index"]["reused"]
+  for method in ("seed_centroid", "centroid_global_shift"):
+    np.testing.assert_array_equal(given.retrieved[method]["item_holdout"],
+                                  built.retrieved[method]["item_holdout"])
+  other = "scann" if config.index_kind == "exact" else "exact"
+  wrong_kind = evaluation.evaluate(cat, config, retrieval.build_index(embeddings, other))
+  assert not wrong_kind.meta["index"]["reused"]
+  assert wrong_kind.meta["index"]["kind"] == config.index_kind

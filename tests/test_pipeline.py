@@ -14,6 +14,7 @@ from modit_jax import catalog as catalog_lib
 from modit_jax import errors
 from modit_jax import hppo as hppo_lib
 from modit_jax import novelty
+from modit_jax import retrieval
 from modit_jax import retriever
 from modit_jax import run_dir
 from modit_jax import sizing
@@ -47,11 +48,23 @@ def _fast_tiny_config(ablations: bool = True):
   return config
 
 
+# (kind, number of items) of every index the pipeline_out fixture's run built.
+_INDEX_BUILDS = []
+
+
 @pytest.fixture(scope="module")
 def pipeline_out(tmp_path_factory, fast_compile):
   del fast_compile
   out = str(tmp_path_factory.mktemp("pipeline"))
-  workflow.run_pipeline(_fast_tiny_config(), out)
+  build = retrieval.build_index
+
+  def counted(embeddings, kind="scann", **overrides):
+    _INDEX_BUILDS.append((kind, len(embeddings)))
+    return build(embeddings, kind, **overrides)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(retrieval, "build_index", counted)
+    workflow.run_pipeline(_fast_tiny_config(), out)
   return out
 
 
@@ -73,6 +86,15 @@ def test_pipeline_writes_everything(pipeline_out):
     assert os.path.isfile(os.path.join(pipeline_out, name, "config.json"))
   saved = run_dir.read_run_config(os.path.join(pipeline_out, "hppo"))[0]
   assert saved.hppo.beta == 150.0 and saved.num_steps == 8
+
+
+def test_the_pipeline_builds_the_catalog_index_once(pipeline_out):
+  """The serving index, built first, is what the offsets rule, the runs that read the catalog
+  offsets and the evaluated models' offsets search: no other default index over the whole
+  catalog is built (the tiny config evaluates with an exact one, tests/test_evaluation.py
+  checks that an evaluation searches the index it is given)."""
+  num_items = catalog_lib.load_catalog(os.path.join(pipeline_out, "dataset")).num_items
+  assert _INDEX_BUILDS.count(("scann", num_items)) == 1, _INDEX_BUILDS
 
 
 def test_the_final_method_is_evaluated_and_served_behind_the_novelty_gate(pipeline_out):
@@ -223,6 +245,13 @@ def test_runs_without_catalog_offsets_read_none_and_their_ablation_is_a_twin():
     if run.stage.stage == "hppo":
       assert "catalog_offset" not in run.stage.hppo.policies.split(",")
   assert workflow.twin_runs(config)["hppo_no_catalog_offset"] == "hppo"
+  # Reading them again gives the tokens and the step back, but not the candidates an
+  # ablation left out.
+  ablation = config.runs.hppo_no_catalog_offset.stage
+  training.set_catalog_offsets(ablation, True)
+  assert tuple(ablation.model.catalog_offsets) == training.CATALOG_OFFSETS
+  assert ablation.diffusion.anchor_offset_step == training.ANCHOR_OFFSET_STEP
+  assert "catalog_offset" not in ablation.hppo.policies.split(",")
 
 
 def test_the_catalog_offsets_rule_asks_the_validation_queries(tiny_world, monkeypatch):

@@ -19,6 +19,7 @@ from modit_jax import catalog as catalog_lib
 from modit_jax import dit
 from modit_jax import metric_predictor
 from modit_jax import models
+from modit_jax import retrieval
 from modit_jax import run_dir
 from modit_jax import trajectories
 
@@ -32,6 +33,9 @@ class Inputs:
   init_params: Any  # the parameters training starts from (the earlier stage's, fitted)
   dataset: str
   workdir: str
+  # An index over `catalog.embeddings` the caller holds (the pipeline's), reused for the
+  # catalog offsets when it is the default one (`evidence.offset_index`); None: built.
+  catalog_index: retrieval.Index | None = None
 
 
 def _no_check(config: ml_collections.ConfigDict) -> None:

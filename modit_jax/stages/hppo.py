@@ -53,7 +53,8 @@ def _loop_args(inputs: base.Inputs) -> dict[str, Any]:
   pools = hppo.CandidatePools(catalog, source, oracle, models.apply_fn(model), reference,
                               config, model.num_domains, space,
                               models.sample_temperature(config),
-                              models.neighbour_evidence(config, catalog, source.assign))
+                              models.neighbour_evidence(config, catalog, source.assign,
+                                                       inputs.catalog_index))
   batches = hppo.PairBatches(pools, config)
   loss_fn = hppo.dpo_loss_fn(models.apply_fn(model), space, config.hppo.beta,
                              config.hppo.sft_weight)

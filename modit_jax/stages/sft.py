@@ -18,7 +18,8 @@ def _loop_args(inputs: base.Inputs) -> dict:
       inputs.model.num_domains, config.seed,
       # A model with positions reads its context in ascending density, as inference gives it.
       context_order="metric" if config.model.learned_positions else "random",
-      evidence=models.neighbour_evidence(config, catalog, path.assign),
+      evidence=models.neighbour_evidence(config, catalog, path.assign,
+                                         inputs.catalog_index),
       hide_cluster_prob=float(config.sft.get("hide_cluster_prob", 0.0)))
   return base.denoising_loop_args(inputs, source)
 
