@@ -640,6 +640,18 @@ def test_a_model_that_reads_neighbour_evidence_trains_and_samples(tiny_world, tm
   moved = generator.sample(context, mask, queries.domain, guidance_scale=4.0,
                            exclude_items=queries.seeds)
   assert not np.allclose(out, moved, atol=1e-4)
+  # A guidance grid samples the same rows once per scale: their evidence is computed once
+  # (rebinding the catalog above forgot the earlier catalog's).
+  calls = []
+  compute = generator._evidence
+  generator._evidence = lambda *args: calls.append(1) or compute(*args)
+  again = generator.sample(context, mask, queries.domain, guidance_scale=4.0,
+                           exclude_items=queries.seeds)
+  np.testing.assert_array_equal(again, moved)
+  generator.sample(context, mask, queries.domain, guidance_scale=1.0, exclude_items=queries.seeds)
+  assert not calls
+  generator.sample(context[:3], mask[:3], queries.domain[:3], exclude_items=queries.seeds[:3])
+  assert len(calls) == 1
 
   # The serving bench serves it too (it once fed such a model no evidence and crashed).
   result = subprocess.run(
