@@ -40,6 +40,28 @@ def test_fit_and_validation_are_disjoint_with_both_regimes(cat):
   assert 0.25 < seen.mean() < 0.75, seen.mean()
 
 
+def test_a_split_is_computed_once_per_input(cat, monkeypatch):
+  """The k-means behind a split runs once per (seed centroids, fraction); a caller can't
+  change the kept split through the mask it got, and other embeddings are split anew."""
+  expected = query_split._split(
+      np.asarray(cat.embeddings[cat.queries["train"].seeds], np.float32).mean(axis=1),
+      query_split.VALIDATION_FRACTION)
+  calls = []
+  kmeans = query_split.clusters.kmeans
+  monkeypatch.setattr(query_split.clusters, "kmeans",
+                      lambda *a, **k: calls.append(1) or kmeans(*a, **k))
+  monkeypatch.setattr(query_split, "_SPLITS", {})
+  first = query_split.validation_mask(cat)
+  first[:] = False
+  again = query_split.validation_mask(cat)
+  assert len(calls) == 1
+  np.testing.assert_array_equal(again, expected)
+  query_split.validation_mask(cat, fraction=0.5)
+  moved = dataclasses.replace(cat, embeddings=np.roll(cat.embeddings, 1, axis=0))
+  query_split.validation_mask(moved)
+  assert len(calls) == 3
+
+
 def test_bad_fraction_is_a_user_error(cat):
   with pytest.raises(errors.UserError, match="validation fraction"):
     query_split.validation_mask(cat, fraction=1.0)
