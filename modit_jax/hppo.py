@@ -35,6 +35,7 @@ from modit_jax import diffusion
 from modit_jax import engine
 from modit_jax import errors
 from modit_jax import evidence as evidence_lib
+from modit_jax import memo
 from modit_jax import oracle as oracle_lib
 from modit_jax import query_split
 from modit_jax import trajectories
@@ -305,6 +306,37 @@ class Pool:
   evidence: np.ndarray | None = None  # float32 [Q, E, d] for a model that reads evidence
 
 
+@dataclasses.dataclass(frozen=True)
+class _Candidates:
+  """A pool's candidates and their oracle labels, before pairs and targets are drawn."""
+  policies: tuple[str, ...]        # the policies whose candidates these are
+  candidates: np.ndarray           # float32 [Q, C, d]
+  names: list[str]                 # [C] "<policy>:<variant>"
+  joint: np.ndarray                # float64 [Q, C]
+  purity: np.ndarray               # float64 [Q, C]
+  evidence: np.ndarray | None      # float32 [Q, E, d] or None
+
+  def of(self, policies: Sequence[str]) -> "_Candidates":
+    """The candidates of `policies` alone, in their order here (a subset of `self.policies`).
+
+    A candidate depends on its own policy and the query only (each is labelled by its own
+    search), so these are what a pool of `policies` alone would hold.
+    """
+    keep = np.array([n.split(":")[0] in policies for n in self.names])
+    if tuple(policies) == self.policies:
+      return self
+    return _Candidates(tuple(policies), self.candidates[:, keep],
+                       [n for n, k in zip(self.names, keep) if k], self.joint[:, keep],
+                       self.purity[:, keep], self.evidence)
+
+
+# The regression phase's policy-free candidates of the last run, by everything they depend on
+# but the pool's policies: each candidate-policy ablation of a pipeline leaves one policy out
+# of the main run's pool, and takes its candidates from the main run's (6 s a run at 12,000
+# fit queries, and as long again for the oracle's labels).
+_POLICY_FREE: memo.Memo[_Candidates] = memo.Memo("hppo_policy_free", kept=1)
+
+
 class CandidatePools:
   """Builds the hybrid candidate pools of HPPO for training queries.
 
@@ -436,19 +468,40 @@ class CandidatePools:
     hidden = np.sort(np.where(hide[:, None], self._seed_clusters(queries), -1), axis=1)
     # Each cluster once per query (-1 for a repeat): the searches below skip a group per column.
     hidden[:, 1:][hidden[:, 1:] == hidden[:, :-1]] = -1
-    return self._build(None, queries, -1, hidden)
+    policies = tuple(p for p in self._policies if p not in MODEL_POLICIES)
+    found = _POLICY_FREE.get(
+        self._policy_free_key(), lambda: self._candidates(None, queries, -1, hidden),
+        accept=lambda c: set(policies) <= set(c.policies))
+    return self._pool(queries, found.of(policies), -1, hidden)
 
-  def _build(self, params: Any, queries: catalog_lib.Queries, pool_index: int,
-             hidden: np.ndarray | None = None) -> Pool:
-    """A labelled pool of `queries`; `params` None: only the candidates that need no model.
+  def _policy_free_key(self) -> bytes:
+    """What the policy-free candidates depend on besides the policies: the config (less
+    `hppo.policies`), the catalog's embeddings and train-side truth (the oracle's), the fit
+    queries, and the data path (train items, latent clusters, density)."""
+    config = self._config.to_dict()
+    config["hppo"] = {k: v for k, v in config["hppo"].items() if k != "policies"}
+    catalog, source = self._catalog, self._source
+    return memo.digest(config, memo.rows_digest(catalog.embeddings, np.arange(catalog.num_items)),
+                       np.asarray(catalog.patterns), np.asarray(catalog.attributes),
+                       np.asarray(catalog.observed), self._queries.seeds, self._queries.pattern,
+                       self._queries.domain, np.asarray(source.train_items),
+                       np.asarray(source.assign), np.asarray(source.density))
+
+  def _build(self, params: Any, queries: catalog_lib.Queries, pool_index: int) -> Pool:
+    """The labelled pool of `queries` with the model's candidates from `params`."""
+    hidden = np.full((len(queries), 1), -1, np.int64)
+    return self._pool(queries, self._candidates(params, queries, pool_index, hidden),
+                      pool_index, hidden, with_model=True)
+
+  def _candidates(self, params: Any, queries: catalog_lib.Queries, pool_index: int,
+                  hidden: np.ndarray) -> _Candidates:
+    """The candidates of `queries`, labelled; `params` None: only those that need no model.
 
     `hidden` int [Q, g]: latent clusters per query to hide (-1: none), see
     `hide_cluster_prob`.
     """
     hppo = self._hppo
     with_model = params is not None
-    if hidden is None:
-      hidden = np.full((len(queries), 1), -1, np.int64)
     if with_model and np.any(hidden >= 0):
       raise ValueError("only the regression targets hide clusters: the model's candidates "
                        "would read the hidden cluster's evidence")
@@ -512,16 +565,27 @@ class CandidatePools:
       grid = [(float(a), float(b)) for a in hppo.offset_shifts for b in hppo.offset_steps]
       add("catalog_offset", [centroid + a * direction + b * offset for a, b in grid],
           [f"a{a:g}b{b:g}" for a, b in grid])
-    if len(candidates) < 2:
-      raise errors.UserError(f"hppo.policies={hppo.policies!r} gives {len(candidates)} "
-                             "candidate per query; pairs need at least 2")
+    self._check_enough(len(candidates))
     stacked = np.stack(candidates, axis=1).astype(np.float32)  # [Q, C, d]
     num_q, num_c = stacked.shape[:2]
     flat = queries.take(np.repeat(np.arange(num_q), num_c))  # row q * num_c + c
     scores = self._oracle.score(stacked.reshape(num_q * num_c, -1), flat)
     k = self._oracle.k
-    joint = scores[f"joint@{k}"].reshape(num_q, num_c)
-    purity = scores[f"purity@{k}"].reshape(num_q, num_c)
+    policies = tuple(p for p in self._policies if with_model or p not in MODEL_POLICIES)
+    return _Candidates(policies, stacked, names, scores[f"joint@{k}"].reshape(num_q, num_c),
+                       scores[f"purity@{k}"].reshape(num_q, num_c), evidence)
+
+  def _check_enough(self, num_candidates: int) -> None:
+    if num_candidates < 2:
+      raise errors.UserError(f"hppo.policies={self._hppo.policies!r} gives {num_candidates} "
+                             "candidate per query; pairs need at least 2")
+
+  def _pool(self, queries: catalog_lib.Queries, found: _Candidates, pool_index: int,
+            hidden: np.ndarray, with_model: bool = False) -> Pool:
+    """The pool of labelled candidates `found`: its pairs and each query's best candidate."""
+    hppo = self._hppo
+    names, joint, purity = found.names, found.joint, found.purity
+    self._check_enough(len(names))
     pairs, counts = pareto_pairs(joint, purity, float(hppo.margin), bool(hppo.pareto),
                                  float(hppo.min_winner_purity))
     if with_model and not len(pairs):
@@ -538,8 +602,8 @@ class CandidatePools:
     eligible = ~np.any(hidden >= 0, axis=1)[:, None] | allowed[None, :]
     best = np.lexsort((purity, np.where(eligible, joint, -np.inf)), axis=1)[:, -1]
     counts["hidden_queries"] = int(np.sum(np.any(hidden >= 0, axis=1)))
-    return Pool(queries, stacked, names, joint, purity, pairs, counts, best=best,
-                evidence=evidence)
+    return Pool(queries, found.candidates, names, joint, purity, pairs, counts, best=best,
+                evidence=found.evidence)
 
 
 class PairBatches:

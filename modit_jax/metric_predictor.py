@@ -33,6 +33,7 @@ import optax
 import scipy.stats
 
 from modit_jax import errors
+from modit_jax import memo
 
 _PREDICT_BATCH = 65536
 # Above this many labelled fit items a batch is drawn with replacement. `jax.random.choice`
@@ -44,6 +45,10 @@ _SAMPLE_WITHOUT_REPLACEMENT_MAX = 1 << 20
 _PARAM_PREFIX = "predictor_param/"
 _REGIONS_KEY = "predictor_regions"
 _OFFSET_SCALE_KEY = "predictor_offset_scale"
+# Predictors trained in this process, by the content of what training reads: the pipeline's
+# data path and the evaluation's `rerank` train the same one on the same labelled train items
+# (the second fit took ~15 s of every `make main`).
+_TRAINED: memo.Memo["MetricPredictor"] = memo.Memo("metric_predictor", kept=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,10 +175,28 @@ def train(embeddings: np.ndarray, attributes: np.ndarray, observed: np.ndarray,
   observed = np.asarray(observed, bool)
   labels = np.where(observed, np.asarray(attributes, bool), False)
   labelled = np.flatnonzero(observed.any(axis=1))
-  num_domains = observed.shape[1]
   if len(labelled) < 10:
     raise errors.UserError(
         f"the metric predictor needs observed labels; only {len(labelled)} items have any")
+  # Everything the fit and its validation read: the labelled rows in order (the split below
+  # draws positions among them), their labels, the config, the features, how batches are
+  # drawn, and the JAX options that change compiled numerics.
+  key = memo.digest(memo.rows_digest(embeddings, labelled), labels[labelled],
+                    observed[labelled], config.to_dict(),
+                    None if features is None else features.regions,
+                    None if features is None else float(features.offset_scale),
+                    _SAMPLE_WITHOUT_REPLACEMENT_MAX,
+                    str(jax.config.jax_default_matmul_precision),
+                    bool(jax.config.read("jax_disable_most_optimizations")))
+  return _TRAINED.get(key, lambda: _train(embeddings, labels, observed, labelled, config,
+                                          features))
+
+
+def _train(embeddings: np.ndarray, labels: np.ndarray, observed: np.ndarray,
+           labelled: np.ndarray, config: ml_collections.ConfigDict,
+           features: RelativeFeatures | None) -> MetricPredictor:
+  """`train` past its checks: `labelled` int [n], the rows with an observed label."""
+  num_domains = observed.shape[1]
   rng = np.random.default_rng(config.seed)
   shuffled = rng.permutation(labelled)
   num_heldout = int(round(len(shuffled) * config.validation_fraction))

@@ -25,13 +25,12 @@ even the number of patterns). Everything is a deterministic function of the embe
 queries and the seed.
 """
 
-import hashlib
-
 import numpy as np
 
 from modit_jax import catalog as catalog_lib
 from modit_jax import clusters
 from modit_jax import errors
+from modit_jax import memo
 
 # Share of train queries kept for validation.
 VALIDATION_FRACTION = 0.25
@@ -48,8 +47,7 @@ _SEED = 20261130
 # The last few splits, keyed by their inputs' bytes: the k-means behind a split takes about a
 # second at 16k train queries, and one pipeline asks for the same split dozens of times (every
 # knob, every HPPO run, every evaluated method).
-_SPLITS: dict[bytes, np.ndarray] = {}
-_SPLITS_KEPT = 8
+_SPLITS: memo.Memo[np.ndarray] = memo.Memo("query_split", kept=8)
 
 
 def validation_mask(catalog: catalog_lib.Catalog,
@@ -64,12 +62,8 @@ def validation_mask(catalog: catalog_lib.Catalog,
                            f"queries_train.npz has {n}")
   centroids = np.asarray(catalog.embeddings[queries.seeds], np.float32).mean(axis=1)
   # The split is a function of the seed centroids and the fraction alone.
-  key = hashlib.sha256(centroids.tobytes()).digest() + np.float64(fraction).tobytes()
-  if key not in _SPLITS:
-    if len(_SPLITS) >= _SPLITS_KEPT:
-      del _SPLITS[next(iter(_SPLITS))]
-    _SPLITS[key] = _split(centroids, fraction)
-  return _SPLITS[key].copy()
+  key = memo.digest(centroids, float(fraction))
+  return _SPLITS.get(key, lambda: _split(centroids, fraction)).copy()
 
 
 def _split(centroids: np.ndarray, fraction: float) -> np.ndarray:

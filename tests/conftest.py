@@ -15,7 +15,15 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import synthetic as synthetic_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from modit_jax import memo  # pylint: disable=g-import-not-at-top,wrong-import-position
 from modit_jax import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(autouse=True)
+def fresh_memos():
+  """Every test starts with empty process-level memos (modit_jax/memo.py): a test that counts
+  index builds or predictor fits, or compiles with other XLA options, sees its own."""
+  memo.clear_all()
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from modit_jax import clusters
 from modit_jax import errors
 from modit_jax import evidence
 from modit_jax import evaluation
+from modit_jax import memo
 from modit_jax import metric_predictor
 from modit_jax import metrics
 from modit_jax import novelty
@@ -211,6 +212,30 @@ def test_metric_predictor_drawn_with_replacement_on_large_catalogs(tiny, monkeyp
                             exact.predict(cat.embeddings[:100]))
   assert drawn.validation[0]["auc"] > 0.75
   assert abs(drawn.validation[0]["auc"] - exact.validation[0]["auc"]) < 0.05
+
+
+def test_the_data_paths_predictor_is_reranks(tiny, monkeypatch):
+  """The predictor the training data path fits on train rows and the one `rerank` fits on the
+  whole catalog read the same labelled rows: one fit serves both, and it is what a fit of its
+  own gives. Other labels are fitted anew."""
+  cat = catalog_lib.load_catalog(tiny)
+  config = evaluate_config.get_config("tiny").metric_predictor
+  fits = []
+  fit = metric_predictor._train  # pylint: disable=protected-access
+  monkeypatch.setattr(metric_predictor, "_train", lambda *a: fits.append(1) or fit(*a))
+  train = cat.train_items()
+  on_train_rows = metric_predictor.train(np.asarray(cat.embeddings[train]),
+                                         cat.attributes[train], cat.observed[train], config)
+  on_catalog = metric_predictor.train(cat.embeddings, cat.attributes, cat.observed, config)
+  assert on_catalog is on_train_rows and len(fits) == 1
+  memo.clear_all()
+  alone = metric_predictor.train(cat.embeddings, cat.attributes, cat.observed, config)
+  np.testing.assert_array_equal(alone.predict(cat.embeddings[:100]),
+                                on_catalog.predict(cat.embeddings[:100]))
+  assert alone.validation == on_catalog.validation and len(fits) == 2
+  flipped = np.where(cat.observed, ~cat.attributes, cat.attributes)
+  metric_predictor.train(cat.embeddings, flipped, cat.observed, config)
+  assert len(fits) == 3
 
 
 def test_relative_features_help_where_the_direction_is_pattern_local(tiny):

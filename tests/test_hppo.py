@@ -25,6 +25,7 @@ from modit_jax import errors
 from modit_jax import evidence as evidence_lib
 from modit_jax import generator as generator_lib
 from modit_jax import hppo
+from modit_jax import memo
 from modit_jax import models
 from modit_jax import oracle as oracle_lib
 from modit_jax import query_split
@@ -464,8 +465,8 @@ def test_hidden_clusters_leave_the_targets_what_an_unseen_pattern_offers(tiny_wo
                          hidden.candidates[query, ~neighbourhood], atol=1e-6)
   # Pools of the model's candidates hide nothing (their evidence would be the visible one).
   with pytest.raises(ValueError, match="only the regression targets"):
-    builder._build(params, hidden.queries.take(np.arange(2)), 0,  # pylint: disable=protected-access
-                   np.zeros((2, 1), np.int64))
+    builder._candidates(params, hidden.queries.take(np.arange(2)), 0,  # pylint: disable=protected-access
+                        np.zeros((2, 1), np.int64))
 
 
 def test_hppo_config_errors(tiny_world, sft_workdir, tmp_path):
@@ -503,6 +504,42 @@ def _pool_builder(cat, config, params) -> hppo.CandidatePools:
                              model.num_domains, models.target_space(config, model.dim),
                              models.sample_temperature(config),
                              models.neighbour_evidence(config, cat, source.assign))
+
+
+def test_an_ablations_targets_are_the_main_runs_less_a_policy(tiny_world, sft_workdir,
+                                                             monkeypatch):
+  """A candidate-policy ablation's regression targets come from the main run's policy-free
+  candidates (`hppo._POLICY_FREE`), with no search: they equal a build of their own. A policy
+  the kept candidates lack, or another config, builds anew."""
+  config = _hppo_config(sft_workdir)
+  cat = catalog_lib.load_catalog(tiny_world)
+  params = engine.restore_params(sft_workdir)
+  main = _pool_builder(cat, config, params).build_policy_free()
+  config.hppo.policies = ",".join(p for p in hppo.DEFAULT_POLICIES if p != "feedback")
+  scores = []
+  score = oracle_lib.OnlineOracle.score
+  monkeypatch.setattr(oracle_lib.OnlineOracle, "score",
+                      lambda *a: scores.append(1) or score(*a))
+  builder = _pool_builder(cat, config, params)
+  ablation = builder.build_policy_free()
+  assert not scores
+  assert {n.split(":")[0] for n in ablation.names} == (
+      {n.split(":")[0] for n in main.names} - {"feedback"})
+  memo.clear_all()
+  alone = builder.build_policy_free()
+  assert scores
+  assert alone.names == ablation.names and alone.counts == ablation.counts
+  for field in ("candidates", "joint", "purity", "pairs", "best", "evidence"):
+    np.testing.assert_array_equal(getattr(alone, field), getattr(ablation, field))
+  # The kept candidates (the ablation's own now) lack feedback: the main run builds anew.
+  scores.clear()
+  config.hppo.policies = ",".join(hppo.DEFAULT_POLICIES)
+  _pool_builder(cat, config, params).build_policy_free()
+  assert scores
+  scores.clear()
+  config.hppo.neighbourhood_size = 50
+  _pool_builder(cat, config, params).build_policy_free()
+  assert scores
 
 
 def test_pool_never_reads_held_out_truth(tiny_world, sft_workdir):

@@ -11,6 +11,7 @@ from modit_jax import baselines
 from modit_jax import catalog as catalog_lib
 from modit_jax import errors
 from modit_jax import evidence
+from modit_jax import memo
 from modit_jax import oracle as oracle_lib
 from modit_jax import query_split
 
@@ -50,7 +51,7 @@ def test_a_split_is_computed_once_per_input(cat, monkeypatch):
   kmeans = query_split.clusters.kmeans
   monkeypatch.setattr(query_split.clusters, "kmeans",
                       lambda *a, **k: calls.append(1) or kmeans(*a, **k))
-  monkeypatch.setattr(query_split, "_SPLITS", {})
+  monkeypatch.setattr(query_split, "_SPLITS", memo.Memo("test", kept=8))
   first = query_split.validation_mask(cat)
   first[:] = False
   again = query_split.validation_mask(cat)

@@ -10,6 +10,7 @@ import pytest
 from configs import synthetic as synthetic_config
 from modit_jax import errors
 from modit_jax import evaluation
+from modit_jax import memo
 from modit_jax import retrieval
 from modit_jax import synthetic
 
@@ -373,10 +374,33 @@ def test_scann_builds_of_one_catalog_return_the_same_neighbours():
   rng = np.random.default_rng(0)
   queries = _unit(items[rng.choice(len(items), 1000, replace=False)]
                   + 0.3 * rng.normal(size=(1000, items.shape[1])))
-  answers = [retrieval.build_index(items, "scann", leaves_to_search=4).search(queries, 20)[0]
-             for _ in range(3)]
+  answers = []
+  for _ in range(3):
+    memo.clear_all()  # three builds, not one build and two answers from the memo
+    answers.append(retrieval.build_index(items, "scann", leaves_to_search=4).search(queries,
+                                                                                   20)[0])
   for other in answers[1:]:
     np.testing.assert_array_equal(other, answers[0])
+
+
+def test_a_process_builds_one_scann_index_per_embeddings_and_params(data, monkeypatch):
+  """A build of equal embeddings and parameters (a deterministic build, above) is the first
+  build's index; other embeddings or parameters build anew, and so does everything above the
+  memo's size bound."""
+  builds = []
+  build = retrieval.ScannIndex.build
+  monkeypatch.setattr(retrieval.ScannIndex, "build",
+                      lambda *a: builds.append(1) or build(*a))
+  first = retrieval.build_index(data[0], "scann")
+  assert retrieval.build_index(data[0].copy(), "scann") is first and len(builds) == 1
+  retrieval.build_index(data[0], "scann", leaves_to_search=3)
+  moved = data[0].copy()
+  moved[0] = moved[1]
+  retrieval.build_index(moved, "scann")
+  assert len(builds) == 3
+  monkeypatch.setattr(retrieval, "_MEMO_MAX_FLOATS", data[0].size - 1)
+  retrieval.build_index(data[0], "scann")
+  assert len(builds) == 4
 
 
 def test_exact_ties_go_to_the_smaller_id():
