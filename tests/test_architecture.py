@@ -11,7 +11,7 @@ _PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 # Lowest first; a module may import its own layer and the ones before it.
 LAYERS = (
     ("foundations", {"errors", "variants", "config_files", "stopping", "catalog", "metrics",
-                     "stats", "sizing", "retrieval", "diffusion", "dit", "evidence",
+                     "stats", "memo", "sizing", "retrieval", "diffusion", "dit", "evidence",
                      "novelty"}),
     ("models and runs", {"metric_predictor", "models", "engine", "run_dir", "generator"}),
     ("serving", {"retriever"}),
