@@ -476,14 +476,15 @@ class CandidatePools:
 
   def _policy_free_key(self) -> bytes:
     """What the policy-free candidates depend on besides the policies: the config (less
-    `hppo.policies`), the catalog's embeddings and train-side truth (the oracle's), the fit
-    queries, and the data path (train items, latent clusters, density)."""
+    `hppo.policies`), the catalog's embeddings, item split and train-side truth (the
+    oracle's), the fit queries, and the data path (train items, latent clusters, density)."""
     config = self._config.to_dict()
     config["hppo"] = {k: v for k, v in config["hppo"].items() if k != "policies"}
     catalog, source = self._catalog, self._source
     return memo.digest(config, memo.rows_digest(catalog.embeddings, np.arange(catalog.num_items)),
-                       np.asarray(catalog.patterns), np.asarray(catalog.attributes),
-                       np.asarray(catalog.observed), self._queries.seeds, self._queries.pattern,
+                       np.asarray(catalog.item_split), np.asarray(catalog.patterns),
+                       np.asarray(catalog.attributes), np.asarray(catalog.observed),
+                       self._queries.seeds, self._queries.pattern,
                        self._queries.domain, np.asarray(source.train_items),
                        np.asarray(source.assign), np.asarray(source.density))
 
