@@ -322,9 +322,9 @@ class _Candidates:
     A candidate depends on its own policy and the query only (each is labelled by its own
     search), so these are what a pool of `policies` alone would hold.
     """
-    keep = np.array([n.split(":")[0] in policies for n in self.names])
     if tuple(policies) == self.policies:
       return self
+    keep = np.array([n.split(":")[0] in policies for n in self.names])
     return _Candidates(tuple(policies), self.candidates[:, keep],
                        [n for n, k in zip(self.names, keep) if k], self.joint[:, keep],
                        self.purity[:, keep], self.evidence)

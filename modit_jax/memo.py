@@ -13,13 +13,12 @@ import hashlib
 import json
 from typing import Any, Callable, Generic, TypeVar
 
+from absl import logging
 import numpy as np
 
 T = TypeVar("T")
 
 _MEMOS: list["Memo[Any]"] = []
-
-
 # Rows hashed at a time by `rows_digest` (16 MB at d = 64): a memory-mapped catalog is read
 # in pieces instead of copied whole.
 _ROWS_PER_CHUNK = 1 << 16
@@ -67,6 +66,8 @@ class Memo(Generic[T]):
     """The result stored under `key` if `accept` takes it, else `compute()`, stored."""
     if key in self._results and accept(self._results[key]):
       self.hits += 1
+      logging.info("%s: the result computed earlier in this process for the same inputs",
+                   self.name)
       return self._results[key]
     self._results.pop(key, None)
     self.misses += 1
