@@ -354,6 +354,8 @@ class CandidatePools:
     self._evidence = evidence  # for a model that reads evidence
     self._hppo = config.hppo
     self._policies = parse_policies(self._hppo.policies)
+    # The regression targets' policies: those whose candidates need no model.
+    self._policy_free = tuple(p for p in self._policies if p not in MODEL_POLICIES)
     if len(catalog.queries["train"]) == 0:
       raise errors.UserError("HPPO needs train queries; queries_train.npz is empty")
     # Only the fit slice: the validation queries choose knobs and never train (query_split).
@@ -468,11 +470,10 @@ class CandidatePools:
     hidden = np.sort(np.where(hide[:, None], self._seed_clusters(queries), -1), axis=1)
     # Each cluster once per query (-1 for a repeat): the searches below skip a group per column.
     hidden[:, 1:][hidden[:, 1:] == hidden[:, :-1]] = -1
-    policies = tuple(p for p in self._policies if p not in MODEL_POLICIES)
     found = _POLICY_FREE.get(
         self._policy_free_key(), lambda: self._candidates(None, queries, -1, hidden),
-        accept=lambda c: set(policies) <= set(c.policies))
-    return self._pool(queries, found.of(policies), -1, hidden)
+        accept=lambda c: set(self._policy_free) <= set(c.policies))
+    return self._pool(queries, found.of(self._policy_free), -1, hidden)
 
   def _policy_free_key(self) -> bytes:
     """What the policy-free candidates depend on besides the policies: the config (less
@@ -572,7 +573,7 @@ class CandidatePools:
     flat = queries.take(np.repeat(np.arange(num_q), num_c))  # row q * num_c + c
     scores = self._oracle.score(stacked.reshape(num_q * num_c, -1), flat)
     k = self._oracle.k
-    policies = tuple(p for p in self._policies if with_model or p not in MODEL_POLICIES)
+    policies = tuple(self._policies) if with_model else self._policy_free
     return _Candidates(policies, stacked, names, scores[f"joint@{k}"].reshape(num_q, num_c),
                        scores[f"purity@{k}"].reshape(num_q, num_c), evidence)
 
