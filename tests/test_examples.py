@@ -1,6 +1,6 @@
 """The real-catalog examples on small inputs of their own (no data package needed):
 examples/hearthstone_catalog.py on a small CardDefs.xml, examples/cities_catalog.py on a few
-hand-made cities."""
+hand-made cities, examples/hpo_catalog.py on a small ontology and its annotations."""
 
 import importlib.util
 import os
@@ -22,6 +22,7 @@ def _load_example(name: str):
 
 cards_example = _load_example("hearthstone_catalog")
 cities_example = _load_example("cities_catalog")
+hpo_example = _load_example("hpo_catalog")
 
 _XML = """<?xml version="1.0" encoding="utf-8"?>
 <CardDefs build="1">
@@ -101,6 +102,81 @@ def test_cities_are_labelled_against_their_own_country():
       ["2", "1"] + [""] * 14, ["5", "4"] + [""] * 14]
   with pytest.raises(errors.UserError, match="unknown countries: BB"):
     cities_example.table(cities, {"AA": "Aland"})
+
+
+_OBO = """format-version: 1.2
+
+[Term]
+id: HP:0000001
+name: All
+
+[Term]
+id: HP:0000118
+name: Phenotypic abnormality
+is_a: HP:0000001 ! All
+
+[Term]
+id: HP:0000200
+name: Abnormal heart
+is_a: HP:0000118 ! Phenotypic abnormality
+
+[Term]
+id: HP:0000300
+name: Septal defect
+is_a: HP:0000200 ! Abnormal heart
+
+[Term]
+id: HP:0000400
+name: Retired term
+is_a: HP:0000200 ! Abnormal heart
+is_obsolete: true
+
+[Term]
+id: HP:0000500
+name: Heart murmur
+is_a: HP:0000200 ! Abnormal heart
+is_a: HP:0000300 ! Septal defect
+
+[Term]
+id: HP:0000600
+name: Autosomal dominant inheritance
+is_a: HP:0000001 ! All
+"""
+
+_HPOA_ROWS = [  # database_id, qualifier, hpo_id, aspect
+    ("OMIM:1", "", "HP:0000300", "P"), ("OMIM:1", "", "HP:0000200", "P"),
+    ("OMIM:1", "", "HP:0000300", "P"),   # the same term again, from another source
+    ("OMIM:1", "", "HP:0000600", "I"),   # inheritance: not a phenotype
+    ("OMIM:2", "NOT", "HP:0000500", "P"),  # negated
+    ("OMIM:2", "", "HP:0000300", "P"), ("OMIM:3", "", "HP:0000300", "P"),
+    ("OMIM:4", "", "HP:0000300", "P"), ("ORPHA:5", "", "HP:0000500", "P"),
+    ("ORPHA:5", "", "HP:0000300", "P"), ("OMIM:2", "", "HP:0000200", "P"),
+    ("OMIM:3", "", "HP:0000200", "P"), ("OMIM:3", "", "HP:0000200", "P"),
+    ("OMIM:3", "", "HP:0000200", "P")]  # HP:0000200: 5 positive rows, 3 diseases
+
+
+def test_hpo_terms_are_the_abnormalities_labelled_by_their_annotations():
+  terms = hpo_example.read_terms(_OBO)
+  assert "HP:0000400" not in terms and terms["HP:0000500"]["parents"] == ["HP:0000200",
+                                                                          "HP:0000300"]
+  hpoa = "#version: x\n" + "\t".join(
+      ["database_id", "disease_name", "qualifier", "hpo_id", "aspect"]) + "\n" + "\n".join(
+          "\t".join([d, "name", q, t, a]) for d, q, t, a in _HPOA_ROWS)
+  diseases, annotated = hpo_example.read_annotations(hpoa)
+  assert len(diseases) == 12  # the negated and the inheritance rows are left out
+  columns = hpo_example.table(terms, diseases, annotated)
+  # Below "Phenotypic abnormality", in id order; the obsolete and the inheritance term are out.
+  assert columns["item_id"].tolist() == ["HP:0000200", "HP:0000300", "HP:0000500"]
+  assert columns["text"].tolist() == ["Abnormal heart", "Septal defect", "Heart murmur"]
+  np.testing.assert_array_equal(columns["frequent"], [0, 1, 0])  # 5 or more diseases, not rows
+  np.testing.assert_array_equal(columns["orphanet"], [0, 1, 1])
+  np.testing.assert_array_equal(columns["leaf"], [0, 0, 1])      # 300 is 500's second parent
+  np.testing.assert_array_equal(columns["recent"], [0, 0, 1])    # above the median id (300)
+  # Each disease's terms in the file's order, a repeat once; a disease of one term gives none.
+  assert hpo_example.disease_sequences(diseases, annotated, columns["item_id"]).tolist() == [
+      ["HP:0000300", "HP:0000200"] + [""] * 14] * 3 + [["HP:0000500", "HP:0000300"] + [""] * 14]
+  with pytest.raises(errors.UserError, match="no term below"):
+    hpo_example.table({}, diseases, annotated)
 
 
 def test_seed_average_probes_reduce_to_the_seed_average(tiny_world):
