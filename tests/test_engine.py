@@ -394,6 +394,24 @@ def test_configure_cpu_devices(count, env, expected):
   assert _cpu_device_count(count, **env) == expected
 
 
+@pytest.mark.parametrize("xla_flags, scheduler", [
+    ("", engine.CPU_SCHEDULER),
+    ("--xla_force_host_platform_device_count=3", engine.CPU_SCHEDULER),
+    ("--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT", "CPU_SCHEDULER_TYPE_DEFAULT"),  # kept
+])
+def test_configure_cpu_devices_selects_the_scheduler_unless_one_is_set(xla_flags, scheduler):
+  clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+  code = ("import os; from modit_jax import engine; engine.configure_cpu_devices(None);"
+          " import jax; jax.device_count(); print(os.environ['XLA_FLAGS'])")
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, text=True,
+                          env=dict(clean, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags),
+                          capture_output=True, check=True)
+  flags = result.stdout.split()
+  assert [f for f in flags if engine.CPU_SCHEDULER_XLA_FLAG in f] == [
+      f"--{engine.CPU_SCHEDULER_XLA_FLAG}={scheduler}"]
+  assert set(xla_flags.split()) <= set(flags)
+
+
 def test_configure_cpu_devices_rejects_nonpositive_counts():
   with pytest.raises(errors.UserError, match="at least 1"):
     engine.configure_cpu_devices(0)
