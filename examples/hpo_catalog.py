@@ -81,8 +81,11 @@ def below(terms: dict[str, dict[str, object]], root: str) -> list[str]:
 
 
 def read_annotations(hpoa_text: str) -> tuple[np.ndarray, np.ndarray]:
-  """(disease ids, term ids) of the positive phenotype annotations, in the file's order."""
-  diseases, term_ids = [], []
+  """(disease ids, term ids) of the positive phenotype annotations, in the file's order.
+
+  A term a disease is annotated with twice (two sources, two onsets) is one pair, the first.
+  """
+  pairs = {}  # insertion-ordered: the first occurrence of each (disease, term)
   header = None
   for line in hpoa_text.splitlines():
     if not line or line.startswith("#"):
@@ -93,9 +96,9 @@ def read_annotations(hpoa_text: str) -> tuple[np.ndarray, np.ndarray]:
       continue
     if fields[header["qualifier"]] == "NOT" or fields[header["aspect"]] != "P":
       continue
-    diseases.append(fields[header["database_id"]])
-    term_ids.append(fields[header["hpo_id"]])
-  return np.array(diseases), np.array(term_ids)
+    pairs.setdefault((fields[header["database_id"]], fields[header["hpo_id"]]))
+  diseases, term_ids = zip(*pairs) if pairs else ((), ())
+  return np.array(diseases, dtype=str), np.array(term_ids, dtype=str)
 
 
 def table(terms: dict[str, dict[str, object]], diseases: np.ndarray,
@@ -105,9 +108,8 @@ def table(terms: dict[str, dict[str, object]], diseases: np.ndarray,
   if not len(ids):
     raise errors.UserError(f"the ontology has no term below {_ROOT}")
   has_child = {p for term in terms.values() for p in term["parents"]}
-  pairs = sorted(set(zip(annotated.tolist(), diseases.tolist())))
-  counts = collections.Counter(term for term, _ in pairs)
-  orphanet = {term for term, disease in pairs if disease.startswith("ORPHA:")}
+  counts = collections.Counter(annotated.tolist())  # diseases per term: each pair is once
+  orphanet = set(annotated[np.char.startswith(diseases, "ORPHA:")].tolist())
   number = np.array([int(i.split(":")[1]) for i in ids])
   return {
       "item_id": ids,
@@ -121,14 +123,8 @@ def table(terms: dict[str, dict[str, object]], diseases: np.ndarray,
 
 def disease_sequences(diseases: np.ndarray, annotated: np.ndarray,
                       item_ids: np.ndarray) -> np.ndarray:
-  """Each disease's catalog terms in the file's order, rows of 16 ("" padded, 2 or more ids).
-
-  A term a disease is annotated with twice (two sources, two onsets) appears once, first.
-  """
-  seen = set()
-  first = np.array([(d, t) not in seen and not seen.add((d, t))
-                    for d, t in zip(diseases.tolist(), annotated.tolist())], bool)
-  keep = first & np.isin(annotated, item_ids)
+  """Each disease's catalog terms in the file's order, rows of 16 ("" padded, 2 or more ids)."""
+  keep = np.isin(annotated, item_ids)
   return byo.group_sequences(annotated[keep], diseases[keep], np.flatnonzero(keep),
                              _SEQUENCE_LENGTH)
 

@@ -163,7 +163,10 @@ def test_hpo_terms_are_the_abnormalities_labelled_by_their_annotations():
       ["database_id", "disease_name", "qualifier", "hpo_id", "aspect"]) + "\n" + "\n".join(
           "\t".join([d, "name", q, t, a]) for d, q, t, a in _HPOA_ROWS)
   diseases, annotated = hpo_example.read_annotations(hpoa)
-  assert len(diseases) == 12  # the negated and the inheritance rows are left out
+  # The negated and the inheritance rows are left out, and each repeated pair is read once.
+  assert list(zip(diseases, annotated))[:3] == [("OMIM:1", "HP:0000300"), ("OMIM:1", "HP:0000200"),
+                                                ("OMIM:2", "HP:0000300")]
+  assert len(diseases) == 9
   columns = hpo_example.table(terms, diseases, annotated)
   # Below "Phenotypic abnormality", in id order; the obsolete and the inheritance term are out.
   assert columns["item_id"].tolist() == ["HP:0000200", "HP:0000300", "HP:0000500"]
