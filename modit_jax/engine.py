@@ -668,8 +668,7 @@ def configure_cpu_devices(count: int | None = None) -> None:
   if CPU_SCHEDULER_XLA_FLAG not in xla_flags:
     os.environ["XLA_FLAGS"] = f"{xla_flags} --{CPU_SCHEDULER_XLA_FLAG}={CPU_SCHEDULER}".strip()
   if count is None:
-    if (_FORCE_DEVICES_XLA_FLAG in os.environ.get("XLA_FLAGS", "")
-        or os.environ.get("JAX_NUM_CPU_DEVICES")):
+    if _FORCE_DEVICES_XLA_FLAG in xla_flags or os.environ.get("JAX_NUM_CPU_DEVICES"):
       return
     count = DEFAULT_CPU_DEVICES
   if count < 1:
