@@ -44,6 +44,7 @@ from modit_jax import metric_predictor
 from modit_jax import oracle as oracle_lib
 from modit_jax import query_split
 from modit_jax import retrieval
+from modit_jax import stats
 
 # What a method reads besides the seeds and the catalog's embeddings (DESIGN.md section 2).
 # A competitor reads at most the observed labels and tunes its knobs with the train oracle; a
@@ -108,7 +109,8 @@ def tune_per_domain(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracl
                      retrieve_train: Callable[[catalog_lib.Queries, Any], np.ndarray],
                      what: str, max_queries: int = 0, seed: int = 0,
                      purity_tolerance: float = -1.0,
-                     tolerance_se: float = KNOB_TOLERANCE_SE) -> np.ndarray:
+                     tolerance_se: float = KNOB_TOLERANCE_SE, simple_values: int = 0,
+                     beyond_simple_alpha: float = 1.0) -> np.ndarray:
   """For each domain, the grid value with the best mean oracle Joint@k on validation queries.
 
   A grid value is a number or a tuple of knobs tried together; the result is float64 [M] or
@@ -122,6 +124,13 @@ def tune_per_domain(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracl
   pattern-preserving choice); < 0 ignores purity. Of the values whose mean Joint is within
   `tolerance_se` paired standard errors of the best mean, the first in grid order is chosen
   (grids run from the simplest value: no shift, guidance 1, the smallest pool).
+
+  `simple_values` > 0 with `beyond_simple_alpha` < 1: the grid's first `simple_values` values
+  are a simpler family (the offset's values without a step). A value after them is admitted in
+  a domain only where the best of them beats the family's best admitted value with a max-t
+  family-wise p <= `beyond_simple_alpha` (`stats.max_t_gain`): a large grid's best value beats
+  a small one's by chance, and the one-standard-error rule alone does not correct for the
+  number of values tried (docs/novelty.md, "A step must beat chance").
   """
   if len(catalog.queries["train"]) == 0:
     raise errors.UserError(f"tuning the {what} needs train queries; queries_train.npz is empty")
@@ -140,6 +149,8 @@ def tune_per_domain(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracl
       if purity_tolerance >= 0:
         pure = purity[:, rows].mean(axis=1)
         means = np.where(pure >= pure.max() - purity_tolerance, means, -np.inf)
+      means = _admit_beyond_simple(joint[:, rows], means, simple_values, beyond_simple_alpha,
+                                   seed, f"{what} for domain {catalog.domains[m]}")
       chosen = _first_within_se(joint[:, rows], means, tolerance_se)
       best[m] = grid[chosen]
       shown = np.arange(len(grid))
@@ -151,6 +162,26 @@ def tune_per_domain(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracl
                    {grid[i]: round(float(purity[i, rows].mean()), 3) for i in shown})
   # [M] for scalar grid values, [M, n] for tuples of n knobs.
   return np.asarray(best, np.float64)
+
+
+def _admit_beyond_simple(joint: np.ndarray, means: np.ndarray, simple_values: int,
+                         alpha: float, seed: int, what: str) -> np.ndarray:
+  """`means` with the values after the first `simple_values` set to -inf unless their best
+  beats the simple family's best admitted value at family-wise level `alpha` (max-t over all
+  of them; joint: [G, Q] per-query scores)."""
+  if not 0 < simple_values < len(means) or alpha >= 1:
+    return means
+  simple = np.isfinite(means[:simple_values])
+  beyond = np.flatnonzero(np.isfinite(means[simple_values:])) + simple_values
+  if not simple.any() or not len(beyond) or joint.shape[1] < 2:
+    return means
+  reference = int(np.argmax(means[:simple_values]))
+  t, p = stats.max_t_gain(joint[beyond] - joint[reference], seed=seed)
+  if p <= alpha:
+    return means
+  logging.info("%s: no value beyond the simplest %d admitted (best max-t %.2f, family-wise "
+               "p %.3f > %g)", what, simple_values, t, p, alpha)
+  return np.concatenate([means[:simple_values], np.full(len(means) - simple_values, -np.inf)])
 
 
 def _first_within_se(joint: np.ndarray, means: np.ndarray, tolerance_se: float) -> int:
@@ -289,12 +320,14 @@ def fit_global_shift(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOrac
 def fit_neighbourhood_offset(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,
                              index: retrieval.Index, sizes: Sequence[int],
                              shifts: Sequence[float], steps: Sequence[float],
-                             purity_tolerance: float = -1.0) -> Fitted:
+                             purity_tolerance: float = -1.0, step_alpha: float = 1.0) -> Fitted:
   """`neighbourhood_offset` with (neighbours, shift, step) from the grids, tuned per domain.
 
   `index` searches the whole catalog: the neighbourhoods of validation and evaluation queries
   alike come from it, whatever index the answers are then searched in. `purity_tolerance` as
-  in `fit_global_shift`.
+  in `fit_global_shift`. `step_alpha` < 1: a domain takes a step only where the best step
+  beats the best value without one at that family-wise level (`tune_per_domain`'s
+  `beyond_simple_alpha`; the evaluation's `offset_step_alpha`); 1: as the knobs' other grids.
   """
   sizes = sorted({int(n) for n in sizes})
   shifts, steps = [float(a) for a in shifts], [float(b) for b in steps]
@@ -319,7 +352,8 @@ def fit_neighbourhood_offset(catalog: catalog_lib.Catalog, oracle: oracle_lib.On
   best = tune_per_domain(
       catalog, oracle, grid,
       lambda q, knob: oracle.search(embed(q, np.tile(knob, (len(q), 1))), q.seeds, oracle.k),
-      "neighbourhood_offset (neighbours, shift, step)", purity_tolerance=purity_tolerance)
+      "neighbourhood_offset (neighbours, shift, step)", purity_tolerance=purity_tolerance,
+      simple_values=len(shifts), beyond_simple_alpha=step_alpha)
 
   def retrieve(q: catalog_lib.Queries, search_index: retrieval.Index, k: int) -> np.ndarray:
     return _search(search_index, embed(q, best[q.domain]), q.seeds, k)
@@ -335,7 +369,8 @@ def _neighbourhood_offset(catalog: catalog_lib.Catalog, oracle: oracle_lib.Onlin
   if index is None:
     index = retrieval.build_index(np.asarray(catalog.embeddings, np.float32), "exact")
   return fit_neighbourhood_offset(catalog, oracle, index, config.offset_neighbourhood_grid,
-                                  config.shift_grid, config.offset_step_grid)
+                                  config.shift_grid, config.offset_step_grid,
+                                  step_alpha=config.offset_step_alpha)
 
 
 def _centroid_global_shift(catalog: catalog_lib.Catalog, oracle: oracle_lib.OnlineOracle,

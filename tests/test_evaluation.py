@@ -310,6 +310,36 @@ def test_tuning_prefers_the_first_value_within_one_standard_error(tiny):
   np.testing.assert_array_equal(tune(ahead, 1.0), np.full(cat.num_domains, 4.0))
 
 
+class _ChanceOracle:
+  """Validation Joint of grid value v: a per-query level shared by all values, noise of v's
+  own (not centred: some of many equal values lead by chance), and gains[v]."""
+
+  def __init__(self, gains):
+    self._gains = gains
+    self.k = 20
+
+  def score_ids(self, retrieved, queries):
+    level = np.random.default_rng(0).uniform(0.0, 0.8, len(queries))
+    noise = np.random.default_rng(int(retrieved)).normal(0.0, 0.1, len(queries))
+    return {"joint@20": level + noise + self._gains.get(int(retrieved), 0.0),
+            "purity@20": np.ones(len(queries))}
+
+
+def test_values_beyond_the_simple_ones_must_beat_chance(tiny):
+  cat = catalog_lib.load_catalog(tiny)
+  grid = list(range(203))  # 3 simple values, then 200 no better than them
+  tune = lambda gains, alpha: baselines.tune_per_domain(
+      cat, _ChanceOracle(gains), grid, lambda q, value: value, "knob", simple_values=3,
+      beyond_simple_alpha=alpha)
+  # The one-standard-error rule alone: out of 200 equal values, one leads by chance in some
+  # domain, and is taken.
+  assert np.any(tune({}, 1.0) >= 3)
+  # Corrected for the 200 tries: only the simple values.
+  assert np.all(tune({}, 0.05) < 3)
+  # A value truly ahead is still found among the 200.
+  np.testing.assert_array_equal(tune({150: 0.15}, 0.05), np.full(cat.num_domains, 150.0))
+
+
 def test_methods_without_knobs_need_no_train_queries(tiny):
   cat = catalog_lib.load_catalog(tiny)
   train = cat.queries["train"]
