@@ -1,6 +1,7 @@
 """The real-catalog examples on small inputs of their own (no data package needed):
 examples/hearthstone_catalog.py on a small CardDefs.xml, examples/cities_catalog.py on a few
-hand-made cities, examples/hpo_catalog.py on a small ontology and its annotations."""
+hand-made cities, examples/hpo_catalog.py on a small ontology and its annotations,
+examples/redraw_catalog.py on a small converted table."""
 
 import importlib.util
 import os
@@ -8,6 +9,8 @@ import os
 import numpy as np
 import pytest
 
+from modit_jax import byo
+from modit_jax import catalog as catalog_lib
 from modit_jax import errors
 
 
@@ -23,6 +26,7 @@ def _load_example(name: str):
 cards_example = _load_example("hearthstone_catalog")
 cities_example = _load_example("cities_catalog")
 hpo_example = _load_example("hpo_catalog")
+redraw_example = _load_example("redraw_catalog")
 
 _XML = """<?xml version="1.0" encoding="utf-8"?>
 <CardDefs build="1">
@@ -200,3 +204,46 @@ def test_seed_average_probes_reduce_to_the_seed_average(tiny_world):
       # A constant logit re-scores nothing: the pool's first K are the seed average's top K.
       np.testing.assert_array_equal(joint, base_joint)
       np.testing.assert_array_equal(purity, base_purity)
+
+
+def _converted(tmp_path, seed: int) -> str:
+  """A small table (12 groups x 30 items, complete labels) converted with derived patterns."""
+  rng = np.random.default_rng(7)
+  group = np.repeat(np.arange(12), 30)
+  emb = rng.normal(size=(12, 8))[group] + 0.3 * rng.normal(size=(360, 8))
+  emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+  labels = {name: (rng.random(360) < 0.3).astype(np.int8) for name in ("quality", "safety")}
+  out = os.fspath(tmp_path / f"seed{seed}")
+  byo.convert_arrays(np.asarray([f"sku-{i}" for i in range(360)]), emb.astype(np.float32),
+                     labels, out, byo.Options(attributes=("quality", "safety"), seed_size=3,
+                                              queries_per_cell=5, cluster_patterns=12,
+                                              pattern_holdout_fraction=0.34, seed=seed))
+  return out
+
+
+def _draw(catalog: catalog_lib.Catalog) -> list[np.ndarray]:
+  queries = [getattr(catalog.queries[s], f) for s in catalog_lib.SPLITS
+             for f in ("seeds", "pattern", "domain")]
+  return [np.asarray(catalog.patterns), np.asarray(catalog.item_split),
+          np.asarray(catalog.observed), *queries]
+
+
+def test_a_redraw_at_the_catalogs_seed_is_the_catalog_and_another_seed_is_a_new_draw(tmp_path):
+  source = _converted(tmp_path, seed=0)
+  original = catalog_lib.load_catalog(source)
+  same = redraw_example.redraw(source, os.fspath(tmp_path / "again"), seed=0).catalog
+  for a, b in zip(_draw(original), _draw(same)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(same.attributes, original.attributes)
+  # Another seed: the conversion with that seed from the table itself, not the original draw.
+  other = redraw_example.redraw(source, os.fspath(tmp_path / "other"), seed=1).catalog
+  direct = catalog_lib.load_catalog(_converted(tmp_path, seed=1))
+  for a, b in zip(_draw(other), _draw(direct)):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(other.item_split, original.item_split)
+  assert other.manifest["generator"]["options"]["seed"] == 1
+
+
+def test_a_catalog_without_derived_patterns_is_refused(tiny_world, tmp_path):
+  with pytest.raises(errors.UserError, match="derived patterns and a seeded split"):
+    redraw_example.redraw(tiny_world, os.fspath(tmp_path / "x"), seed=1)
