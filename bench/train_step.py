@@ -18,9 +18,10 @@ One run measures:
    and output as the model's matmuls have;
 2. the train step exactly as `modit_jax.cli.train` builds it (`models.make_model`,
    `models.denoising_loss_fn`, `engine.make_optimizer`, `engine.create_train_state`,
-   `engine.jit_train_step` over `engine.make_mesh()`, donated state), on a random batch of unit
-   embeddings with every context slot real. On CPU the mesh has the binaries' default number
-   of devices (`engine.configure_cpu_devices`; `--cpu_devices` changes it);
+   `engine.jit_train_step` over the mesh `engine.train_mesh` picks, donated state), on a
+   random batch of unit embeddings with every context slot real. On CPU the binaries' default
+   number of devices (`engine.configure_cpu_devices`; `--cpu_devices` changes it), or one of
+   them for a wide model (width 512 at depth 4);
 3. a breakdown: the loss alone (forward), value-and-grad (forward + backward), the optimiser +
    EMA tail alone, the full step with the batch already on the device and with the batch sent
    from the host every step (as `engine.train_loop` does), and every matmul of the step (the
@@ -473,8 +474,11 @@ def main(argv: list[str]) -> None:
         f"jax {jax.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
         f"matmul precision {jax.config.jax_default_matmul_precision or 'default'}")
 
-  # The step exactly as modit_jax.cli.train / engine.train_loop build it.
-  mesh = engine.make_mesh()
+  # The step exactly as modit_jax.cli.train / engine.train_loop build it, on the mesh training
+  # picks (`engine.train_mesh`: one CPU device for a wide model).
+  mesh = engine.train_mesh(dit.flops_per_example(
+      models.make_model(config.model, _D, _NUM_DOMAINS), context_len), int(config.mesh_devices))
+  print(f"train step mesh: {mesh.size} of {jax.device_count()} devices")
   model, loss_fn, tx, params, host_state, shardings, step_fn = _build_step(config, mesh)
   rng = engine.device_put_global(jax.random.PRNGKey(config.seed), engine.replicated(mesh))
   batch_np = _random_batch(batch_size, context_len, config.seed)

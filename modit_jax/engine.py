@@ -217,6 +217,35 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
   return Mesh(np.array(devices), (DATA_AXIS,))
 
 
+# On CPU the data-parallel split over the host's devices pays for small models only. Depth 4,
+# 18 tokens, batch 256, 2 cores split into 4 devices, in one bench run each (docs/benchmarks.md,
+# "Wide models on one CPU device"): width 512 (forward 391 MFLOP an example) ran 1.45x faster
+# on one device than on four; width 384 (220 MFLOP) was level; widths 256 and below ran
+# 1.1-1.8x faster on four.
+CPU_ONE_DEVICE_FORWARD_FLOPS = 300e6
+
+
+def train_mesh(forward_flops_per_example: float, num_devices: int = 0) -> Mesh:
+  """The mesh a training run uses: `make_mesh(num_devices)` when `num_devices` > 0.
+
+  With 0 (automatic): every device, except one CPU device for a model whose forward pass costs
+  at least `CPU_ONE_DEVICE_FORWARD_FLOPS` an example, in a single-process run of several CPU
+  devices. Results depend on the mesh only through float rounding.
+  """
+  if num_devices < 0:
+    raise errors.UserError(f"mesh_devices must be >= 0 (0: automatic), got {num_devices}")
+  if num_devices:
+    return make_mesh(num_devices)
+  devices = jax.devices()
+  if (jax.process_count() == 1 and len(devices) > 1 and devices[0].platform == "cpu"
+      and forward_flops_per_example >= CPU_ONE_DEVICE_FORWARD_FLOPS):
+    logging.info("training on 1 of the %d CPU devices: a forward pass of %.0f MFLOP an example "
+                 "runs faster unsplit (engine.CPU_ONE_DEVICE_FORWARD_FLOPS)", len(devices),
+                 forward_flops_per_example / 1e6)
+    return make_mesh(1)
+  return make_mesh()
+
+
 def _leaf_sharding(shape: tuple[int, ...], mesh: Mesh, fsdp: bool, min_size: int) -> NamedSharding:
   n = mesh.shape[DATA_AXIS]
   if fsdp and n > 1 and math.prod(shape) >= min_size:

@@ -57,11 +57,11 @@ class ModelFacts:
 
 # Fields that say how a run is carried out or where its inputs lie, not what it trains: a run
 # may be resumed or reused with them changed (its parent is checked as a run of its own). The
-# matmul precision and the parameter sharding change results within rounding only, as the
-# device count does (docs/engine.md).
+# matmul precision, the parameter sharding and the mesh change results within rounding only, as
+# the device count does (docs/engine.md).
 _BOOKKEEPING_FIELDS = frozenset(
     {"checkpoint_every", "keep_checkpoints", "log_every", "init_from", "data_cache",
-     "model.dtype", "fsdp"})
+     "model.dtype", "fsdp", "mesh_devices"})
 _ABSENT = "(absent)"
 # Fields added after runs were saved, with the value that means what their absence meant: a
 # run saved before such a field stays reusable while the field keeps that value.

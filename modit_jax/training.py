@@ -157,6 +157,9 @@ def default_config(variant: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every = 300
   c.keep_checkpoints = 2
   c.fsdp = False
+  # Devices the train step is data-parallel over: 0 = `engine.train_mesh`'s rule (every device,
+  # but one CPU device for wide models), N = the first N.
+  c.mesh_devices = 0
 
   if "tiny" in tokens:
     c.model.width = 32
@@ -281,4 +284,6 @@ def train(config: ml_collections.ConfigDict, dataset: str, workdir: str,
                                                  workdir, catalog_index))
   run_dir.write_run_config(workdir, config, catalog.dim, catalog.num_domains,
                            stage.facts(config), dataset, run_dir.catalog_fingerprint(catalog))
-  return engine.train_loop(config, workdir, init_params=init_params, **loop_args)
+  mesh = engine.train_mesh(dit.flops_per_example(model, model.max_context),
+                           int(config.get("mesh_devices", 0)))
+  return engine.train_loop(config, workdir, init_params=init_params, mesh=mesh, **loop_args)

@@ -467,3 +467,15 @@ def test_train_binary_stops_on_sigterm_with_a_checkpoint(tiny_world, tmp_path):
   assert last.endswith("; run the same command again to resume")
   assert "Traceback" not in "".join(log)
   assert engine.Checkpointer(str(workdir)).latest_step() == step
+
+
+def test_train_mesh_puts_wide_models_on_one_cpu_device_unless_told():
+  devices = len(jax.devices())
+  assert devices > 1 and jax.devices()[0].platform == "cpu"  # the tests' 8 CPU devices
+  wide = engine.CPU_ONE_DEVICE_FORWARD_FLOPS
+  assert engine.train_mesh(wide).size == 1
+  assert engine.train_mesh(wide / 2).size == devices
+  assert engine.train_mesh(wide, num_devices=4).size == 4
+  assert engine.train_mesh(wide / 2, num_devices=2).size == 2
+  with pytest.raises(errors.UserError, match="mesh_devices must be >= 0"):
+    engine.train_mesh(wide, num_devices=-1)

@@ -269,8 +269,12 @@ def test_hppo_stage_trains_and_resumes_exactly(tiny_world, plain_sft_workdir, tm
 
 def test_regression_phase_then_pools_resume_exactly(tiny_world, sft_workdir, tmp_path,
                                                     monkeypatch):
-  """Regression updates (no pairs) until hppo.regress_steps, then pools; killed in each phase."""
-  config = _hppo_config(sft_workdir, num_steps=40, checkpoint_every=10, log_every=5)
+  """Regression updates (no pairs) until hppo.regress_steps, then pools; killed in each phase.
+
+  On a mesh of 2 of the 8 devices (`mesh_devices`, as `engine.train_mesh` picks 1 for wide CPU
+  models): the pools are sampled over all 8 from the policy trained on the 2."""
+  config = _hppo_config(sft_workdir, num_steps=40, checkpoint_every=10, log_every=5,
+                        mesh_devices=2)
   config.hppo.regress_steps, config.hppo.pool_every = 20, 10
   full = training.train(config, str(tiny_world), str(tmp_path / "full"))
   records = [json.loads(line) for line in open(tmp_path / "full" / engine.METRICS_FILE)]
