@@ -219,7 +219,7 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
 
 # On CPU the data-parallel split over the host's devices pays for small models only. Depth 4,
 # 18 tokens, batch 256, 2 cores split into 4 devices, in one bench run each (docs/benchmarks.md,
-# "Wide models on one CPU device"): width 512 (forward 391 MFLOP an example) ran 1.45x faster
+# "Again in one hour, and wide models on one CPU device"): width 512 (forward 391 MFLOP an example) ran 1.45x faster
 # on one device than on four; width 384 (220 MFLOP) was level; widths 256 and below ran
 # 1.1-1.8x faster on four.
 CPU_ONE_DEVICE_FORWARD_FLOPS = 300e6

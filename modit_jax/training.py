@@ -274,6 +274,9 @@ def train(config: ml_collections.ConfigDict, dataset: str, workdir: str,
   if run_dir.latest_step(workdir):  # a resume: only of the same run
     run_dir.check_same_run(workdir, config, catalog)
   model = models.make_model(config.model, catalog.dim, catalog.num_domains)
+  mesh = engine.train_mesh(dit.flops_per_example(model, model.max_context),
+                           int(config.get("mesh_devices", 0)))
+  engine.validate_config(config, mesh)  # the batch must split over the mesh chosen
   if config.init_from:
     logging.info("Initialising from %s", config.init_from)
     init_params = _fit_to_model(engine.restore_params(config.init_from, use_ema=True), model,
@@ -284,6 +287,4 @@ def train(config: ml_collections.ConfigDict, dataset: str, workdir: str,
                                                  workdir, catalog_index))
   run_dir.write_run_config(workdir, config, catalog.dim, catalog.num_domains,
                            stage.facts(config), dataset, run_dir.catalog_fingerprint(catalog))
-  mesh = engine.train_mesh(dit.flops_per_example(model, model.max_context),
-                           int(config.get("mesh_devices", 0)))
   return engine.train_loop(config, workdir, init_params=init_params, mesh=mesh, **loop_args)

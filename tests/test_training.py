@@ -140,10 +140,16 @@ def test_a_model_config_that_cannot_build_a_dit_is_a_clear_error(field, value, m
     models.make_model(config.model, 8, 3)
 
 
-def test_a_refused_config_leaves_the_workdir_untouched(tiny, tmp_path):
+@pytest.mark.parametrize("field, value, message", [
+    ("warmup_steps", 301, "config.warmup_steps must be in"),
+    ("mesh_devices", 3, r"batch_size=64 must be divisible by the number of devices \(3\)"),
+    ("mesh_devices", 99, "cannot build a mesh of 99 devices"),
+    ("mesh_devices", -1, "mesh_devices must be >= 0"),
+])
+def test_a_refused_config_leaves_the_workdir_untouched(tiny, tmp_path, field, value, message):
   config = pretrain_config.get_config("tiny")
-  config.warmup_steps = config.num_steps + 1
-  with pytest.raises(errors.UserError, match="config.warmup_steps must be in"):
+  config[field] = value
+  with pytest.raises(errors.UserError, match=message):
     training.train(config, str(tiny), str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
