@@ -19,7 +19,6 @@ Two limits, both because a catalog does not keep what its source table held:
 Used for the fresh draws in docs/novelty.md, "A step must beat chance".
 """
 
-import json
 import os
 from typing import Sequence
 
@@ -40,8 +39,8 @@ def redraw(catalog_dir: str, out: str, seed: int) -> byo.Result:
       and a seeded split (a synthetic world, or patterns or a split given by its table: then a
       new seed would redraw nothing but the queries and labels).
   """
-  with open(os.path.join(catalog_dir, "manifest.json")) as f:
-    manifest = json.load(f)
+  catalog = catalog_lib.load_catalog(catalog_dir)
+  manifest = catalog.manifest
   generator = manifest.get("generator", {})
   if (generator.get("name") != "modit_jax.cli.convert_catalog"
       or manifest.get("patterns", {}).get("source") != "derived"
@@ -49,7 +48,6 @@ def redraw(catalog_dir: str, out: str, seed: int) -> byo.Result:
     raise errors.UserError(
         f"{catalog_dir}: not a catalog converted with derived patterns and a seeded split "
         f"(its generator is {generator.get('name')!r}); only such a catalog can be redrawn")
-  catalog = catalog_lib.load_catalog(catalog_dir)
   options = dict(generator["options"], seed=int(seed))
   labels = {name: catalog.attributes[:, m].astype(np.int8)
             for m, name in enumerate(catalog.domains)}

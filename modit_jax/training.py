@@ -275,7 +275,7 @@ def train(config: ml_collections.ConfigDict, dataset: str, workdir: str,
     run_dir.check_same_run(workdir, config, catalog)
   model = models.make_model(config.model, catalog.dim, catalog.num_domains)
   mesh = engine.train_mesh(dit.flops_per_example(model, model.max_context),
-                           int(config.get("mesh_devices", 0)))
+                           int(config.mesh_devices))
   engine.validate_config(config, mesh)  # the batch must split over the mesh chosen
   if config.init_from:
     logging.info("Initialising from %s", config.init_from)
