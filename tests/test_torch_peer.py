@@ -200,14 +200,28 @@ def test_bench_runs_with_the_torch_peer():
   env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1", OMP_WAIT_POLICY="PASSIVE")
   result = subprocess.run(
       [sys.executable, _BENCH, "--config=configs/pretrain.py:tiny", "--batch=16", "--steps=1",
-       "--warmup=1", "--matmul_sizes=64", "--no_breakdown", "--torch_peer"],
+       "--warmup=1", "--matmul_sizes=64", "--torch_peer"],
       cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.strip().splitlines()
-  assert re.fullmatch(r"torch_eager_ratio=\d+\.\d{3}", lines[-3]), lines[-3:]
-  assert re.fullmatch(r"torch_compile_ratio=\d+\.\d{3}", lines[-2]), lines[-3:]
   assert re.fullmatch(r"fraction_of_peak=\d+\.\d{3}", lines[-1]), lines[-1]
-  assert all(float(line.split("=")[1]) > 0 for line in lines[-3:])
+  values = {}
+  for line in lines:
+    found = re.fullmatch(r"(torch_\w+_ratio(?:_ceiling)?)=(\d+\.\d{3})", line)
+    if found:
+      values[found[1]] = float(found[2])
+  assert {"torch_eager_ratio", "torch_compile_ratio"} <= set(values), lines[-6:]
+  assert all(v > 0 for v in values.values()), values
+  # The tiny step's matmuls may be lost in the dispatch; then the bench must say so and print
+  # no ceiling, else a ceiling for both peers over the same matmul time.
+  if "no ceiling to give" in result.stdout:
+    assert set(values) == {"torch_eager_ratio", "torch_compile_ratio"}, values
+  else:
+    assert set(values) == {"torch_eager_ratio", "torch_compile_ratio",
+                           "torch_eager_ratio_ceiling", "torch_compile_ratio_ceiling"}, values
+    assert (values["torch_eager_ratio_ceiling"] / values["torch_compile_ratio_ceiling"]
+            == pytest.approx(values["torch_eager_ratio"] / values["torch_compile_ratio"],
+                             rel=2e-2))
   for name in ("torch eager step", "torch.compile step"):
     assert re.search(rf"^{re.escape(name)}: [\d.]+ examples/s, [\d.]+ GFLOP/s = \d+\.\d{{3}} of "
                      r"the float32 matmul peak", result.stdout, re.MULTILINE), name
