@@ -190,6 +190,27 @@ def _parse_variant(spec: str) -> tuple[dict[str, Any], dict[str, Any]]:
   return settings, options
 
 
+def _check_variants(specs: list[str], batch_size: int, mesh_size: int) -> None:
+  """Exits with the reason when a `--variants` entry cannot run, before anything slow.
+
+  Its batch must split evenly over its mesh (as every train batch must), and its XLA options
+  must be ones this jaxlib knows: a trivial function is compiled with them.
+  """
+  for spec in specs:
+    settings, options = _parse_variant(spec)
+    devices = settings.get("devices", mesh_size)
+    v_batch = settings.get("batch", batch_size)
+    if v_batch % devices:
+      raise SystemExit(f"--variants {spec!r}: batch {v_batch} does not split evenly over "
+                       f"{devices} devices")
+    if options:
+      try:
+        jax.jit(lambda: jnp.zeros(())).lower().compile(compiler_options=options)
+      except jax.errors.JaxRuntimeError as e:
+        raise SystemExit(f"--variants {spec!r}: XLA refuses its options: "
+                         f"{str(e).splitlines()[0]}") from None
+
+
 def _build_step(config: Any, mesh: Any) -> tuple[Any, ...]:
   """(model, loss_fn, tx, params, host_state, shardings, jitted step) as modit_jax.cli.train has."""
   model = models.make_model(config.model, _D, _NUM_DOMAINS)
@@ -482,6 +503,8 @@ def main(argv: list[str]) -> None:
   mesh = engine.train_mesh(dit.flops_per_example(
       models.make_model(config.model, _D, _NUM_DOMAINS), context_len), int(config.mesh_devices))
   print(f"train step mesh: {mesh.size} of {jax.device_count()} devices")
+  variant_specs = [x.strip() for x in args.variants.split(";") if x.strip()]
+  _check_variants(variant_specs, batch_size, mesh.size)
   model, loss_fn, tx, params, host_state, shardings, step_fn = _build_step(config, mesh)
   rng = engine.device_put_global(jax.random.PRNGKey(config.seed), engine.replicated(mesh))
   batch_np = _random_batch(batch_size, context_len, config.seed)
@@ -512,7 +535,7 @@ def main(argv: list[str]) -> None:
   # Extra steps, compiled here and timed in the same round-robin so that they see the same load.
   variant_batch = {}
   variant_fns = {}
-  for spec in filter(None, (x.strip() for x in args.variants.split(";"))):
+  for spec in variant_specs:
     settings, options = _parse_variant(spec)
     v_batch_size = settings.get("batch", batch_size)
     v_mesh = engine.make_mesh(settings["devices"]) if "devices" in settings else mesh

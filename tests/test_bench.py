@@ -131,3 +131,20 @@ def test_large_world_bench_runs_every_step_on_the_tiny_world(tmp_path):
   with open(tmp_path / "large_world.json") as f:
     assert json.load(f) == summary  # the rows of the steps not run again are kept
 
+
+@pytest.mark.parametrize("variant, message", [
+    ("devices=3", "batch 16 does not split evenly over 3 devices"),
+    ("xla_cpu_no_such_option=true", "XLA refuses its options: INVALID_ARGUMENT: No such compile "
+     "option: 'xla_cpu_no_such_option'"),
+])
+def test_bench_rejects_a_variant_that_cannot_run(variant, message):
+  """A variant the bench cannot run is named with the reason, before the step is built."""
+  result = subprocess.run(
+      [sys.executable, _BENCH, "--config=configs/pretrain.py:tiny", "--batch=16",
+       f"--variants=devices=2;{variant}"],
+      cwd=_ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode != 0
+  assert f"--variants {variant!r}: {message}" in result.stderr, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert "model: width" not in result.stdout  # it stopped before building anything
+
