@@ -158,7 +158,8 @@ class Retriever:
       errors.UserError: bad seeds, domain or k.
     """
     context, exclude = self._parse_seeds(seeds, "")
-    ids, scores = self._answer([context], [exclude], [self._domain_id(domain, "")], k)
+    ids, scores = self._answer(*self._pad([context], [exclude]), [self._domain_id(domain, "")],
+                               k)
     return ids[0], scores[0]
 
   def retrieve_batch(self, seed_sets: Sequence[Any], domains: Domain | Sequence[Domain],
@@ -182,14 +183,51 @@ class Retriever:
     if not len(seed_sets):
       raise errors.UserError("seed_sets is empty: give at least one seed set")
     if isinstance(domains, (str, int, np.integer)):
-      domains = [domains] * len(seed_sets)
-    if len(domains) != len(seed_sets):
+      # One domain for all: resolved once (named as seed set 0's, as a list of it would be).
+      domain_ids = [self._domain_id(domains, "seed set 0: ")] * len(seed_sets)
+    else:
+      if len(domains) != len(seed_sets):
+        raise errors.UserError(
+            f"{len(seed_sets)} seed sets but {len(domains)} domains: give one domain, or one "
+            f"per seed set")
+      domain_ids = [self._domain_id(d, f"seed set {q}: ") for q, d in enumerate(domains)]
+    id_batch = _id_batch(seed_sets)
+    if id_batch is not None:
+      padded = self._parse_id_batch(id_batch)
+    else:
+      parsed = [self._parse_seeds(s, f"seed set {q}: ") for q, s in enumerate(seed_sets)]
+      padded = self._pad([c for c, _ in parsed], [e for _, e in parsed])
+    return self._answer(*padded, domain_ids, k)
+
+  def _parse_id_batch(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_pad` of `_parse_seeds` of every row of int [Q, s] ids, without a loop over rows.
+
+    Parsing row by row costs ~11 us a seed set: little beside sampling on a CPU, but on a GPU
+    parse, pad and merge were 42-64 % of serving's time (docs/benchmarks.md). This gives the
+    same arrays and the same errors.
+    """
+    num_items = self.catalog.num_items
+    self._check_count(ids.shape[1], "seed set 0: ")
+    bad_rows = np.flatnonzero(((ids < 0) | (ids >= num_items)).any(axis=1))
+    if bad_rows.size:
+      row = ids[bad_rows[0]]
       raise errors.UserError(
-          f"{len(seed_sets)} seed sets but {len(domains)} domains: give one domain, or one "
-          f"per seed set")
-    parsed = [self._parse_seeds(s, f"seed set {q}: ") for q, s in enumerate(seed_sets)]
-    domain_ids = [self._domain_id(d, f"seed set {q}: ") for q, d in enumerate(domains)]
-    return self._answer([c for c, _ in parsed], [e for _, e in parsed], domain_ids, k)
+          f"seed set {bad_rows[0]}: unknown item id {row[(row < 0) | (row >= num_items)][0]}: "
+          f"the catalog's ids are 0..{num_items - 1}")
+    num, size = ids.shape
+    length = self._padded_length(size)
+    context = np.zeros((num, length, self.catalog.dim), np.float32)
+    context[:, :size] = self.catalog.embeddings[ids.reshape(-1)].reshape(num, size, -1)
+    mask = np.zeros((num, length), bool)
+    mask[:, :size] = True
+    # Each row's distinct ids ascending, then -1s: what np.unique per row and `_pad` give.
+    ordered = np.sort(ids, axis=1)
+    repeat = np.zeros(ordered.shape, bool)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    ordered = np.take_along_axis(ordered, np.argsort(repeat, axis=1, kind="stable"), axis=1)
+    exclude = np.full((num, length), -1, np.int64)
+    exclude[:, :size] = np.where(np.sort(repeat, axis=1), -1, ordered)
+    return context, mask, exclude
 
   def _parse_seeds(self, seeds: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
     """(unit context float32 [s, d], item ids to exclude int [e]) of one seed set."""
@@ -252,27 +290,34 @@ class Retriever:
         f"{where}unknown domain {domain!r}; known domains: {', '.join(self.domains)} "
         f"(or their ids 0..{num - 1})")
 
-  def _answer(self, contexts: list[np.ndarray], excludes: list[np.ndarray],
-              domain_ids: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Samples, searches and merges parsed queries; ids int64 [Q, k], scores float32 [Q, k]."""
-    num_items = self.catalog.num_items
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-      raise errors.UserError(f"k must be an integer, got {k!r}")
-    most_excluded = max(len(e) for e in excludes)
-    if not 1 <= k <= num_items - most_excluded:
-      left = f" ({most_excluded} seed ids excluded)" if most_excluded else ""
-      raise errors.UserError(f"k must be in [1, {num_items - most_excluded}] (the catalog's "
-                             f"{num_items} items{left}), got {k}")
-    num = len(contexts)
+  def _padded_length(self, longest: int) -> int:
     # Padded (masked) to a power of two: few shapes to compile, and no attention over 16 slots
-    # for 8 seeds (sampling is ~99 % of a call's time; bench/end_to_end.py).
-    longest = max(len(c) for c in contexts)
-    length = min(self.max_context, 1 << (longest - 1).bit_length())
+    # for 8 seeds (sampling is most of a call's time; bench/end_to_end.py).
+    return min(self.max_context, 1 << (longest - 1).bit_length())
+
+  def _pad(self, contexts: list[np.ndarray], excludes: list[np.ndarray]
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Parsed seed sets as (context float32 [Q, L, d], mask bool [Q, L], exclude int64 [Q, L])."""
+    num = len(contexts)
+    length = self._padded_length(max(len(c) for c in contexts))
     context = np.zeros((num, length, self.catalog.dim), np.float32)
     mask = np.zeros((num, length), bool)
     exclude = np.full((num, length), -1, np.int64)
     for q, (ctx, ex) in enumerate(zip(contexts, excludes)):
       context[q, :len(ctx)], mask[q, :len(ctx)], exclude[q, :len(ex)] = ctx, True, ex
+    return context, mask, exclude
+
+  def _answer(self, context: np.ndarray, mask: np.ndarray, exclude: np.ndarray,
+              domain_ids: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Samples, searches and merges padded queries; ids int64 [Q, k], scores float32 [Q, k]."""
+    num_items, num = self.catalog.num_items, len(context)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+      raise errors.UserError(f"k must be an integer, got {k!r}")
+    most_excluded = int((exclude >= 0).sum(axis=1).max())
+    if not 1 <= k <= num_items - most_excluded:
+      left = f" ({most_excluded} seed ids excluded)" if most_excluded else ""
+      raise errors.UserError(f"k must be in [1, {num_items - most_excluded}] (the catalog's "
+                             f"{num_items} items{left}), got {k}")
     domain = np.asarray(domain_ids, np.int32)
     model_domain = domain if self.conditioned else np.full(num, self.generator.num_domains)
     samples = self.generator.sample(context, mask, model_domain, np.full(num, self.seed),
@@ -284,6 +329,24 @@ class Retriever:
     ids, scores = generator_lib.search_samples(self.index, samples, exclude, k,
                                                return_scores=True)
     return ids.astype(np.int64), scores.astype(np.float32)
+
+
+def _id_batch(seed_sets: Any) -> np.ndarray | None:
+  """`seed_sets` as int [Q, s >= 1] item ids when they are that (an array, or equal-length
+  lists of ids); None for anything else, which is parsed seed set by seed set."""
+  if isinstance(seed_sets, np.ndarray):
+    ids = seed_sets
+  elif isinstance(seed_sets, (list, tuple)) and all(
+      isinstance(s, (list, tuple, np.ndarray)) for s in seed_sets):
+    try:
+      ids = np.asarray(seed_sets)
+    except ValueError:  # ragged: parsed one by one, with their own errors
+      return None
+  else:
+    return None
+  if ids.ndim == 2 and ids.shape[1] and np.issubdtype(ids.dtype, np.integer):
+    return ids
+  return None
 
 
 def _read_json(path: str) -> Any:

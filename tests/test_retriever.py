@@ -135,6 +135,31 @@ def test_batch_rows_equal_single_calls(retriever, cat):
     np.testing.assert_allclose(scores[q], one_scores, atol=1e-5)
 
 
+def test_id_arrays_parse_as_their_rows_do(retriever, cat):
+  """An int [Q, s] batch skips the per-row parse and gives the same arrays, repeats included."""
+  rng = np.random.default_rng(0)
+  # 4 queries: the bucket of 8 is test_calls_in_one_bucket_compile_once's alone.
+  ids = rng.integers(0, cat.num_items, (4, 5))
+  ids[1, 3] = ids[1, 0]  # a repeated seed: in the context twice, excluded once
+  ids[2] = ids[2, 0]  # one item five times
+  rows = [retriever._parse_seeds(row, "") for row in ids]
+  expected = retriever._pad([c for c, _ in rows], [e for _, e in rows])
+  for got, want in zip(retriever._parse_id_batch(ids), expected):
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+  assert retriever_lib._id_batch(ids) is ids
+  assert retriever_lib._id_batch([list(row) for row in ids]).shape == (4, 5)
+  assert retriever_lib._id_batch([[1, 2], [3]]) is None  # ragged: row by row
+  assert retriever_lib._id_batch(np.ones((2, 3, 32), np.float32)) is None  # embeddings
+  # End to end: the batch's rows are the single calls' answers.
+  batch_ids, batch_scores = retriever.retrieve_batch(ids, "safety", k=10)
+  for q, row in enumerate(ids):
+    one_ids, one_scores = retriever.retrieve(row, "safety", k=10)
+    np.testing.assert_array_equal(batch_ids[q], one_ids)
+    np.testing.assert_allclose(batch_scores[q], one_scores, atol=1e-5)
+  assert not set(batch_ids[2]) & {ids[2, 0]}
+
+
 def test_several_samples_merge_by_best_score(retriever, cat):
   seeds, domain = _query(cat, 5)
   one_ids, one_scores = retriever.retrieve(seeds, domain, k=15)
@@ -250,6 +275,18 @@ def test_bad_batches_name_the_seed_set(retriever):
     retriever.retrieve_batch([[1, 2], [3]], ["quality"] * 3)
   with pytest.raises(errors.UserError, match="seed_sets is empty"):
     retriever.retrieve_batch([], "quality")
+  # The same errors from an id array, which is parsed without a loop over its rows.
+  with pytest.raises(errors.UserError, match="seed set 1: unknown item id 9999"):
+    retriever.retrieve_batch(np.array([[1, 2], [3, 9999]]), "quality")
+  with pytest.raises(errors.UserError, match="seed set 2: unknown item id -1"):
+    retriever.retrieve_batch([[1, 2], [3, 4], [-1, 5]], "quality")
+  with pytest.raises(errors.UserError, match="seed set 0: 17 seeds, but the model takes at "
+                     "most 16"):
+    retriever.retrieve_batch(np.ones((2, 17), np.int64), "quality")
+  with pytest.raises(errors.UserError, match="seed set 0: unknown domain 'colour'"):
+    retriever.retrieve_batch(np.ones((2, 3), np.int64), "colour")
+  with pytest.raises(errors.UserError, match=r"k must be in \[1, 3597\]"):
+    retriever.retrieve_batch(np.array([[1, 2, 3], [4, 4, 4]]), "quality", k=3598)
 
 
 def test_pipeline_output_builds_the_index_once_then_loads_it(sft_workdir, tiny_world, tmp_path,
