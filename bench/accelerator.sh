@@ -37,9 +37,9 @@ run() {  # run NAME SECONDS ARGS...: one bench, its log in $OUT/NAME.txt
   echo "== $name: $*"
   local start=$SECONDS
   timeout -k 10 "$seconds" "$PY" "$@" >"$OUT/$name.txt" 2>&1
-  local status=$?
-  echo "wall_seconds=$((SECONDS - start)) exit=$status" >>"$OUT/$name.txt"
-  echo "   exit $status after $((SECONDS - start)) s; $(grep -E '^(torch_.*ratio|fraction_of_peak|seed_sets_per_s|scann_recall)' \
+  local status=$? wall=$((SECONDS - start))
+  echo "wall_seconds=$wall exit=$status" >>"$OUT/$name.txt"
+  echo "   exit $status after $wall s; $(grep -E '^(torch_.*ratio|fraction_of_peak|seed_sets_per_s|scann_recall)' \
     "$OUT/$name.txt" | tr '\n' ' ')"
 }
 

@@ -190,13 +190,16 @@ def _parse_variant(spec: str) -> tuple[dict[str, Any], dict[str, Any]]:
   return settings, options
 
 
-def _check_variants(specs: list[str], batch_size: int, mesh_size: int) -> None:
-  """Exits with the reason when a `--variants` entry cannot run, before anything slow.
+def _parse_variants(text: str, batch_size: int, mesh_size: int
+                    ) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+  """[(spec, settings, XLA options)] of `--variants`; exits with the reason, before anything
+  slow, when an entry cannot run.
 
   Its batch must split evenly over its mesh (as every train batch must), and its XLA options
   must be ones this jaxlib knows: a trivial function is compiled with them.
   """
-  for spec in specs:
+  variants = []
+  for spec in filter(None, (x.strip() for x in text.split(";"))):
     settings, options = _parse_variant(spec)
     devices = settings.get("devices", mesh_size)
     v_batch = settings.get("batch", batch_size)
@@ -209,6 +212,8 @@ def _check_variants(specs: list[str], batch_size: int, mesh_size: int) -> None:
       except jax.errors.JaxRuntimeError as e:
         raise SystemExit(f"--variants {spec!r}: XLA refuses its options: "
                          f"{str(e).splitlines()[0]}") from None
+    variants.append((spec, settings, options))
+  return variants
 
 
 def _build_step(config: Any, mesh: Any) -> tuple[Any, ...]:
@@ -503,8 +508,7 @@ def main(argv: list[str]) -> None:
   mesh = engine.train_mesh(dit.flops_per_example(
       models.make_model(config.model, _D, _NUM_DOMAINS), context_len), int(config.mesh_devices))
   print(f"train step mesh: {mesh.size} of {jax.device_count()} devices")
-  variant_specs = [x.strip() for x in args.variants.split(";") if x.strip()]
-  _check_variants(variant_specs, batch_size, mesh.size)
+  variants = _parse_variants(args.variants, batch_size, mesh.size)
   model, loss_fn, tx, params, host_state, shardings, step_fn = _build_step(config, mesh)
   rng = engine.device_put_global(jax.random.PRNGKey(config.seed), engine.replicated(mesh))
   batch_np = _random_batch(batch_size, context_len, config.seed)
@@ -535,8 +539,7 @@ def main(argv: list[str]) -> None:
   # Extra steps, compiled here and timed in the same round-robin so that they see the same load.
   variant_batch = {}
   variant_fns = {}
-  for spec in variant_specs:
-    settings, options = _parse_variant(spec)
+  for spec, settings, options in variants:
     v_batch_size = settings.get("batch", batch_size)
     v_mesh = engine.make_mesh(settings["devices"]) if "devices" in settings else mesh
     v_batch = engine.shard_batch(_random_batch(v_batch_size, context_len, config.seed), v_mesh)

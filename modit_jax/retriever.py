@@ -206,27 +206,23 @@ class Retriever:
     parse, pad and merge were 42-64 % of serving's time (docs/benchmarks.md). This gives the
     same arrays and the same errors.
     """
-    num_items = self.catalog.num_items
-    self._check_count(ids.shape[1], "seed set 0: ")
+    (num, size), num_items = ids.shape, self.catalog.num_items
+    self._check_count(size, "seed set 0: ")
     bad_rows = np.flatnonzero(((ids < 0) | (ids >= num_items)).any(axis=1))
-    if bad_rows.size:
-      row = ids[bad_rows[0]]
-      raise errors.UserError(
-          f"seed set {bad_rows[0]}: unknown item id {row[(row < 0) | (row >= num_items)][0]}: "
-          f"the catalog's ids are 0..{num_items - 1}")
-    num, size = ids.shape
-    length = self._padded_length(size)
-    context = np.zeros((num, length, self.catalog.dim), np.float32)
+    if bad_rows.size:  # the per-row parse of the first bad row raises its error
+      self._parse_seeds(ids[bad_rows[0]], f"seed set {bad_rows[0]}: ")
+    context, mask, exclude = self._empty_padded(num, size)
     context[:, :size] = self.catalog.embeddings[ids.reshape(-1)].reshape(num, size, -1)
-    mask = np.zeros((num, length), bool)
     mask[:, :size] = True
-    # Each row's distinct ids ascending, then -1s: what np.unique per row and `_pad` give.
-    ordered = np.sort(ids, axis=1)
+    # Each row's distinct ids ascending, then -1s (what np.unique per row and `_pad` give):
+    # repeats are keyed past every id, sorted to the row's end, then marked -1.
+    ordered = np.sort(ids, axis=1).astype(np.int64)
     repeat = np.zeros(ordered.shape, bool)
     repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
-    ordered = np.take_along_axis(ordered, np.argsort(repeat, axis=1, kind="stable"), axis=1)
-    exclude = np.full((num, length), -1, np.int64)
-    exclude[:, :size] = np.where(np.sort(repeat, axis=1), -1, ordered)
+    ordered[repeat] = num_items
+    ordered.sort(axis=1)
+    ordered[ordered == num_items] = -1
+    exclude[:, :size] = ordered
     return context, mask, exclude
 
   def _parse_seeds(self, seeds: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -290,19 +286,18 @@ class Retriever:
         f"{where}unknown domain {domain!r}; known domains: {', '.join(self.domains)} "
         f"(or their ids 0..{num - 1})")
 
-  def _padded_length(self, longest: int) -> int:
+  def _empty_padded(self, num: int, longest: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Empty (context float32 [Q, L, d], mask bool [Q, L], exclude int64 [Q, L], -1: none)."""
     # Padded (masked) to a power of two: few shapes to compile, and no attention over 16 slots
     # for 8 seeds (sampling is most of a call's time; bench/end_to_end.py).
-    return min(self.max_context, 1 << (longest - 1).bit_length())
+    length = min(self.max_context, 1 << (longest - 1).bit_length())
+    return (np.zeros((num, length, self.catalog.dim), np.float32),
+            np.zeros((num, length), bool), np.full((num, length), -1, np.int64))
 
   def _pad(self, contexts: list[np.ndarray], excludes: list[np.ndarray]
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Parsed seed sets as (context float32 [Q, L, d], mask bool [Q, L], exclude int64 [Q, L])."""
-    num = len(contexts)
-    length = self._padded_length(max(len(c) for c in contexts))
-    context = np.zeros((num, length, self.catalog.dim), np.float32)
-    mask = np.zeros((num, length), bool)
-    exclude = np.full((num, length), -1, np.int64)
+    context, mask, exclude = self._empty_padded(len(contexts), max(len(c) for c in contexts))
     for q, (ctx, ex) in enumerate(zip(contexts, excludes)):
       context[q, :len(ctx)], mask[q, :len(ctx)], exclude[q, :len(ex)] = ctx, True, ex
     return context, mask, exclude
